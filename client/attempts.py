@@ -1,0 +1,126 @@
+"""The one selective-retry loop every operation runs on each chunk.
+
+``run_chunk`` calls the store for the keys still pending, classifies each key's code, keeps the keys
+worth retrying, and asks the policy (attempts), the deadline and the budget whether to go again, sleeping
+the backoff in between. Every decision about retrying is made here or in ``retry.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .errors import ClientClosedError, ErrorClassifier, ErrorCode, Operation, Outcome, Verdict
+from .observer import OperationScope
+from .retry import Deadline, Jitter, RetryBudget, RetryPolicy
+
+# Called with the chunk positions still pending; returns one code per position (0 = ok, negative =
+# ErrorCode) and the number of bytes moved for the positions that succeeded.
+StoreCall = Callable[[list[int]], tuple[Sequence[int], int]]
+
+
+@dataclass
+class ChunkResult:
+    """How one chunk ended. ``failed`` maps chunk positions to their last code."""
+
+    outcome: Outcome
+    attempts: int
+    failed: dict[int, ErrorCode] = field(default_factory=dict)
+    retried_ok: int = 0
+    backoff_s: float = 0.0
+    nbytes: int = 0
+
+
+class Retrier:
+    """Runs chunks under one client's policy, budget and classifier; thread-safe.
+
+    ``closing`` is set by ``close()``: a backoff sleep wakes at once and no new attempt starts.
+    """
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        budget: RetryBudget,
+        classifier: ErrorClassifier,
+        jitter: Jitter,
+        closing: threading.Event,
+    ) -> None:
+        self.policy = policy
+        self.budget = budget
+        self.classifier = classifier
+        self._jitter = jitter
+        self._closing = closing
+
+    def run_chunk(
+        self,
+        operation: Operation,
+        call: StoreCall,
+        n_keys: int,
+        chunk: int,
+        deadline: Deadline,
+        scope: OperationScope,
+    ) -> ChunkResult:
+        result = ChunkResult(outcome=Outcome.SUCCESS, attempts=0)
+        pending = list(range(n_keys))
+        ever_failed: set[int] = set()
+        backoff = 0.0
+        self.budget.deposit()
+        while True:
+            if self._closing.is_set():
+                raise ClientClosedError(f"client closed during {operation.value}")
+            result.attempts += 1
+            attempt_scope = scope.attempt(chunk, result.attempts, len(pending), backoff)
+            try:
+                codes, nbytes = call(pending)
+            except BaseException:
+                attempt_scope.end(Counter({ErrorCode.INTERNAL_ERROR: len(pending)}), 0)
+                raise
+            if len(codes) != len(pending):  # a short or long result must not pass keys as done
+                codes = [ErrorCode.INTERNAL_ERROR] * len(pending)
+                nbytes = 0
+            retry: dict[int, ErrorCode] = {}
+            failed_now: Counter[ErrorCode] = Counter()
+            for pos, code in zip(pending, codes, strict=True):
+                verdict = self.classifier.classify(operation, int(code))
+                if verdict is Verdict.OK:
+                    if pos in ever_failed:
+                        result.retried_ok += 1
+                    continue
+                ec = ErrorCode.of(int(code))
+                failed_now[ec] += 1
+                ever_failed.add(pos)
+                if verdict is Verdict.RETRY:
+                    retry[pos] = ec
+                else:
+                    result.failed[pos] = ec
+                    result.outcome = Outcome.NON_RETRYABLE
+            result.nbytes += nbytes
+            attempt_scope.end(failed_now, nbytes)
+            if not retry:
+                break
+            backoff, stop = self._next_backoff(result.attempts, deadline)
+            if stop is not None:
+                result.failed.update(retry)
+                if result.outcome is not Outcome.NON_RETRYABLE:
+                    result.outcome = stop
+                break
+            self._closing.wait(backoff)
+            result.backoff_s += backoff
+            pending = list(retry)
+        if result.outcome is Outcome.SUCCESS and result.attempts > 1:
+            result.outcome = Outcome.SUCCESS_AFTER_RETRY
+        return result
+
+    def _next_backoff(self, attempt: int, deadline: Deadline) -> tuple[float, Outcome | None]:
+        """The sleep before the next attempt, or why there is none. Checks the cheap limits first and
+        the deadline before the budget, so a retry that cannot happen spends no token."""
+        if not self.policy.can_retry_after(attempt):
+            return 0.0, Outcome.EXHAUSTED
+        backoff = self.policy.backoff(attempt, self._jitter)
+        if not deadline.allows_wait(backoff):
+            return backoff, Outcome.DEADLINE_EXCEEDED
+        if not self.budget.try_withdraw():
+            return backoff, Outcome.BUDGET_DENIED
+        return backoff, None

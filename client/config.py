@@ -1,0 +1,151 @@
+"""The client's configuration: one frozen object parsed and validated from TQ's config dict.
+
+Every default lives here. Keys the client does not know at the top level are ignored (TQ passes its
+whole backend section, with keys such as ``client_name`` or ``auto_init``); unknown keys inside
+``retry`` are an error, since they can only be typos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .retry import RetryBudget, RetryPolicy
+
+GiB = 1 << 30
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(name: str, value: Any) -> int:
+    """Bytes from an int or a string such as ``"512MB"``, ``"4 GiB"`` (binary units)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a size in bytes, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()[:1]])
+    else:
+        raise ValueError(f"{name} must be a size in bytes (int or e.g. '512MB'), got {value!r}")
+    if size < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return size
+
+
+def normalize_metadata_server(value: str) -> str:
+    """TQ's rule: ``P2PHANDSHAKE`` as is; ``etcd://``/``redis://`` as is; else an ``http://.../metadata`` URL."""
+    if value.upper() == "P2PHANDSHAKE":
+        return "P2PHANDSHAKE"
+    if value.startswith(("etcd://", "redis://")):
+        return value
+    url = value if value.startswith(("http://", "https://")) else f"http://{value}"
+    return url if url.rstrip("/").endswith("/metadata") else url.rstrip("/") + "/metadata"
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """The ``retry`` section: per-chunk attempts and backoff, the per-call deadline, the shared budget."""
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+    deadline_s: float = 30.0
+    budget_ratio: float = 0.2
+    budget_min_per_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.policy()  # validates the policy fields
+        RetryBudget(self.budget_ratio, self.budget_min_per_s)  # validates the budget fields
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            initial_backoff_s=self.initial_backoff_s,
+            max_backoff_s=self.max_backoff_s,
+            multiplier=self.multiplier,
+            deadline_s=self.deadline_s,
+        )
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any] | None) -> RetryConfig:
+        section = dict(section or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"unknown retry config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**section)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything ``MooncakeBatchClient`` needs, validated.
+
+    ``local_hostname``: missing means ``127.0.0.1``; ``""`` means this host's address (TQ's behaviour).
+    """
+
+    local_hostname: str = "127.0.0.1"
+    metadata_server: str = "P2PHANDSHAKE"
+    master_server_address: str = "127.0.0.1:50051"
+    protocol: str = "tcp"
+    global_segment_size: int = 4 * GiB
+    local_buffer_size: int = 1 * GiB
+    device_name: str = ""
+    replica_num: int = 1
+    hard_pin: bool = True
+    batch_size: int = 400
+    max_workers: int = 4
+    allow_pickle: bool = False
+    max_value_bytes: int = 1 * GiB
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("local_hostname", "metadata_server", "master_server_address", "protocol", "device_name"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not self.master_server_address:
+            raise ValueError("master_server_address must be 'host:port', got ''")
+        for name, low in (("replica_num", 1), ("batch_size", 1), ("max_workers", 1), ("max_value_bytes", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("hard_pin", "allow_pickle"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any] | None) -> ClientConfig:
+        """Parse TQ's Mooncake section (a dict or an OmegaConf ``DictConfig``)."""
+        raw = {k: config[k] for k in config} if config is not None else {}
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in raw or raw[f.name] is None:
+                continue
+            value = raw[f.name]
+            if f.name == "retry":
+                value = RetryConfig.from_dict(value if isinstance(value, Mapping) else _mapping(value, "retry"))
+            elif f.name in ("global_segment_size", "local_buffer_size", "max_value_bytes"):
+                value = parse_size(f.name, value)
+            kwargs[f.name] = value
+        if kwargs.get("local_hostname") == "":
+            kwargs["local_hostname"] = _this_host_address()
+        if "metadata_server" in kwargs and isinstance(kwargs["metadata_server"], str):
+            kwargs["metadata_server"] = normalize_metadata_server(kwargs["metadata_server"])
+        return cls(**kwargs)
+
+
+def _mapping(value: Any, name: str) -> Mapping[str, Any]:
+    if hasattr(value, "items"):
+        return dict(value.items())
+    raise ValueError(f"{name} must be a mapping, got {value!r}")
+
+
+def _this_host_address() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

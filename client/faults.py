@@ -1,0 +1,147 @@
+"""``FaultInjectingStore``: a real Mooncake store in which chosen keys fail with chosen real error codes.
+
+It wraps a set-up ``MooncakeDistributedStore`` (or anything with the same batch methods). On every batch
+call it decides per key whether a rule fires; keys that fail are *not* passed to the real store (a failed
+write writes nothing, a failed read reads nothing), the rest are, and the two results are merged in key
+order. Every call is recorded, so a test can check exactly which keys the store saw on each attempt.
+Methods it does not intercept pass straight through.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ErrorCode
+
+# store method -> operation name used by rules
+_INTERCEPTED = {
+    "batch_upsert_from": "put",
+    "batch_put_from": "put",
+    "batch_get_into": "get",
+    "batch_remove": "clear",
+}
+
+
+@dataclass(frozen=True)
+class FaultRule:
+    """Fail matching keys with ``code``.
+
+    Attributes:
+        code: the error code returned for a failed key.
+        keys: the keys it applies to; None for every key.
+        fraction: probability that it fires for a matching key (seeded RNG of the store).
+        attempts: which sightings of a key by an operation it fires on (1 = the first time the store sees
+            that key in that operation); None for every sighting.
+        operations: ``put``, ``get``, ``clear``.
+    """
+
+    code: int
+    keys: frozenset[str] | None = None
+    fraction: float = 1.0
+    attempts: frozenset[int] | None = None
+    operations: frozenset[str] = frozenset({"put", "get", "clear"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
+        if int(self.code) >= 0:
+            raise ValueError(f"an injected code must be negative, got {self.code}")
+        unknown = set(self.operations) - {"put", "get", "clear"}
+        if unknown:
+            raise ValueError(f"unknown operations {sorted(unknown)}")
+
+
+@dataclass(frozen=True)
+class StoreCall:
+    """One intercepted call: the keys the client asked for, and which of them were failed on purpose."""
+
+    operation: str
+    keys: tuple[str, ...]
+    injected: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> tuple[str, ...]:
+        return tuple(k for k in self.keys if k not in self.injected)
+
+
+class FaultInjectingStore:
+    """A real store with injected per-key failures; thread-safe."""
+
+    def __init__(self, store: Any, rules: Iterable[FaultRule] = (), seed: int | None = None) -> None:
+        self._store = store
+        self._rules: list[FaultRule] = list(rules)
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._seen: Counter[tuple[str, str]] = Counter()
+        self.calls: list[StoreCall] = []
+        self.injected: Counter[ErrorCode] = Counter()
+
+    @property
+    def inner(self) -> Any:
+        return self._store
+
+    def add_rule(self, rule: FaultRule) -> None:
+        with self._lock:
+            self._rules.append(rule)
+
+    def clear_rules(self) -> None:
+        with self._lock:
+            self._rules.clear()
+
+    def calls_for(self, operation: str) -> list[StoreCall]:
+        with self._lock:
+            return [c for c in self.calls if c.operation == operation]
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._store, name)
+        if name not in _INTERCEPTED:
+            return target
+        operation = _INTERCEPTED[name]
+
+        def intercepted(keys: list[str], *columns: Any, **kwargs: Any) -> list[int]:
+            return self._call(operation, target, list(keys), columns, kwargs)
+
+        return intercepted
+
+    def _decide(self, operation: str, keys: list[str]) -> dict[str, int]:
+        injected: dict[str, int] = {}
+        with self._lock:
+            for key in keys:
+                self._seen[(operation, key)] += 1
+                sighting = self._seen[(operation, key)]
+                for rule in self._rules:
+                    if operation not in rule.operations:
+                        continue
+                    if rule.keys is not None and key not in rule.keys:
+                        continue
+                    if rule.attempts is not None and sighting not in rule.attempts:
+                        continue
+                    if rule.fraction < 1.0 and self._rng.random() >= rule.fraction:
+                        continue
+                    injected[key] = int(rule.code)
+                    self.injected[ErrorCode.of(int(rule.code))] += 1
+                    break
+        return injected
+
+    def _call(self, operation: str, target: Any, keys: list[str], columns: tuple, kwargs: dict) -> list[int]:
+        injected = self._decide(operation, keys)
+        with self._lock:
+            self.calls.append(StoreCall(operation, tuple(keys), injected))
+        # Positional per-key columns (pointers, sizes) are filtered like the keys; the rest (a
+        # ReplicateConfig, force=...) passes unchanged.
+        keep = [i for i, k in enumerate(keys) if k not in injected]
+        per_key = [c for c in columns if isinstance(c, list) and len(c) == len(keys)]
+        other = columns[len(per_key) :]
+        passed: list[int] = []
+        if keep:
+            args = [[keys[i] for i in keep]] + [[c[i] for i in keep] for c in per_key]
+            passed = list(target(*args, *other, **kwargs))
+            if len(passed) != len(keep):  # let the client see a malformed result as such
+                return passed
+        it = iter(passed)
+        return [injected[k] if k in injected else next(it) for k in keys]

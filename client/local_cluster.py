@@ -1,0 +1,218 @@
+"""Real Mooncake processes on loopback: a ``mooncake_master`` and storage nodes, for tests, benchmarks and demos.
+
+Every process binds ``127.0.0.1`` on free ports, is waited for by polling (never by sleeping a fixed
+time), and is stopped by ``stop()`` (TERM, then KILL) or by leaving its ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until it is true; TimeoutError naming ``what`` after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() >= end:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _mooncake_master_binary() -> str:
+    found = shutil.which("mooncake_master") or str(Path(sys.executable).with_name("mooncake_master"))
+    if not Path(found).exists():
+        raise FileNotFoundError("mooncake_master not found: install tq-mooncake[cpu]")
+    return found
+
+
+class _Process:
+    """A child process with its output in a log file, stopped on ``stop()``."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` (SIGKILL: a crash; SIGSTOP/SIGCONT: a freeze)."""
+        if self.alive():
+            self.proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle TERM
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+
+    def log_tail(self, n: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class MasterProcess(_Process):
+    """A ``mooncake_master`` on loopback with the HTTP metadata server on (or off)."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        client_ttl: int | None = None,
+        http_metadata: bool = True,
+        extra_args: list[str] | None = None,
+        rpc_port: int | None = None,
+    ) -> None:
+        self.rpc_port = rpc_port or free_port()
+        self.metrics_port = free_port()
+        self.http_port = free_port() if http_metadata else None
+        self.client_ttl = client_ttl
+        self._args = [
+            _mooncake_master_binary(),
+            f"--rpc_address={LOOPBACK}",
+            f"--rpc_port={self.rpc_port}",
+            f"--metrics_host={LOOPBACK}",
+            f"--metrics_port={self.metrics_port}",
+            "--enable_metric_reporting=false",
+        ]
+        if http_metadata:
+            self._args += [
+                "--enable_http_metadata_server=true",
+                f"--http_metadata_server_host={LOOPBACK}",
+                f"--http_metadata_server_port={self.http_port}",
+            ]
+        if client_ttl is not None:
+            self._args.append(f"--client_ttl={client_ttl}")
+        self._args += extra_args or []
+        self.log_path = Path(log_dir) / f"mooncake_master-{self.rpc_port}.log"
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.rpc_port}"
+
+    @property
+    def metadata_server(self) -> str:
+        return f"http://{LOOPBACK}:{self.http_port}/metadata" if self.http_port else "P2PHANDSHAKE"
+
+    def client_config(self, **overrides: Any) -> dict[str, Any]:
+        """A ``MooncakeBatchClient`` config dict pointing at this master."""
+        config: dict[str, Any] = {
+            "local_hostname": LOOPBACK,
+            "metadata_server": self.metadata_server,
+            "master_server_address": self.address,
+            "protocol": "tcp",
+            "global_segment_size": 64 << 20,
+            "local_buffer_size": 0,
+        }
+        config.update(overrides)
+        return config
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{LOOPBACK}:{self.metrics_port}/health", timeout=1) as resp:
+                return resp.status == 200 and json.loads(resp.read() or b"{}").get("service_ready", True)
+        except (OSError, ValueError):
+            return False
+
+    def start(self, timeout: float = 30.0) -> MasterProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self._args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: self.healthy() or not self.alive(), timeout, f"mooncake_master on {self.address}")
+            if not self.alive():
+                raise RuntimeError(f"mooncake_master exited with {self.proc.returncode}:\n{self.log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def restart(self, timeout: float = 30.0) -> MasterProcess:
+        """Stop and start again on the same ports (all object metadata is lost, as in a real restart)."""
+        self.stop()
+        return self.start(timeout)
+
+
+class StorageNodeProcess(_Process):
+    """A ``tq_mooncake.client.storage_node`` process holding ``segment`` bytes of the cluster's memory."""
+
+    def __init__(self, master: MasterProcess, log_dir: Path, segment: str | int = "64MB") -> None:
+        self.master = master
+        self.segment = str(segment)
+        self.name: str | None = None
+        self._ready = threading.Event()
+        self.log_path = Path(log_dir) / f"storage-node-{free_port()}.log"
+
+    def start(self, timeout: float = 30.0) -> StorageNodeProcess:
+        args = [
+            sys.executable,
+            "-m",
+            "tq_mooncake.client.storage_node",
+            "--master",
+            self.master.address,
+            "--metadata",
+            self.master.metadata_server,
+            "--segment",
+            self.segment,
+        ]
+        env = dict(os.environ, MC_TCP_BIND_ADDRESS=LOOPBACK)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the reader thread
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env)
+        threading.Thread(target=self._read_stdout, args=(self.proc.stdout, log), daemon=True).start()
+        try:
+            wait_until(lambda: self._ready.is_set() or not self.alive(), timeout, "a storage node to mount")
+            if not self._ready.is_set():
+                raise RuntimeError(f"storage node exited with {self.proc.returncode}:\n{self.log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _read_stdout(self, stream: IO[bytes] | None, log: IO[bytes]) -> None:
+        assert stream is not None
+        with log:
+            for line in stream:
+                log.write(line)
+                log.flush()
+                if line.startswith(b"READY "):
+                    self.name = line.split()[1].decode()
+                    self._ready.set()

@@ -1,0 +1,201 @@
+"""Per-key plans: how a value is written, how a key is read back, and what ``put`` returns as metadata.
+
+Pure functions of their arguments (no store): validation happens here, before anything is written.
+
+* A tensor with at least one byte is written raw, zero-copy, from its own (contiguous, CPU) memory; its
+  metadata is ``{"nbytes", "dtype", "shape"}``.
+* Every other value, including a tensor with zero elements (the store cannot hold zero bytes), is
+  written as a codec frame; its metadata is ``{"nbytes", "crc32"}``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import codec
+from .errors import ErrorCode
+
+
+def validate_keys(keys: Any, what: str = "keys") -> list[str]:
+    """``keys`` as a list of distinct, non-empty, UTF-8-encodable strings; ValueError/TypeError otherwise."""
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
+        raise TypeError(f"{what} must be a list of str, got {type(keys).__name__}")
+    keys = list(keys)
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    for i, key in enumerate(keys):
+        if not isinstance(key, str):
+            raise TypeError(f"{what}[{i}] must be a str, got {type(key).__name__}")
+        if not key:
+            raise ValueError(f"{what}[{i}] is an empty string; keys must be non-empty")
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{what}[{i}] {key!r} is not valid UTF-8 (lone surrogate)") from None
+        if key in seen:
+            duplicates.append(key)
+        seen.add(key)
+    if duplicates:
+        shown = ", ".join(repr(k) for k in duplicates[:5])
+        raise ValueError(f"duplicate keys in one call: {shown}{' ...' if len(duplicates) > 5 else ''}")
+    return keys
+
+
+def check_parallel(keys: list[str], name: str, values: Any) -> list[Any] | None:
+    """``values`` as a list as long as ``keys`` (None stays None)."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list (one entry per key), got {type(values).__name__}")
+    if len(values) != len(keys):
+        raise ValueError(f"{name} has {len(values)} entries for {len(keys)} keys; they must match")
+    return list(values)
+
+
+# ------------------------------------------------------------------------------------------------ put
+@dataclass
+class PutItem:
+    """One value ready to write: ``size`` bytes at ``ptr``, kept alive by ``holder``."""
+
+    ptr: int
+    size: int
+    meta: dict[str, Any]
+    holder: Any
+
+
+def _raw_tensor(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def prepare_put(key: str, value: Any, allow_pickle: bool, max_value_bytes: int) -> PutItem:
+    """How ``value`` is written under ``key``. Raises TypeError/ValueError for values that cannot be."""
+    if isinstance(value, torch.Tensor) and value.numel() > 0:
+        if value.is_sparse or value.layout != torch.strided:
+            raise TypeError(f"value for key {key!r}: only strided (dense) tensors are supported, got {value.layout}")
+        t = _raw_tensor(value)
+        size = t.numel() * t.element_size()
+        _check_size(key, size, max_value_bytes)
+        meta = {"nbytes": size, "dtype": codec.dtype_name(t.dtype), "shape": list(t.shape)}
+        return PutItem(t.data_ptr(), size, meta, t)
+    try:
+        frame = codec.encode(value, allow_pickle=allow_pickle)
+    except codec.UnencodableValueError as exc:
+        raise TypeError(f"value for key {key!r}: {exc} (set allow_pickle: true to allow it)") from None
+    _check_size(key, len(frame), max_value_bytes)
+    holder = np.frombuffer(frame, dtype=np.uint8)
+    return PutItem(holder.ctypes.data, len(frame), {"nbytes": len(frame), "crc32": codec.frame_crc(frame)}, holder)
+
+
+def _check_size(key: str, size: int, max_value_bytes: int) -> None:
+    if size > max_value_bytes:
+        raise ValueError(f"value for key {key!r} is {size} bytes, more than max_value_bytes={max_value_bytes}")
+
+
+# ------------------------------------------------------------------------------------------------ get
+class ReadKind(enum.Enum):
+    TENSOR = "tensor"  # raw bytes into a fresh tensor of known dtype and shape
+    FRAME = "frame"  # a codec frame, size known from metadata or asked from the store
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How to read one key. ``size`` None: ask the store. ``dtype``/``shape``: what the caller expects."""
+
+    kind: ReadKind
+    size: int | None
+    dtype: torch.dtype | None = None
+    shape: tuple[int, ...] | None = None
+    crc: int | None = None
+
+
+def _shape(key: str, shape: Any) -> tuple[int, ...]:
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)):
+        raise TypeError(f"shape for key {key!r} must be a sequence of ints, got {shape!r}")
+    dims = tuple(shape)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ValueError(f"shape for key {key!r} must hold non-negative ints, got {shape!r}")
+    return dims
+
+
+def plan_get(key: str, shape: Any, dtype: Any, meta: Any) -> ReadPlan:
+    """The read plan for ``key`` from what the caller passed; ValueError/TypeError where they disagree."""
+    want_dtype = codec.torch_dtype(dtype) if dtype is not None else None
+    want_shape = _shape(key, shape) if shape is not None else None
+    if meta is not None:
+        return _plan_from_meta(key, meta, want_dtype, want_shape)
+    if want_dtype is None:
+        return ReadPlan(ReadKind.FRAME, None)
+    if want_shape is None:
+        raise ValueError(f"key {key!r} has a dtype but no shape (pass shapes, or the metadata put returned)")
+    size = math.prod(want_shape) * want_dtype.itemsize
+    if size == 0:  # zero-byte tensors are stored as frames
+        return ReadPlan(ReadKind.FRAME, None, want_dtype, want_shape)
+    return ReadPlan(ReadKind.TENSOR, size, want_dtype, want_shape)
+
+
+def _plan_from_meta(
+    key: str, meta: Any, want_dtype: torch.dtype | None, want_shape: tuple[int, ...] | None
+) -> ReadPlan:
+    bad = f"custom_backend_meta for key {key!r} is not metadata returned by put: {meta!r}"
+    if not isinstance(meta, Mapping):
+        raise ValueError(bad)
+    size = meta.get("nbytes")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(bad)
+    if "dtype" in meta:
+        try:
+            stored_dtype = codec.torch_dtype(meta["dtype"])
+            stored_shape = _shape(key, meta.get("shape"))
+        except (TypeError, ValueError):
+            raise ValueError(bad) from None
+        if math.prod(stored_shape) * stored_dtype.itemsize != size:
+            raise ValueError(bad)
+        if want_dtype is not None and want_dtype != stored_dtype:
+            raise ValueError(f"key {key!r} was stored as {stored_dtype}, but dtype {want_dtype} was asked for")
+        if want_shape is not None and want_shape != stored_shape:
+            raise ValueError(
+                f"key {key!r} was stored with shape {list(stored_shape)}, but shape {list(want_shape)} was asked for"
+            )
+        return ReadPlan(ReadKind.TENSOR, size, stored_dtype, stored_shape)
+    crc = meta.get("crc32")
+    if isinstance(crc, bool) or not isinstance(crc, int):
+        raise ValueError(bad)
+    return ReadPlan(ReadKind.FRAME, size, want_dtype, want_shape, crc)
+
+
+def allocate(plan: ReadPlan, size: int) -> tuple[int, Any]:
+    """A destination of ``size`` bytes for ``plan``: (pointer, holder)."""
+    if plan.kind is ReadKind.TENSOR:
+        assert plan.dtype is not None and plan.shape is not None
+        t = torch.empty(plan.shape, dtype=plan.dtype)
+        return t.data_ptr(), t
+    buf = np.empty(size, dtype=np.uint8)
+    return buf.ctypes.data, buf
+
+
+def finish(plan: ReadPlan, holder: Any, allow_pickle: bool) -> Any:
+    """The value read into ``holder``. Raises ``codec.CodecError`` when it is not a valid value."""
+    if plan.kind is ReadKind.TENSOR:
+        return holder
+    value = codec.decode(memoryview(holder), allow_pickle=allow_pickle, expected_crc=plan.crc)
+    if plan.dtype is not None:
+        if not isinstance(value, torch.Tensor):
+            raise codec.CodecError(
+                ErrorCode.TYPE_MISMATCH, f"a tensor of {plan.dtype} was asked for, a {type(value).__name__} was stored"
+            )
+        if value.dtype != plan.dtype or (plan.shape is not None and tuple(value.shape) != plan.shape):
+            raise codec.CodecError(
+                ErrorCode.TYPE_MISMATCH,
+                f"stored tensor is {value.dtype}{list(value.shape)}, {plan.dtype}{list(plan.shape or ())} asked for",
+            )
+    return value

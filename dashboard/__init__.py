@@ -1,0 +1,1 @@
+"""tq_mooncake.dashboard: the Streamlit dashboard (see issue 5)."""
