@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,8 +48,32 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a plain ``host:port`` or ``http://host:port/...`` address; None for other forms."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = rest.split("/", 1)[0].rpartition(":")
+    return (host.strip("[]"), int(port)) if host and port.isdigit() else None
+
+
+def _probe(what: str, address: str, timeout: float) -> str | None:
+    """Why ``address`` does not accept a TCP connection within ``timeout`` s (None if it does or is not
+    a plain address). Mooncake's own setup retries an unreachable master for about 90 s."""
+    hp = _host_port(address)
+    if hp is None:
+        return None
+    try:
+        socket.create_connection(hp, timeout=timeout).close()
+    except OSError as exc:
+        return f"{what} {address!r} is not reachable: {exc}"
+    return None
+
+
 def connect_store(config: ClientConfig) -> Any:
-    """A set-up ``MooncakeDistributedStore`` for ``config``; StoreSetupError (naming the addresses) if not."""
+    """A set-up ``MooncakeDistributedStore`` for ``config``; StoreSetupError (naming the addresses) if not.
+
+    The master (and an HTTP metadata server) are probed with a TCP connect first, so an unreachable one
+    fails within ``setup_timeout_s`` instead of Mooncake's 90 s of internal retries.
+    """
     try:
         from mooncake.store import MooncakeDistributedStore
     except ImportError as exc:
@@ -64,11 +89,18 @@ def connect_store(config: ClientConfig) -> Any:
         # The transfer engine otherwise advertises the first non-loopback NIC, which a loopback-only
         # set-up does not have (../shared/reference/mooncake-store.md §1).
         os.environ["MC_TCP_BIND_ADDRESS"] = "127.0.0.1"
-    store = MooncakeDistributedStore()
     where = (
         f"master {config.master_server_address!r}, metadata server {config.metadata_server!r}, "
         f"local hostname {config.local_hostname!r}, protocol {config.protocol!r}"
     )
+    probes = [("master", config.master_server_address)]
+    if config.metadata_server.startswith("http"):
+        probes.append(("metadata server", config.metadata_server))
+    for what, address in probes:
+        problem = _probe(what, address, config.setup_timeout_s)
+        if problem:
+            raise StoreSetupError(f"Mooncake store setup failed: {problem} ({where})")
+    store = MooncakeDistributedStore()
     try:
         rc = store.setup(
             config.local_hostname,

@@ -101,6 +101,7 @@ class ClientConfig:
     max_workers: int = 4
     allow_pickle: bool = False
     max_value_bytes: int = 1 * GiB
+    setup_timeout_s: float = 5.0
     retry: RetryConfig = field(default_factory=RetryConfig)
 
     def __post_init__(self) -> None:
@@ -113,6 +114,10 @@ class ClientConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.setup_timeout_s, bool) or not isinstance(self.setup_timeout_s, (int, float)):
+            raise ValueError(f"setup_timeout_s must be a number of seconds, got {self.setup_timeout_s!r}")
+        if not self.setup_timeout_s > 0:
+            raise ValueError(f"setup_timeout_s must be > 0, got {self.setup_timeout_s!r}")
         for name in ("hard_pin", "allow_pickle"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -1,0 +1,168 @@
+"""Selective retries and every failure outcome, with faults injected into a real store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tq_mooncake.client import (
+    DeadlineExceededError,
+    ErrorCode,
+    FaultInjectingStore,
+    FaultRule,
+    NonRetryableError,
+    Outcome,
+    RetriesExhaustedError,
+    RetryBudgetExhaustedError,
+)
+
+FAST = {"initial_backoff_s": 0.001, "max_backoff_s": 0.002}
+
+
+def _injecting(*rules: FaultRule, seed: int = 7):
+    holder: dict[str, FaultInjectingStore] = {}
+
+    def wrap(store):
+        holder["store"] = FaultInjectingStore(store, rules, seed=seed)
+        return holder["store"]
+
+    return wrap
+
+
+@pytest.fixture
+def fault_client(shared_master, make_client):
+    """``fault_client(*rules, **config)``: a client whose store fails keys as the rules say."""
+
+    def make(*rules: FaultRule, retry=None, **config):
+        return make_client(shared_master, wrap_store=_injecting(*rules), retry={**FAST, **(retry or {})}, **config)
+
+    return make
+
+
+@pytest.mark.parametrize("operation", ["put", "get", "clear"])
+def test_only_the_failed_keys_are_retried(fault_client, keyspace, operation):
+    keys = keyspace(20)
+    failing = frozenset({keys[3], keys[11], keys[19]})
+    rule = FaultRule(code=ErrorCode.TRANSFER_FAIL, keys=failing, attempts=frozenset({1}))
+    client = fault_client()
+    values = [torch.full((4,), float(i)) for i in range(20)]
+    if operation == "put":
+        client.store.add_rule(rule)
+    metas = client.put(keys, values)
+    client.store.add_rule(rule)
+    if operation == "get":
+        got = client.get(keys, custom_backend_meta=metas)
+        assert all(torch.equal(v, g) for v, g in zip(values, got, strict=True))
+    elif operation == "clear":
+        client.clear(keys)
+    calls = client.store.calls_for(operation)
+    assert [c.keys for c in calls] == [tuple(keys), tuple(k for k in keys if k in failing)]
+    assert set(calls[0].injected) == failing and calls[1].injected == {}
+
+
+def test_retried_get_returns_every_value_in_order(fault_client, keyspace):
+    keys = keyspace(50)
+    client = fault_client()
+    values = [f"value-{i}" for i in range(50)]
+    metas = client.put(keys, values)
+    client.store.add_rule(FaultRule(code=ErrorCode.RPC_TIMEOUT, fraction=0.5, attempts=frozenset({1, 2})))
+    assert client.get(keys, custom_backend_meta=metas) == values
+    assert client.store.injected[ErrorCode.RPC_TIMEOUT] > 0
+
+
+def test_exhausted_retries_name_the_keys_and_codes(fault_client, keyspace):
+    keys = keyspace(10)
+    bad = keys[4]
+    client = fault_client(FaultRule(code=ErrorCode.TRANSFER_FAIL, keys=frozenset({bad})), retry={"max_attempts": 3})
+    with pytest.raises(RetriesExhaustedError) as info:
+        client.put(keys, [f"v{i}" for i in range(10)])
+    err = info.value
+    assert err.outcome is Outcome.EXHAUSTED
+    assert err.failed == {bad: ErrorCode.TRANSFER_FAIL}
+    assert err.succeeded == 9 and err.attempts == 3
+    assert repr(bad) in str(err) and "TRANSFER_FAIL(-800)" in str(err) and "9 key(s) succeeded" in str(err)
+    assert sum(bad in c.keys for c in client.store.calls_for("put")) == 3
+    # Nothing half-done passes as success: the other keys were written, the failed one was not.
+    client.store.clear_rules()
+    with pytest.raises(NonRetryableError) as missing:
+        client.get(keys)
+    assert missing.value.failed == {bad: ErrorCode.OBJECT_NOT_FOUND}
+
+
+def test_non_retryable_code_fails_at_once(fault_client, keyspace):
+    keys = keyspace(5)
+    client = fault_client(FaultRule(code=ErrorCode.INVALID_PARAMS, keys=frozenset({keys[0]})))
+    with pytest.raises(NonRetryableError) as info:
+        client.put(keys, list("abcde"))
+    assert info.value.failed == {keys[0]: ErrorCode.INVALID_PARAMS}
+    assert len(client.store.calls_for("put")) == 1
+
+
+def test_non_retryable_wins_over_retryable_in_one_call(fault_client, keyspace):
+    keys = keyspace(8)
+    client = fault_client(retry={"max_attempts": 2}, batch_size=4)
+    metas = client.put(keys, list("abcdefgh"))
+    client.store.add_rule(FaultRule(code=ErrorCode.OBJECT_NOT_FOUND, keys=frozenset({keys[0]})))
+    client.store.add_rule(FaultRule(code=ErrorCode.TRANSFER_FAIL, keys=frozenset({keys[5]})))
+    with pytest.raises(NonRetryableError) as info:
+        client.get(keys, custom_backend_meta=metas)
+    assert info.value.failed == {keys[0]: ErrorCode.OBJECT_NOT_FOUND, keys[5]: ErrorCode.TRANSFER_FAIL}
+    assert info.value.succeeded == 6
+
+
+def test_budget_spent_is_its_own_outcome(shared_master, make_client, keyspace):
+    keys = keyspace(4)
+    frozen = lambda: 1000.0  # noqa: E731 - a clock that never moves: the reserve never refills
+    client = make_client(
+        shared_master,
+        wrap_store=_injecting(FaultRule(code=ErrorCode.TRANSFER_FAIL, attempts=frozenset({1}))),
+        clock=frozen,
+        retry={**FAST, "budget_ratio": 0.0, "budget_min_per_s": 1.0},
+    )
+    client.put(keys[:2], ["a", "b"])  # first failure retried with the one reserve token
+    with pytest.raises(RetryBudgetExhaustedError) as info:
+        client.put(keys[2:], ["c", "d"])
+    assert info.value.outcome is Outcome.BUDGET_DENIED
+    assert info.value.failed == {keys[2]: ErrorCode.TRANSFER_FAIL, keys[3]: ErrorCode.TRANSFER_FAIL}
+    assert len(client.store.calls_for("put")) == 3  # 2 + 1: the denied retry never reached the store
+    assert client.budget.denied == 1
+
+
+def test_budget_grows_with_traffic(shared_master, make_client, keyspace):
+    """With ratio 0.5 and no reserve, two clean calls pay for one retry."""
+    keys = keyspace(3)
+    client = make_client(
+        shared_master,
+        wrap_store=_injecting(FaultRule(code=ErrorCode.TRANSFER_FAIL, keys=frozenset({keys[2]}), attempts={1})),
+        clock=lambda: 1000.0,
+        retry={**FAST, "budget_ratio": 0.5, "budget_min_per_s": 0.0},
+    )
+    client.put([keys[0]], ["a"])
+    client.put([keys[1]], ["b"])
+    client.put([keys[2]], ["c"])  # its own first attempt deposits 0.5 more: 1.5 >= 1
+    assert client.budget.available() == 0.0
+
+
+def test_deadline_stops_retries(shared_master, make_client, keyspace):
+    keys = keyspace(3)
+    client = make_client(
+        shared_master,
+        wrap_store=_injecting(FaultRule(code=ErrorCode.RPC_FAIL, keys=frozenset({keys[1]}))),
+        jitter=lambda: 0.999,
+        retry={"initial_backoff_s": 0.5, "max_backoff_s": 1.0, "deadline_s": 0.2, "max_attempts": 10},
+    )
+    with pytest.raises(DeadlineExceededError) as info:
+        client.put(keys, ["a", "b", "c"])
+    assert info.value.failed == {keys[1]: ErrorCode.RPC_FAIL}
+    assert isinstance(info.value, TimeoutError)
+    assert len(client.store.calls_for("put")) == 1
+
+
+def test_chunks_report_together(fault_client, keyspace):
+    keys = keyspace(30)
+    failing = frozenset(keys[i] for i in (1, 12, 25))
+    client = fault_client(FaultRule(code=ErrorCode.OBJECT_REPLICA_BUSY, keys=failing), batch_size=10)
+    with pytest.raises(RetriesExhaustedError) as info:
+        client.put(keys, [str(i) for i in range(30)])
+    assert list(info.value.failed) == [keys[1], keys[12], keys[25]]  # in key order
+    assert info.value.succeeded == 27
