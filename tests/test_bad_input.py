@@ -57,7 +57,7 @@ def test_value_too_big_rejects_the_whole_batch(shared_master, make_client, keysp
     ("kwargs", "error", "message"),
     [
         ({"shapes": [[2]]}, ValueError, "shapes has 1 entries for 2 keys"),
-        ({"dtypes": [torch.float32, "complex-ish"], "shapes": [[2], [2]]}, ValueError, "unsupported dtype 'complex-ish'"),
+        ({"dtypes": [torch.float32, "cplx"], "shapes": [[2], [2]]}, ValueError, "unsupported dtype 'cplx'"),
         ({"dtypes": [torch.float32, None]}, ValueError, "has a dtype but no shape"),
         ({"shapes": [[-1], None], "dtypes": [torch.float32, None]}, ValueError, "must hold non-negative ints"),
         ({"custom_backend_meta": [{"nbytes": 8}, None]}, ValueError, "is not metadata returned by put"),
