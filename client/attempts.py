@@ -36,7 +36,8 @@ class ChunkResult:
 class Retrier:
     """Runs chunks under one client's policy, budget and classifier; thread-safe.
 
-    ``closing`` is set by ``close()``: a backoff sleep wakes at once and no new attempt starts.
+    ``closing`` is set by ``close()``: no new attempt starts, and the default sleep (``closing.wait``)
+    wakes at once.
     """
 
     def __init__(
@@ -46,12 +47,14 @@ class Retrier:
         classifier: ErrorClassifier,
         jitter: Jitter,
         closing: threading.Event,
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
         self.policy = policy
         self.budget = budget
         self.classifier = classifier
         self._jitter = jitter
         self._closing = closing
+        self._sleep = sleep if sleep is not None else closing.wait
 
     def run_chunk(
         self,
@@ -106,7 +109,7 @@ class Retrier:
                 if result.outcome is not Outcome.NON_RETRYABLE:
                     result.outcome = stop
                 break
-            self._closing.wait(backoff)
+            self._sleep(backoff)
             result.backoff_s += backoff
             pending = list(retry)
         if result.outcome is Outcome.SUCCESS and result.attempts > 1:

@@ -153,7 +153,8 @@ class MooncakeBatchClient:
         observer: receives every call and attempt (telemetry); defaults to no-op.
         store: an already set-up store to use instead of connecting (the client then owns and closes it).
         wrap_store: applied to the store before use, e.g. ``lambda s: FaultInjectingStore(s, rules)``.
-        clock, jitter: injectable time source and randomness for the retry loop.
+        clock, jitter, sleep: injectable time source, randomness and backoff sleep for the retry loop
+            (the default sleep wakes when the client closes).
     """
 
     def __init__(
@@ -165,6 +166,7 @@ class MooncakeBatchClient:
         wrap_store: Callable[[Any], Any] | None = None,
         clock: Clock = time.monotonic,
         jitter: Jitter = random.random,
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
         self.config = config if isinstance(config, ClientConfig) else ClientConfig.from_dict(config)
         self._observer = observer or NOOP_OBSERVER
@@ -175,7 +177,7 @@ class MooncakeBatchClient:
         self._closing = threading.Event()
         retry = self.config.retry
         self.budget = RetryBudget(retry.budget_ratio, retry.budget_min_per_s, clock=clock)
-        self._retrier = Retrier(retry.policy(), self.budget, ErrorClassifier(), jitter, self._closing)
+        self._retrier = Retrier(retry.policy(), self.budget, ErrorClassifier(), jitter, self._closing, sleep)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.config.max_workers, thread_name_prefix="tq-mooncake"
         )

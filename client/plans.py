@@ -130,7 +130,8 @@ def _shape(key: str, shape: Any) -> tuple[int, ...]:
 def plan_get(key: str, shape: Any, dtype: Any, meta: Any) -> ReadPlan:
     """The read plan for ``key`` from what the caller passed; ValueError/TypeError where they disagree."""
     want_dtype = codec.torch_dtype(dtype) if dtype is not None else None
-    want_shape = _shape(key, shape) if shape is not None else None
+    # A shape matters only with a dtype: TQ passes shapes for non-tensor fields too.
+    want_shape = _shape(key, shape) if shape is not None and want_dtype is not None else None
     if meta is not None:
         return _plan_from_meta(key, meta, want_dtype, want_shape)
     if want_dtype is None:
