@@ -20,6 +20,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
+
+from tq_mooncake.telemetry import OTelObserver
+
 from . import codec, plans
 from .attempts import ChunkResult, Retrier, StoreCall
 from .config import ClientConfig
@@ -33,7 +38,7 @@ from .errors import (
     StoreSetupError,
     combine_outcomes,
 )
-from .observer import NOOP_OBSERVER, Observer, OperationScope, OperationSummary
+from .observer import Observer, OperationScope, OperationSummary
 from .retry import Clock, Jitter, RetryBudget
 
 logger = logging.getLogger(__name__)
@@ -150,7 +155,10 @@ class MooncakeBatchClient:
 
     Args:
         config: TQ's Mooncake section (see ``ClientConfig``), or a ``ClientConfig``.
-        observer: receives every call and attempt (telemetry); defaults to no-op.
+        observer: receives every call and attempt; defaults to an ``OTelObserver`` on ``tracer_provider`` /
+            ``meter_provider`` (OpenTelemetry's global providers when not given: no-op until an SDK is set,
+            e.g. by ``tq_mooncake.telemetry.configure()``). Pass ``NOOP_OBSERVER`` to turn telemetry off.
+        tracer_provider, meter_provider: OpenTelemetry providers for the default observer (not with ``observer``).
         store: an already set-up store to use instead of connecting (the client then owns and closes it).
         wrap_store: applied to the store before use, e.g. ``lambda s: FaultInjectingStore(s, rules)``.
         clock, jitter, sleep: injectable time source, randomness and backoff sleep for the retry loop
@@ -162,21 +170,25 @@ class MooncakeBatchClient:
         config: Mapping[str, Any] | ClientConfig | None = None,
         *,
         observer: Observer | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
         store: Any = None,
         wrap_store: Callable[[Any], Any] | None = None,
         clock: Clock = time.monotonic,
         jitter: Jitter = random.random,
         sleep: Callable[[float], object] | None = None,
     ) -> None:
+        if observer is not None and (tracer_provider is not None or meter_provider is not None):
+            raise TypeError("pass either observer or tracer_provider/meter_provider, not both")
         self.config = config if isinstance(config, ClientConfig) else ClientConfig.from_dict(config)
-        self._observer = observer or NOOP_OBSERVER
+        retry = self.config.retry
+        self.budget = RetryBudget(retry.budget_ratio, retry.budget_min_per_s, clock=clock)
+        self._observer = observer or OTelObserver(tracer_provider, meter_provider, budget_tokens=self.budget.available)
         self._clock = clock
         raw_store = store if store is not None else connect_store(self.config)
         self._store = wrap_store(raw_store) if wrap_store is not None else raw_store
         self._replicate = self._replicate_config()
         self._closing = threading.Event()
-        retry = self.config.retry
-        self.budget = RetryBudget(retry.budget_ratio, retry.budget_min_per_s, clock=clock)
         self._retrier = Retrier(retry.policy(), self.budget, ErrorClassifier(), jitter, self._closing, sleep)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.config.max_workers, thread_name_prefix="tq-mooncake"

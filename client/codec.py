@@ -132,9 +132,14 @@ def _unpack_tensor(data: bytes) -> torch.Tensor:
     return tensor_from_bytes(raw, torch_dtype(name), shape)
 
 
+def _plain_dtype(dtype: np.dtype) -> bool:
+    """Whether ``dtype.str`` describes the dtype fully (not object, structured or void)."""
+    return not dtype.hasobject and dtype.kind != "V"
+
+
 def _pack_ndarray(a: np.ndarray) -> bytes:
-    if a.dtype.hasobject:
-        raise UnencodableValueError("numpy arrays of dtype=object cannot be stored without pickle")
+    if not _plain_dtype(a.dtype):
+        raise UnencodableValueError(f"numpy arrays of dtype {a.dtype} cannot be stored without pickle")
     return msgpack.packb([a.dtype.str, list(a.shape), np.ascontiguousarray(a).tobytes()])
 
 
@@ -150,6 +155,8 @@ def _default(obj: Any) -> msgpack.ExtType:
     if isinstance(obj, np.ndarray):
         return msgpack.ExtType(_Ext.NDARRAY, _pack_ndarray(obj))
     if isinstance(obj, np.generic):
+        if not _plain_dtype(obj.dtype):
+            raise UnencodableValueError(f"numpy scalars of dtype {obj.dtype} cannot be stored without pickle")
         return msgpack.ExtType(_Ext.NPSCALAR, msgpack.packb([obj.dtype.str, obj.tobytes()]))
     if isinstance(obj, torch.Tensor):
         return msgpack.ExtType(_Ext.TENSOR, _pack_tensor(obj))
@@ -197,7 +204,7 @@ def encode(value: Any, allow_pickle: bool = False) -> bytes:
         return _frame(Codec.BYTES, bytes(value))
     if type(value) is str:
         return _frame(Codec.STR, value.encode("utf-8", "surrogatepass"))
-    if type(value) is np.ndarray and not value.dtype.hasobject:
+    if type(value) is np.ndarray and _plain_dtype(value.dtype):
         return _frame(Codec.NDARRAY, _pack_ndarray(value))
     if isinstance(value, torch.Tensor):
         return _frame(Codec.TENSOR, _pack_tensor(value))

@@ -130,8 +130,10 @@ def _shape(key: str, shape: Any) -> tuple[int, ...]:
 def plan_get(key: str, shape: Any, dtype: Any, meta: Any) -> ReadPlan:
     """The read plan for ``key`` from what the caller passed; ValueError/TypeError where they disagree."""
     want_dtype = codec.torch_dtype(dtype) if dtype is not None else None
-    # A shape matters only with a dtype: TQ passes shapes for non-tensor fields too.
-    want_shape = _shape(key, shape) if shape is not None and want_dtype is not None else None
+    # A shape matters only for a tensor (a dtype asked for, or one in the metadata): TQ passes shapes for
+    # non-tensor fields too.
+    is_tensor = want_dtype is not None or (isinstance(meta, Mapping) and "dtype" in meta)
+    want_shape = _shape(key, shape) if shape is not None and is_tensor else None
     if meta is not None:
         return _plan_from_meta(key, meta, want_dtype, want_shape)
     if want_dtype is None:

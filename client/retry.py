@@ -58,6 +58,8 @@ class RetryPolicy:
         """The upper bound of the sleep before retry number ``retry`` (1 = the second attempt)."""
         if retry < 1:
             raise ValueError(f"retry numbers start at 1, got {retry}")
+        if self.initial_backoff_s == 0:
+            return 0.0
         try:
             raw = self.initial_backoff_s * self.multiplier ** (retry - 1)
         except OverflowError:
@@ -126,7 +128,8 @@ class RetryBudget:
     """A thread-safe retry budget shared by all calls of one client.
 
     Over any ``ttl_s`` window, retries are bounded by ``ratio`` x first attempts, plus ``min_per_s`` per
-    second from a reserve that holds at most one second's worth.
+    second from a reserve that holds at most one second's worth (and at least one token, so that a
+    ``min_per_s`` below 1 still allows a retry every ``1 / min_per_s`` seconds).
     """
 
     def __init__(self, ratio: float = 0.2, min_per_s: float = 10.0, ttl_s: float = 10.0, clock: Clock = time.monotonic):
@@ -139,13 +142,14 @@ class RetryBudget:
         self._clock = clock
         self._lock = threading.Lock()
         self._balance = WindowedSum(ttl_s, clock)
-        self._reserve = self.min_per_s
+        self._reserve_cap = max(self.min_per_s, 1.0) if self.min_per_s > 0 else 0.0
+        self._reserve = self._reserve_cap
         self._reserve_at = clock()
         self.denied = 0
 
     def _refill_reserve(self) -> None:
         now = self._clock()
-        self._reserve = min(self.min_per_s, self._reserve + (now - self._reserve_at) * self.min_per_s)
+        self._reserve = min(self._reserve_cap, self._reserve + (now - self._reserve_at) * self.min_per_s)
         self._reserve_at = now
 
     def deposit(self) -> None:

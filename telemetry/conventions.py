@@ -1,0 +1,151 @@
+"""Every telemetry name the client emits: spans, attribute keys, metrics, units and allowed values.
+
+This module is the single source of names; ``CONVENTIONS.md`` documents the same contract for people.
+Metric attributes are bounded by construction: each metric has an allow-list (``METRIC_ATTRIBUTES``) and
+every allowed key takes values from a finite set (operations, outcomes, results, ``ErrorCode`` names and
+attempt numbers clamped at ``MAX_ATTEMPT_ATTRIBUTE``). Keys and values of the store never appear.
+
+Nothing here imports the client, so the client may import this package at module level; the operation and
+outcome values equal ``Operation``/``Outcome`` values (a test checks it).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tq_mooncake.client.errors import Operation
+
+INSTRUMENTATION_SCOPE = "tq_mooncake"
+
+# ------------------------------------------------------------------------------------------------ spans
+DB_SYSTEM = "mooncake"
+
+
+def operation_span_name(operation: Operation) -> str:
+    """``mooncake.<op>``: one INTERNAL span per client call."""
+    return f"mooncake.{operation.value}"
+
+
+def attempt_span_name(operation: Operation) -> str:
+    """``mooncake.<op>.attempt``: one CLIENT span per store call on one chunk."""
+    return f"mooncake.{operation.value}.attempt"
+
+
+# ------------------------------------------------------------------------------------------------ attribute keys
+DB_SYSTEM_NAME = "db.system.name"  # "mooncake"
+DB_OPERATION_NAME = "db.operation.name"  # "put" | "get" | "clear"
+DB_OPERATION_BATCH_SIZE = "db.operation.batch.size"  # keys in the call
+ERROR_TYPE = "error.type"  # an ErrorCode name, or ERROR_TYPE_OTHER
+
+ATTEMPT = "mooncake.attempt"  # 1-based attempt number on its chunk
+CHUNK = "mooncake.chunk"  # 0-based chunk index within the call
+KEYS = "mooncake.keys"  # keys sent in this attempt
+KEYS_FAILED = "mooncake.keys.failed"  # keys that failed (attempt: in this attempt; call: in the end)
+ERROR_CODES = "mooncake.error.codes"  # sorted distinct ErrorCode names of this attempt's failures
+BACKOFF_S = "mooncake.backoff_s"  # seconds slept before this attempt
+BYTES = "mooncake.bytes"  # bytes moved (attempt: by this attempt; call: in total)
+ATTEMPTS = "mooncake.attempts"  # store calls made by the call, over all chunks
+OUTCOME = "mooncake.outcome"  # one of OUTCOMES
+OPERATION = "mooncake.operation"  # metric attribute: one of OPERATIONS
+RESULT = "mooncake.result"  # metric attribute: ATTEMPT_RESULTS or KEY_RESULTS
+
+# ------------------------------------------------------------------------------------------------ allowed values
+OPERATIONS: tuple[str, ...] = ("put", "get", "clear")
+OUTCOMES: tuple[str, ...] = (
+    "success",
+    "success_after_retry",
+    "exhausted",
+    "non_retryable",
+    "budget_denied",
+    "deadline_exceeded",
+)
+RESULT_OK = "ok"
+RESULT_PARTIAL = "partial"
+RESULT_FAILED = "failed"
+RESULT_RETRIED_OK = "retried_ok"
+ATTEMPT_RESULTS: tuple[str, ...] = (RESULT_OK, RESULT_PARTIAL, RESULT_FAILED)
+KEY_RESULTS: tuple[str, ...] = (RESULT_OK, RESULT_RETRIED_OK, RESULT_FAILED)
+ERROR_TYPE_OTHER = "_OTHER"  # a failed call whose failures carried no code (e.g. closed before any attempt)
+# error.type is otherwise always an ErrorCode name (a finite enum, UNKNOWN included).
+MAX_ATTEMPT_ATTRIBUTE = 10
+"""Metric values of ``mooncake.attempt`` stop here: attempts after the 10th are counted as 10 (spans keep the
+exact number)."""
+
+# ------------------------------------------------------------------------------------------------ metrics
+OPERATIONS_METRIC = "mooncake.client.operations"
+ATTEMPTS_METRIC = "mooncake.client.attempts"
+KEYS_METRIC = "mooncake.client.keys"
+KEYS_FAILED_METRIC = "mooncake.client.keys.failed"
+OPERATION_DURATION_METRIC = "mooncake.client.operation.duration"
+ATTEMPT_DURATION_METRIC = "mooncake.client.attempt.duration"
+RETRY_DELAY_METRIC = "mooncake.client.retry.delay"
+BYTES_METRIC = "mooncake.client.bytes"
+RETRY_BUDGET_METRIC = "mooncake.client.retry.budget"
+
+UNITS: dict[str, str] = {
+    OPERATIONS_METRIC: "{operation}",
+    ATTEMPTS_METRIC: "{attempt}",
+    KEYS_METRIC: "{key}",
+    KEYS_FAILED_METRIC: "{key}",
+    OPERATION_DURATION_METRIC: "s",
+    ATTEMPT_DURATION_METRIC: "s",
+    RETRY_DELAY_METRIC: "s",
+    BYTES_METRIC: "By",
+    RETRY_BUDGET_METRIC: "{token}",
+}
+
+DESCRIPTIONS: dict[str, str] = {
+    OPERATIONS_METRIC: "Client calls (put/get/clear), by how they ended.",
+    ATTEMPTS_METRIC: "Store calls on one chunk (first attempts and retries), by result.",
+    KEYS_METRIC: "Keys handled by client calls, by final result.",
+    KEYS_FAILED_METRIC: "Keys that failed in an attempt, by error code (one per key per attempt).",
+    OPERATION_DURATION_METRIC: "Duration of client calls, including every attempt and backoff sleep.",
+    ATTEMPT_DURATION_METRIC: "Duration of single store calls on one chunk.",
+    RETRY_DELAY_METRIC: "Backoff slept by one client call in total (recorded for calls that retried).",
+    BYTES_METRIC: "Bytes moved to or from the store by successful keys.",
+    RETRY_BUDGET_METRIC: "Retries the client's retry budget would allow right now.",
+}
+
+METRIC_ATTRIBUTES: dict[str, frozenset[str]] = {
+    OPERATIONS_METRIC: frozenset({OPERATION, OUTCOME}),
+    ATTEMPTS_METRIC: frozenset({OPERATION, ATTEMPT, RESULT}),
+    KEYS_METRIC: frozenset({OPERATION, RESULT}),
+    KEYS_FAILED_METRIC: frozenset({OPERATION, ERROR_TYPE}),
+    OPERATION_DURATION_METRIC: frozenset({OPERATION, OUTCOME, ERROR_TYPE}),
+    ATTEMPT_DURATION_METRIC: frozenset({OPERATION, ATTEMPT, RESULT, ERROR_TYPE}),
+    RETRY_DELAY_METRIC: frozenset({OPERATION, OUTCOME}),
+    BYTES_METRIC: frozenset({OPERATION}),
+    RETRY_BUDGET_METRIC: frozenset(),
+}
+"""The attribute allow-list: the only keys each metric may carry (enforced again by SDK Views in ``configure``)."""
+
+DURATION_BUCKETS_S: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+"""Histogram bucket bounds (seconds) for the three duration histograms."""
+
+HISTOGRAMS: tuple[str, ...] = (OPERATION_DURATION_METRIC, ATTEMPT_DURATION_METRIC, RETRY_DELAY_METRIC)
+
+RESOURCE_SERVICE_NAME = "service.name"
+RESOURCE_HOST_NAME = "host.name"
+RESOURCE_PROCESS_PID = "process.pid"
+DEFAULT_SERVICE_NAME = "tq-mooncake"
+
+# ------------------------------------------------------------------------------------------------ environment
+ENV_TELEMETRY_DIR = "TQ_MOONCAKE_TELEMETRY_DIR"
+ENV_PROMETHEUS_PORT = "TQ_MOONCAKE_PROMETHEUS_PORT"

@@ -1,0 +1,283 @@
+"""``OTelObserver``: the client's ``Observer`` hooks implemented with the OpenTelemetry API only.
+
+Contract:
+
+* ``operation()`` starts the span ``mooncake.<op>`` (INTERNAL) as a child of the caller's current context
+  and never makes it current (the client ends it from ``end``); every ``attempt()`` starts
+  ``mooncake.<op>.attempt`` (CLIENT) with the operation span as its *explicit* parent, because attempts run
+  on worker threads that do not inherit the caller's contextvars.
+* A failed attempt gets status ERROR and ``error.type`` = its most frequent code name; the operation span
+  gets them only when the call finally failed (retried-then-ok is not an error).
+* Metrics are recorded with attributes from ``conventions.METRIC_ATTRIBUTES`` only; no key or value of
+  the store is ever recorded.
+* Instruments are created once per meter provider and shared by every observer on it; the retry-budget
+  gauge reports the sum of ``budget_tokens()`` over the live observers that were given one.
+* Safe to call from several threads; without an SDK (the API's no-op providers) it costs a few
+  microseconds per attempt.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
+
+from . import conventions as c
+
+if TYPE_CHECKING:  # the client imports this module; importing it back at run time would be circular
+    from tq_mooncake.client.errors import ErrorClassifier, ErrorCode, Operation
+    from tq_mooncake.client.observer import OperationSummary
+
+try:
+    _VERSION: str | None = metadata.version("tq-mooncake")
+except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+    _VERSION = None
+
+
+def _dominant(codes: Counter[ErrorCode]) -> str:
+    """The most frequent code's name (ties: the smallest name), or ``_OTHER`` for none."""
+    if not codes:
+        return c.ERROR_TYPE_OTHER
+    return min(codes.items(), key=lambda kv: (-kv[1], kv[0].name))[0].name
+
+
+class _Instruments:
+    """Every metric instrument of one meter; shared by the observers of one meter provider."""
+
+    def __init__(self, meter: Meter) -> None:
+        def counter(name: str) -> metrics.Counter:
+            return meter.create_counter(name, unit=c.UNITS[name], description=c.DESCRIPTIONS[name])
+
+        def histogram(name: str) -> metrics.Histogram:
+            return meter.create_histogram(
+                name,
+                unit=c.UNITS[name],
+                description=c.DESCRIPTIONS[name],
+                explicit_bucket_boundaries_advisory=c.DURATION_BUCKETS_S,
+            )
+
+        self.operations = counter(c.OPERATIONS_METRIC)
+        self.attempts = counter(c.ATTEMPTS_METRIC)
+        self.keys = counter(c.KEYS_METRIC)
+        self.keys_failed = counter(c.KEYS_FAILED_METRIC)
+        self.bytes = counter(c.BYTES_METRIC)
+        self.operation_duration = histogram(c.OPERATION_DURATION_METRIC)
+        self.attempt_duration = histogram(c.ATTEMPT_DURATION_METRIC)
+        self.retry_delay = histogram(c.RETRY_DELAY_METRIC)
+        self._budget_lock = threading.Lock()
+        self._budget_sources: weakref.WeakSet[OTelObserver] = weakref.WeakSet()
+        meter.create_observable_gauge(
+            c.RETRY_BUDGET_METRIC,
+            callbacks=[self._observe_budget],
+            unit=c.UNITS[c.RETRY_BUDGET_METRIC],
+            description=c.DESCRIPTIONS[c.RETRY_BUDGET_METRIC],
+        )
+
+    def add_budget_source(self, observer: OTelObserver) -> None:
+        with self._budget_lock:
+            self._budget_sources.add(observer)
+
+    def _observe_budget(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._budget_lock:
+            sources = [o._budget_tokens for o in self._budget_sources if o._budget_tokens is not None]
+        if not sources:
+            return []
+        return [Observation(float(sum(read() for read in sources)))]
+
+
+_INSTRUMENTS: weakref.WeakKeyDictionary[MeterProvider, _Instruments] = weakref.WeakKeyDictionary()
+_GLOBAL: list[_Instruments] = []  # the instruments on the global provider (a proxy until an SDK is set)
+_INSTRUMENTS_LOCK = threading.Lock()
+
+
+def _instruments_for(meter_provider: MeterProvider | None) -> _Instruments:
+    """The shared instruments of ``meter_provider``; None means the global provider, whichever it is now or
+    later (instruments made on the API's proxy follow it to the SDK provider once one is installed)."""
+    with _INSTRUMENTS_LOCK:
+        if meter_provider is None:
+            found = _GLOBAL[0] if _GLOBAL else None
+        else:
+            found = _INSTRUMENTS.get(meter_provider)
+        if found is None:
+            found = _Instruments(metrics.get_meter(c.INSTRUMENTATION_SCOPE, _VERSION, meter_provider))
+            if meter_provider is None:
+                _GLOBAL.append(found)
+            else:
+                _INSTRUMENTS[meter_provider] = found
+        return found
+
+
+class OTelObserver:
+    """The client's ``Observer`` over OpenTelemetry.
+
+    Args:
+        tracer_provider: where spans go; None for the global provider (no-op until an SDK is set).
+        meter_provider: where metrics go; None for the global provider.
+        budget_tokens: reads the client's retry budget (``RetryBudget.available``) for the
+            ``mooncake.client.retry.budget`` gauge, while this observer is alive (the gauge holds it weakly,
+            so a dropped client stops being reported); None reports nothing for this client.
+    """
+
+    def __init__(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        budget_tokens: Callable[[], float] | None = None,
+    ) -> None:
+        from tq_mooncake.client.errors import ErrorClassifier
+
+        self._classifier: ErrorClassifier = ErrorClassifier()
+        self._tracer = trace.get_tracer(c.INSTRUMENTATION_SCOPE, _VERSION, tracer_provider)
+        self._instruments = _instruments_for(meter_provider)
+        self._budget_tokens = budget_tokens
+        if budget_tokens is not None:
+            self._instruments.add_budget_source(self)
+
+    def operation(self, operation: Operation, batch_size: int) -> _OperationScope:
+        return _OperationScope(self, operation, batch_size)
+
+
+class _OperationScope:
+    """One client call: its span, and what its attempts reported (for the final ``error.type``)."""
+
+    def __init__(self, observer: OTelObserver, operation: Operation, batch_size: int) -> None:
+        self._tracer = observer._tracer
+        self._instruments = observer._instruments
+        self._classifier = observer._classifier
+        self.operation = operation
+        self._span = self._tracer.start_span(
+            c.operation_span_name(operation),
+            kind=SpanKind.INTERNAL,
+            attributes={
+                c.DB_SYSTEM_NAME: c.DB_SYSTEM,
+                c.DB_OPERATION_NAME: operation.value,
+                c.DB_OPERATION_BATCH_SIZE: batch_size,
+            },
+        )
+        self._context = trace.set_span_in_context(self._span)
+        self._start = time.perf_counter()
+        self._lock = threading.Lock()
+        self._final: Counter[ErrorCode] = Counter()  # non-retryable failures: final wherever they occur
+        self._last_retryable: dict[int, Counter[ErrorCode]] = {}  # chunk -> its latest attempt's retryables
+        self._retried = False
+        self._ended = False
+
+    def attempt(self, chunk: int, attempt: int, keys: int, backoff_s: float) -> _AttemptScope:
+        if attempt > 1:
+            self._retried = True
+        return _AttemptScope(self, chunk, attempt, keys, backoff_s)
+
+    def _attempt_ended(self, chunk: int, failed: Counter[ErrorCode]) -> None:
+        """Track the codes the call will end with: every non-retryable failure, plus the retryable ones of
+        each chunk's last attempt (the same rule the retry loop applies)."""
+        retryable: Counter[ErrorCode] = Counter()
+        with self._lock:
+            for code, n in failed.items():
+                if self._classifier.is_retryable(int(code)):
+                    retryable[code] += n
+                else:
+                    self._final[code] += n
+            self._last_retryable[chunk] = retryable
+
+    def end(self, summary: OperationSummary) -> None:
+        duration = time.perf_counter() - self._start
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+            final = self._final + sum(self._last_retryable.values(), Counter())
+        op = self.operation.value
+        outcome = summary.outcome.value
+        span = self._span
+        span.set_attributes(
+            {
+                c.ATTEMPTS: summary.attempts,
+                c.OUTCOME: outcome,
+                c.KEYS_FAILED: summary.keys_failed,
+                c.BYTES: summary.nbytes,
+            }
+        )
+        attrs = {c.OPERATION: op, c.OUTCOME: outcome}
+        if summary.outcome.failed:
+            error_type = _dominant(final)
+            span.set_attribute(c.ERROR_TYPE, error_type)
+            span.set_status(Status(StatusCode.ERROR, f"{outcome}: {summary.keys_failed} key(s) failed"))
+            duration_attrs = {**attrs, c.ERROR_TYPE: error_type}
+        else:
+            duration_attrs = attrs
+        span.end()
+        ins = self._instruments
+        ins.operations.add(1, attrs)
+        ins.operation_duration.record(duration, duration_attrs)
+        for result, n in (
+            (c.RESULT_OK, summary.keys_ok),
+            (c.RESULT_RETRIED_OK, summary.keys_retried_ok),
+            (c.RESULT_FAILED, summary.keys_failed),
+        ):
+            if n:
+                ins.keys.add(n, {c.OPERATION: op, c.RESULT: result})
+        if self._retried:
+            ins.retry_delay.record(summary.retry_delay_s, attrs)
+        if summary.nbytes:
+            ins.bytes.add(summary.nbytes, {c.OPERATION: op})
+
+
+class _AttemptScope:
+    """One store call on one chunk."""
+
+    __slots__ = ("_op", "_span", "_chunk", "_attempt", "_keys", "_start")
+
+    def __init__(self, op: _OperationScope, chunk: int, attempt: int, keys: int, backoff_s: float) -> None:
+        self._op = op
+        self._chunk = chunk
+        self._attempt = attempt
+        self._keys = keys
+        self._span = op._tracer.start_span(
+            c.attempt_span_name(op.operation),
+            context=op._context,
+            kind=SpanKind.CLIENT,
+            attributes={
+                c.DB_SYSTEM_NAME: c.DB_SYSTEM,
+                c.DB_OPERATION_NAME: op.operation.value,
+                c.ATTEMPT: attempt,
+                c.CHUNK: chunk,
+                c.KEYS: keys,
+                c.BACKOFF_S: float(backoff_s),
+            },
+        )
+        self._start = time.perf_counter()
+
+    def end(self, failed: Counter[ErrorCode], nbytes: int) -> None:
+        duration = time.perf_counter() - self._start
+        n_failed = sum(failed.values())
+        span = self._span
+        span.set_attributes({c.KEYS_FAILED: n_failed, c.BYTES: nbytes})
+        op = self._op.operation.value
+        if n_failed == 0:
+            result = c.RESULT_OK
+        else:
+            failed = +failed  # drops codes counted 0
+            result = c.RESULT_FAILED if n_failed >= self._keys else c.RESULT_PARTIAL
+            error_type = _dominant(failed)
+            span.set_attributes({c.ERROR_CODES: sorted(code.name for code in failed), c.ERROR_TYPE: error_type})
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+        attrs = {c.OPERATION: op, c.ATTEMPT: min(self._attempt, c.MAX_ATTEMPT_ATTRIBUTE), c.RESULT: result}
+        ins = self._op._instruments
+        ins.attempts.add(1, attrs)
+        if n_failed:
+            ins.attempt_duration.record(duration, {**attrs, c.ERROR_TYPE: error_type})
+            for code, n in failed.items():
+                ins.keys_failed.add(n, {c.OPERATION: op, c.ERROR_TYPE: code.name})
+        else:
+            ins.attempt_duration.record(duration, attrs)
+        if n_failed or self._attempt > 1:  # a retry that succeeds clears its chunk's earlier failures
+            self._op._attempt_ended(self._chunk, failed)
