@@ -56,6 +56,27 @@ class FaultRule:
             raise ValueError(f"unknown operations {sorted(unknown)}")
 
 
+    @classmethod
+    def from_dict(cls, spec: Any) -> FaultRule:
+        """A rule from config: ``{"code": "TRANSFER_FAIL" or -800, "fraction": 0.1, "keys": [...],
+        "attempts": [1], "operations": ["get"]}`` (only ``code`` is required)."""
+        spec = {k: spec[k] for k in spec}
+        unknown = sorted(set(spec) - {"code", "keys", "fraction", "attempts", "operations"})
+        if unknown or "code" not in spec:
+            raise ValueError(f"a fault rule needs 'code' and takes keys, fraction, attempts, operations; got {spec!r}")
+        code = spec["code"]
+        if isinstance(code, str):
+            try:
+                code = ErrorCode[code]
+            except KeyError:
+                raise ValueError(f"unknown error code name {code!r}") from None
+        kwargs: dict[str, Any] = {"code": int(code), "fraction": float(spec.get("fraction", 1.0))}
+        for name in ("keys", "attempts", "operations"):
+            if spec.get(name) is not None:
+                kwargs[name] = frozenset(spec[name])
+        return cls(**kwargs)
+
+
 @dataclass(frozen=True)
 class StoreCall:
     """One intercepted call: the keys the client asked for, and which of them were failed on purpose."""

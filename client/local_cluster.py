@@ -93,7 +93,8 @@ class _Process:
 
 
 class MasterProcess(_Process):
-    """A ``mooncake_master`` on loopback with the HTTP metadata server on (or off)."""
+    """A ``mooncake_master`` (on loopback unless ``host`` says otherwise) with the HTTP metadata server on (or
+    off); ports not given are free ones picked now."""
 
     def __init__(
         self,
@@ -102,14 +103,17 @@ class MasterProcess(_Process):
         http_metadata: bool = True,
         extra_args: list[str] | None = None,
         rpc_port: int | None = None,
+        host: str = LOOPBACK,
+        http_port: int | None = None,
     ) -> None:
+        self.host = host
         self.rpc_port = rpc_port or free_port()
         self.metrics_port = free_port()
-        self.http_port = free_port() if http_metadata else None
+        self.http_port = (http_port or free_port()) if http_metadata else None
         self.client_ttl = client_ttl
         self._args = [
             _mooncake_master_binary(),
-            f"--rpc_address={LOOPBACK}",
+            f"--rpc_address={host}",
             f"--rpc_port={self.rpc_port}",
             f"--metrics_host={LOOPBACK}",
             f"--metrics_port={self.metrics_port}",
@@ -118,7 +122,7 @@ class MasterProcess(_Process):
         if http_metadata:
             self._args += [
                 "--enable_http_metadata_server=true",
-                f"--http_metadata_server_host={LOOPBACK}",
+                f"--http_metadata_server_host={host}",
                 f"--http_metadata_server_port={self.http_port}",
             ]
         if client_ttl is not None:
@@ -128,11 +132,11 @@ class MasterProcess(_Process):
 
     @property
     def address(self) -> str:
-        return f"{LOOPBACK}:{self.rpc_port}"
+        return f"{self.host}:{self.rpc_port}"
 
     @property
     def metadata_server(self) -> str:
-        return f"http://{LOOPBACK}:{self.http_port}/metadata" if self.http_port else "P2PHANDSHAKE"
+        return f"http://{self.host}:{self.http_port}/metadata" if self.http_port else "P2PHANDSHAKE"
 
     def client_config(self, **overrides: Any) -> dict[str, Any]:
         """A ``MooncakeBatchClient`` config dict pointing at this master."""

@@ -165,11 +165,13 @@ def _plan_from_meta(
             raise ValueError(bad)
         if want_dtype is not None and want_dtype != stored_dtype:
             raise ValueError(f"key {key!r} was stored as {stored_dtype}, but dtype {want_dtype} was asked for")
-        if want_shape is not None and want_shape != stored_shape:
+        # The caller's shape is the layout it wants (TQ asks [1] for a 0-d row it stored): honoured when it
+        # holds the same number of elements, refused otherwise.
+        if want_shape is not None and math.prod(want_shape) != math.prod(stored_shape):
             raise ValueError(
                 f"key {key!r} was stored with shape {list(stored_shape)}, but shape {list(want_shape)} was asked for"
             )
-        return ReadPlan(ReadKind.TENSOR, size, stored_dtype, stored_shape)
+        return ReadPlan(ReadKind.TENSOR, size, stored_dtype, want_shape if want_shape is not None else stored_shape)
     crc = meta.get("crc32")
     if isinstance(crc, bool) or not isinstance(crc, int):
         raise ValueError(bad)
@@ -196,9 +198,11 @@ def finish(plan: ReadPlan, holder: Any, allow_pickle: bool) -> Any:
             raise codec.CodecError(
                 ErrorCode.TYPE_MISMATCH, f"a tensor of {plan.dtype} was asked for, a {type(value).__name__} was stored"
             )
-        if value.dtype != plan.dtype or (plan.shape is not None and tuple(value.shape) != plan.shape):
+        if value.dtype != plan.dtype or (plan.shape is not None and value.numel() != math.prod(plan.shape)):
             raise codec.CodecError(
                 ErrorCode.TYPE_MISMATCH,
                 f"stored tensor is {value.dtype}{list(value.shape)}, {plan.dtype}{list(plan.shape or ())} asked for",
             )
+        if plan.shape is not None:
+            value = value.reshape(plan.shape)
     return value

@@ -1,0 +1,289 @@
+"""TransferQueue backend: registration, the careful bootstrap, TQ's client interface on a real master, and
+end to end with real TQ 0.1.11, a real local Ray and a real master (each TQ job runs as its own process,
+because TQ, Ray and telemetry are set up once per process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transfer_queue.storage.bootstrap import StorageBootstrapProvider
+from transfer_queue.storage.clients.base import StorageClientFactory
+from transfer_queue.storage.managers.base import StorageManagerFactory
+
+import tq_mooncake.transferqueue as tqm
+from tq_mooncake.client import NonRetryableError
+from tq_mooncake.client.local_cluster import LOOPBACK, free_port
+from tq_mooncake.transferqueue.telemetry_section import telemetry_enabled
+
+JOB = Path(__file__).parent / "jobs" / "tq_roundtrip.py"
+FAST_RETRY = {"initial_backoff_s": 0.01, "max_backoff_s": 0.05}
+
+
+def test_importing_registers_the_backend_its_client_and_its_bootstrap():
+    assert StorageManagerFactory._registry["MooncakeStoreObserved"] is tqm.ObservedMooncakeStorageManager
+    assert StorageClientFactory._registry["MooncakeStoreObservedClient"] is tqm.ObservedMooncakeClient
+    assert StorageBootstrapProvider.get_provider("MooncakeStoreObserved") is not None
+    tqm.register()  # idempotent: the stock client is still found behind the switch
+    from transfer_queue.storage.clients.mooncake_client import MooncakeStoreClient
+
+    from tq_mooncake.transferqueue import registry
+
+    assert registry._stock["client"] is MooncakeStoreClient
+
+
+def test_tq_interface_on_a_real_master_through_the_stock_name_with_replace_stock(shared_master, keyspace):
+    config = {**shared_master.client_config(), "replace_stock": True, "client_name": "MooncakeStoreClient"}
+    client = StorageClientFactory.create("MooncakeStoreClient", config)
+    try:
+        assert isinstance(client, tqm.ObservedMooncakeClient)
+        keys = keyspace(4)
+        values = [torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), {"a": [1, 2]}, None, "text"]
+        meta = client.put(keys, values)
+        got = client.get(
+            keys, shapes=[[2, 3], None, None, None], dtypes=[torch.bfloat16, None, None, None], custom_backend_meta=meta
+        )
+        assert torch.equal(got[0], values[0]) and got[1:] == values[1:]
+        client.clear(keys, custom_backend_meta=meta)
+        with pytest.raises(NonRetryableError, match="OBJECT_NOT_FOUND"):
+            client.get(keys[1:2], custom_backend_meta=meta[1:2])
+    finally:
+        client.close()
+    assert client.client.closed
+
+
+def test_the_telemetry_section_is_checked():
+    assert telemetry_enabled({}) and not telemetry_enabled({"enabled": False})
+    with pytest.raises(ValueError, match=r"unknown keys \['endpoint'\] in the telemetry section"):
+        telemetry_enabled({"endpoint": "x"})
+    with pytest.raises(ValueError, match="telemetry.enabled must be true or false"):
+        telemetry_enabled({"enabled": "yes"})
+
+
+def test_bootstrap_reuses_a_running_master_and_never_stops_it(start_master):
+    master = start_master()
+    section = {
+        "auto_init": True,
+        "master_server_address": master.address,
+        "metadata_server": f"{LOOPBACK}:{master.http_port}",
+    }
+    lease = tqm.bootstrap_master(section)
+    assert lease is not None and not lease.started and lease.process is None
+    tqm.stop_started_masters()
+    lease.stop()
+    assert master.alive() and master.healthy()
+
+
+def test_bootstrap_starts_a_master_when_none_answers_and_stops_only_that_one(tmp_path, start_master):
+    bystander = start_master()
+    port, http_port = free_port(), free_port()
+    section = {
+        "auto_init": True,
+        "master_server_address": f"{LOOPBACK}:{port}",
+        "metadata_server": f"{LOOPBACK}:{http_port}",
+        "master_log_dir": str(tmp_path),
+    }
+    lease = tqm.bootstrap_master(section)
+    try:
+        assert lease is not None and lease.started and lease.process.alive() and lease.process.healthy()
+        assert lease.metadata_server == f"http://{LOOPBACK}:{http_port}/metadata"
+        assert "-default_kv_lease_ttl=999999" in lease.process._args
+    finally:
+        tqm.stop_started_masters()
+    assert not lease.process.alive()
+    assert bystander.alive()
+    assert tqm.bootstrap_master({**section, "auto_init": False}) is None
+    with pytest.raises(ValueError, match="host and port are required"):
+        tqm.bootstrap_master({**section, "master_server_address": "nohost"})
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def run_job(tmp_path: Path, backend: str, section: dict[str, Any], samples: int = 300) -> dict[str, Any]:
+    """Run tests/jobs/tq_roundtrip.py with ``backend``; whatever it leaves running is killed with it."""
+    conf = {"controller": {"polling_mode": True}, "backend": {"storage_backend": backend, backend: section}}
+    (tmp_path / "conf.json").write_text(json.dumps({**conf, "samples": samples}))
+    out = tmp_path / "out.json"
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    with open(tmp_path / "job.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(JOB), str(tmp_path / "conf.json"), str(out)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            rc = proc.wait(timeout=240)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # Ray's own processes, if any outlived the job
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    assert rc == 0, (tmp_path / "job.log").read_text()[-4000:]
+    return json.loads(out.read_text())
+
+
+def section(**overrides: Any) -> dict[str, Any]:
+    return {
+        "auto_init": True,
+        "metadata_server": f"{LOOPBACK}:{free_port()}",
+        "master_server_address": f"{LOOPBACK}:{free_port()}",
+        "local_hostname": LOOPBACK,
+        "protocol": "tcp",
+        "global_segment_size": 256 << 20,
+        "local_buffer_size": 0,
+        "retry": FAST_RETRY,
+        **overrides,
+    }
+
+
+def attributes(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """OTLP/JSON attributes as a dict (``intValue`` is a string in OTLP/JSON)."""
+    out = {}
+    for a in items:
+        (kind, value), *_ = a["value"].items()
+        out[a["key"]] = int(value) if kind == "intValue" else value
+    return out
+
+
+def read_lines(folder: Path, prefix: str) -> list[dict[str, Any]]:
+    files = sorted(folder.glob(f"{prefix}-*.jsonl"))
+    assert files, f"no {prefix} files in {folder}"
+    return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+
+
+def spans(folder: Path) -> list[dict[str, Any]]:
+    return [
+        span
+        for line in read_lines(folder, "traces")
+        for rs in line["resourceSpans"]
+        for ss in rs["scopeSpans"]
+        for span in ss["spans"]
+    ]
+
+
+def counter_totals(folder: Path, name: str, by: str) -> Counter[str]:
+    """The last cumulative value of each series of counter ``name``, summed by attribute ``by``."""
+    last: dict[tuple, tuple[str, int]] = {}
+    for line in read_lines(folder, "metrics"):
+        for rm in line["resourceMetrics"]:
+            for sm in rm["scopeMetrics"]:
+                for metric in sm["metrics"]:
+                    if metric["name"] != name:
+                        continue
+                    for dp in metric["sum"]["dataPoints"]:
+                        attrs = attributes(dp.get("attributes", []))
+                        last[tuple(sorted(attrs.items()))] = (attrs.get(by, ""), int(dp.get("asInt", 0)))
+    totals: Counter[str] = Counter()
+    for key, value in last.values():
+        totals[key] += value
+    return totals
+
+
+def test_tq_end_to_end_with_faults_retries_every_failure_and_reports_the_attempts(tmp_path):
+    folder = tmp_path / "telemetry"
+    faults = {"seed": 3, "rules": [{"code": "TRANSFER_FAIL", "fraction": 0.1, "attempts": [1]}]}
+    out = run_job(
+        tmp_path,
+        "MooncakeStoreObserved",
+        section(
+            replica_num=1, telemetry={"telemetry_dir": str(folder), "service_name": "tq-e2e"}, fault_injection=faults
+        ),
+    )
+    assert out["client_type"] == "ObservedMooncakeClient"
+    assert out["fields"] == ["ids", "logp", "obs", "response", "uid"]
+    assert out["mismatched_fields"] == []
+    assert out["listed_after_clear"] == 0
+    injected = out["injected"].get(str(-800), 0)
+    assert injected > 50, out  # 10% of 1500 keys, on put, get and clear
+    assert out["telemetry_flushed"]
+
+    all_spans = spans(folder)
+    attempts = [s for s in all_spans if s["name"].endswith(".attempt")]
+    operations = [s for s in all_spans if not s["name"].endswith(".attempt")]
+    assert {s["name"] for s in operations} >= {"mooncake.put", "mooncake.get", "mooncake.clear"}
+    retried = [s for s in attempts if attributes(s["attributes"])["mooncake.attempt"] == 2]
+    failed = [s for s in attempts if s.get("status", {}).get("code") == 2]  # STATUS_CODE_ERROR
+    assert retried and len(failed) == len(retried)  # every failed first attempt was retried once, then ok
+    assert sum(int(attributes(s["attributes"])["mooncake.keys.failed"]) for s in failed) == injected
+    outcomes = counter_totals(folder, "mooncake.client.operations", "mooncake.outcome")
+    assert set(outcomes) <= {"success", "success_after_retry"} and outcomes["success_after_retry"] >= 1
+    assert counter_totals(folder, "mooncake.client.keys.failed", "error.type") == Counter({"TRANSFER_FAIL": injected})
+
+
+def test_tq_stock_backend_name_uses_our_client_with_replace_stock(tmp_path):
+    out = run_job(tmp_path, "MooncakeStore", section(replace_stock=True, telemetry={"enabled": False}), samples=64)
+    assert out["client_type"] == "ObservedMooncakeClient"
+    assert out["mismatched_fields"] == [] and out["listed_after_clear"] == 0
+
+
+def tq_e2e_files(tmp_path: Path) -> Path:
+    """TQ 0.1.11's own end-to-end tests for its Mooncake backend, copied out of the installed distribution."""
+    from importlib import metadata
+
+    folder = tmp_path / "e2e"
+    folder.mkdir()
+    wanted = {"test_kv_interface_e2e.py", "test_e2e_lifecycle_consistency.py"}
+    for file in metadata.files("transferqueue") or []:
+        if file.parts[:2] == ("tests", "e2e") and file.name in wanted:
+            (folder / file.name).write_bytes(Path(file.locate()).read_bytes())
+    assert {p.name for p in folder.iterdir()} == wanted
+    return folder
+
+
+def test_tqs_own_mooncake_e2e_tests_pass_on_our_client(tmp_path):
+    """TQ's tests/e2e for ``TQ_TEST_BACKEND=MooncakeStore``, with the stock backend switched to our client by
+    ``TQ_MOONCAKE_REPLACE_STOCK=1`` (and our bootstrap: nothing pkills the suite's other masters)."""
+    folder = tq_e2e_files(tmp_path)
+    telemetry_dir = tmp_path / "telemetry"
+    env = {
+        **os.environ,
+        "TQ_TEST_BACKEND": "MooncakeStore",
+        "TQ_MOONCAKE_REPLACE_STOCK": "1",
+        "TQ_MOONCAKE_TELEMETRY_DIR": str(telemetry_dir),
+        "TQ_MOONCAKE_METADATA_SERVER": f"{LOOPBACK}:{free_port()}",
+        "TQ_MOONCAKE_MASTER_SERVER": f"{LOOPBACK}:{free_port()}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "tq_mooncake.transferqueue",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--timeout",
+        "300",
+        "-o",
+        "addopts=",
+        str(folder),
+    ]
+    with open(tmp_path / "e2e.log", "w") as log:
+        proc = subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc = proc.wait(timeout=420)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    output = (tmp_path / "e2e.log").read_text()
+    summary = [line for line in output.splitlines() if " passed" in line and " in " in line]
+    assert rc == 0, output[-6000:]
+    print(f"TQ e2e on tq-mooncake: {summary[-1] if summary else '?'}")
+    names = {span["name"] for span in spans(telemetry_dir)}
+    assert {"mooncake.put", "mooncake.get", "mooncake.clear"} <= names  # our client served TQ's tests

@@ -1,0 +1,66 @@
+"""Registration with TransferQueue's three registries, and the switch for TQ's stock Mooncake backend."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from transfer_queue.storage.bootstrap import StorageBootstrapProvider
+from transfer_queue.storage.clients.base import StorageClientFactory
+from transfer_queue.storage.managers.base import StorageManagerFactory
+
+from .bootstrap import MasterLease, bootstrap_master
+from .manager import CLIENT_NAME, ObservedMooncakeStorageManager
+from .storage_client import ObservedMooncakeClient
+
+BACKEND_NAME = "MooncakeStoreObserved"
+STOCK_BACKEND = "MooncakeStore"
+STOCK_CLIENT = "MooncakeStoreClient"
+
+_lock = threading.Lock()
+_stock: dict[str, Any] = {}  # the stock client class and bootstrap, as found before we wrapped them
+_replaced = False
+
+
+def _section(conf: Any, backend: str) -> Any:
+    return conf.backend[backend]
+
+
+def _observed_bootstrap(conf: Any) -> MasterLease | None:
+    return bootstrap_master(_section(conf, BACKEND_NAME))
+
+
+def _stock_or_observed_client(config: Any) -> Any:
+    """TQ's ``MooncakeStoreClient`` name: ours when replaced or ``replace_stock: true``, else the stock one."""
+    if _replaced or config.get("replace_stock", False):
+        return ObservedMooncakeClient(config)
+    return _stock["client"](config)
+
+
+def _stock_or_observed_bootstrap(conf: Any) -> Any:
+    section = _section(conf, STOCK_BACKEND)
+    if _replaced or section.get("replace_stock", False):
+        return bootstrap_master(section)
+    return _stock["bootstrap"](conf)
+
+
+def register() -> None:
+    """Register the ``MooncakeStoreObserved`` backend, and the ``replace_stock`` switch on TQ's
+    ``MooncakeStore`` backend; idempotent."""
+    with _lock:
+        StorageClientFactory.register(CLIENT_NAME)(ObservedMooncakeClient)
+        StorageManagerFactory.register(BACKEND_NAME)(ObservedMooncakeStorageManager)
+        StorageBootstrapProvider.register_provider(BACKEND_NAME)(_observed_bootstrap)
+        if not _stock:
+            _stock["client"] = StorageClientFactory._registry[STOCK_CLIENT]
+            _stock["bootstrap"] = StorageBootstrapProvider.get_provider(STOCK_BACKEND)
+            StorageClientFactory.register(STOCK_CLIENT)(_stock_or_observed_client)
+            StorageBootstrapProvider.register_provider(STOCK_BACKEND)(_stock_or_observed_bootstrap)
+
+
+def replace_stock() -> None:
+    """From now on, TQ's own ``MooncakeStore`` backend uses ``ObservedMooncakeClient`` and this package's
+    bootstrap in this process (as if every ``backend.MooncakeStore`` section said ``replace_stock: true``)."""
+    global _replaced
+    register()
+    _replaced = True
