@@ -82,5 +82,6 @@ def test_wheel_installs_under_the_tq_mooncake_namespace(tmp_path):
     assert "tq_mooncake/client/batch_client.py" in names
     assert "tq_mooncake/telemetry/__init__.py" in names
     assert "tq_mooncake/dashboard/__init__.py" in names
+    assert "tq_mooncake/transferqueue/__init__.py" in names
     tops = {n.split("/")[0] for n in names if not n.startswith("tq_mooncake-")}
     assert tops == {"tq_mooncake"}
