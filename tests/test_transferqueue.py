@@ -106,10 +106,12 @@ def test_bootstrap_starts_a_master_when_none_answers_and_stops_only_that_one(tmp
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def run_job(tmp_path: Path, backend: str, section: dict[str, Any], samples: int = 300) -> dict[str, Any]:
+def run_job(
+    tmp_path: Path, backend: str, section: dict[str, Any], samples: int = 300, read_in_worker: bool = False
+) -> dict[str, Any]:
     """Run tests/jobs/tq_roundtrip.py with ``backend``; whatever it leaves running is killed with it."""
     conf = {"controller": {"polling_mode": True}, "backend": {"storage_backend": backend, backend: section}}
-    (tmp_path / "conf.json").write_text(json.dumps({**conf, "samples": samples}))
+    (tmp_path / "conf.json").write_text(json.dumps({**conf, "samples": samples, "read_in_worker": read_in_worker}))
     out = tmp_path / "out.json"
     env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     with open(tmp_path / "job.log", "w") as log:
@@ -224,6 +226,15 @@ def test_tq_stock_backend_name_uses_our_client_with_replace_stock(tmp_path):
     out = run_job(tmp_path, "MooncakeStore", section(replace_stock=True, telemetry={"enabled": False}), samples=64)
     assert out["client_type"] == "ObservedMooncakeClient"
     assert out["mismatched_fields"] == [] and out["listed_after_clear"] == 0
+
+
+def test_a_ray_worker_reads_through_our_backend_with_the_setup_hook(tmp_path):
+    """TQ builds a storage client in every process that calls tq.init(); Ray's worker_process_setup_hook
+    (the one documented setting) registers the backend in fresh workers."""
+    out = run_job(
+        tmp_path, "MooncakeStoreObserved", section(telemetry={"enabled": False}), samples=32, read_in_worker=True
+    )
+    assert out["worker"] == {"client_type": "ObservedMooncakeClient", "mismatched_fields": []}
 
 
 def tq_e2e_files(tmp_path: Path) -> Path:

@@ -61,11 +61,25 @@ def compare(put: TensorDict, got: TensorDict) -> list[str]:
     return bad
 
 
+@ray.remote
+def read_in_worker(keys: list[str], data: TensorDict) -> dict[str, Any]:
+    """In a fresh Ray worker: attach to the running TQ and read the batch back with its own storage client."""
+    tq.init()
+    got = tq.kv_batch_get(keys=keys, partition_id="train")
+    client = tq.get_client().storage_manager.storage_client
+    return {"client_type": type(client).__name__, "mismatched_fields": compare(data, got)}
+
+
 def main(config_path: str, out_path: str) -> None:
     conf: dict[str, Any] = json.loads(open(config_path).read())
     samples = conf.pop("samples", 300)
+    in_worker = conf.pop("read_in_worker", False)
     out: dict[str, Any] = {}
-    ray.init(num_cpus=2, include_dashboard=False, namespace=f"tq-mooncake-{uuid.uuid4().hex[:8]}")
+    # The one documented per-cluster setting: Ray imports (registers) the backend in every worker process.
+    runtime_env = {"worker_process_setup_hook": "tq_mooncake.transferqueue.register"} if in_worker else None
+    ray.init(
+        num_cpus=2, include_dashboard=False, namespace=f"tq-mooncake-{uuid.uuid4().hex[:8]}", runtime_env=runtime_env
+    )
     try:
         tq.init(OmegaConf.create(conf))
         storage_client = tq.get_client().storage_manager.storage_client
@@ -76,6 +90,8 @@ def main(config_path: str, out_path: str) -> None:
         got = tq.kv_batch_get(keys=keys, partition_id="train")
         out["mismatched_fields"] = compare(data, got)
         out["fields"] = sorted(got.keys())
+        if in_worker:
+            out["worker"] = ray.get(read_in_worker.remote(keys, data))
         tq.kv_clear(keys=keys, partition_id="train")
         out["listed_after_clear"] = len(tq.kv_list(partition_id="train").get("train", {}))
         store = getattr(getattr(storage_client, "client", None), "store", None)
