@@ -108,8 +108,12 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"unsupported dtype {name!r}; expected a torch.dtype or one of {sorted(_TORCH_DTYPES)}")
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {dt: str(dt).removeprefix("torch.") for dt in _TORCH_DTYPES.values()}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    """``torch.float32`` -> ``"float32"``."""
+    return _DTYPE_NAMES.get(dtype) or str(dtype).removeprefix("torch.")
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

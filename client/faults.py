@@ -55,7 +55,6 @@ class FaultRule:
         if unknown:
             raise ValueError(f"unknown operations {sorted(unknown)}")
 
-
     @classmethod
     def from_dict(cls, spec: Any) -> FaultRule:
         """A rule from config: ``{"code": "TRANSFER_FAIL" or -800, "fraction": 0.1, "keys": [...],

@@ -11,10 +11,10 @@ Pure functions of their arguments (no store): validation happens here, before an
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -60,8 +60,7 @@ def check_parallel(keys: list[str], name: str, values: Any) -> list[Any] | None:
 
 
 # ------------------------------------------------------------------------------------------------ put
-@dataclass
-class PutItem:
+class PutItem(NamedTuple):
     """One value ready to write: ``size`` bytes at ``ptr``, kept alive by ``holder``."""
 
     ptr: int
@@ -71,8 +70,11 @@ class PutItem:
 
 
 def _raw_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is a contiguous CPU tensor (the common case: no copy), else a contiguous CPU copy."""
+    if t.is_cpu and t.is_contiguous():
+        return t
     t = t.detach()
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         t = t.cpu()
     return t if t.is_contiguous() else t.contiguous()
 
@@ -107,8 +109,7 @@ class ReadKind(enum.Enum):
     FRAME = "frame"  # a codec frame, size known from metadata or asked from the store
 
 
-@dataclass(frozen=True)
-class ReadPlan:
+class ReadPlan(NamedTuple):
     """How to read one key. ``size`` None: ask the store. ``dtype``/``shape``: what the caller expects."""
 
     kind: ReadKind
@@ -146,34 +147,51 @@ def plan_get(key: str, shape: Any, dtype: Any, meta: Any) -> ReadPlan:
     return ReadPlan(ReadKind.TENSOR, size, want_dtype, want_shape)
 
 
+@functools.lru_cache(maxsize=4096)
+def _stored_tensor(dtype: Any, shape: tuple[Any, ...], size: int) -> ReadPlan | None:
+    """The read plan of a raw tensor as ``put`` described it, or None when the description is inconsistent.
+    Cached: the same few (dtype, shape) pairs recur on every call."""
+    try:
+        stored_dtype = codec.torch_dtype(dtype)
+        stored_shape = _shape("", shape)
+    except (TypeError, ValueError):
+        return None
+    if math.prod(stored_shape) * stored_dtype.itemsize != size:
+        return None
+    return ReadPlan(ReadKind.TENSOR, size, stored_dtype, stored_shape)
+
+
 def _plan_from_meta(
     key: str, meta: Any, want_dtype: torch.dtype | None, want_shape: tuple[int, ...] | None
 ) -> ReadPlan:
     bad = f"custom_backend_meta for key {key!r} is not metadata returned by put: {meta!r}"
-    if not isinstance(meta, Mapping):
+    if type(meta) is not dict and not isinstance(meta, Mapping):
         raise ValueError(bad)
     size = meta.get("nbytes")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if type(size) is not int or size < 1:
         raise ValueError(bad)
     if "dtype" in meta:
+        shape = meta.get("shape")
         try:
-            stored_dtype = codec.torch_dtype(meta["dtype"])
-            stored_shape = _shape(key, meta.get("shape"))
-        except (TypeError, ValueError):
-            raise ValueError(bad) from None
-        if math.prod(stored_shape) * stored_dtype.itemsize != size:
+            plan = _stored_tensor(meta["dtype"], tuple(shape), size) if isinstance(shape, (list, tuple)) else None
+        except TypeError:  # an unhashable dtype or dimension
+            plan = None
+        if plan is None:
             raise ValueError(bad)
-        if want_dtype is not None and want_dtype != stored_dtype:
-            raise ValueError(f"key {key!r} was stored as {stored_dtype}, but dtype {want_dtype} was asked for")
+        if want_dtype is not None and want_dtype != plan.dtype:
+            raise ValueError(f"key {key!r} was stored as {plan.dtype}, but dtype {want_dtype} was asked for")
         # The caller's shape is the layout it wants (TQ asks [1] for a 0-d row it stored): honoured when it
         # holds the same number of elements, refused otherwise.
-        if want_shape is not None and math.prod(want_shape) != math.prod(stored_shape):
-            raise ValueError(
-                f"key {key!r} was stored with shape {list(stored_shape)}, but shape {list(want_shape)} was asked for"
-            )
-        return ReadPlan(ReadKind.TENSOR, size, stored_dtype, want_shape if want_shape is not None else stored_shape)
+        if want_shape is not None and want_shape != plan.shape:
+            assert plan.shape is not None
+            if math.prod(want_shape) != math.prod(plan.shape):
+                raise ValueError(
+                    f"key {key!r} was stored with shape {list(plan.shape)}, but shape {list(want_shape)} was asked for"
+                )
+            return ReadPlan(ReadKind.TENSOR, size, plan.dtype, want_shape)
+        return plan
     crc = meta.get("crc32")
-    if isinstance(crc, bool) or not isinstance(crc, int):
+    if type(crc) is not int:
         raise ValueError(bad)
     return ReadPlan(ReadKind.FRAME, size, want_dtype, want_shape, crc)
 

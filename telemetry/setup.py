@@ -184,6 +184,23 @@ def _add_exporters(
     return added
 
 
+def file_pipeline(
+    folder: str | os.PathLike[str],
+    resource: Resource | None = None,
+    sampler: Sampler | None = None,
+    metric_export_interval_s: float | None = None,
+) -> tuple[TracerProvider, MeterProvider]:
+    """SDK providers that export only to OTLP JSON-lines files in ``folder``, not installed globally (for
+    benchmarks and tools that need their own pipeline); the caller shuts them down."""
+    tracer_provider = TracerProvider(resource=resource or build_resource(), sampler=sampler, shutdown_on_exit=False)
+    readers: list[MetricReader] = []
+    _add_exporters(tracer_provider, readers, False, None, PROTOCOLS[1], folder, metric_export_interval_s)
+    meter_provider = MeterProvider(
+        metric_readers=readers, resource=tracer_provider.resource, views=metric_views(), shutdown_on_exit=False
+    )
+    return tracer_provider, meter_provider
+
+
 def configure(
     *,
     service_name: str | None = None,

@@ -1,0 +1,426 @@
+"""Throughput of tq-mooncake against the raw store and TransferQueue 0.1.11's stock client, in one run.
+
+Starts its own ``mooncake_master`` (HTTP metadata server, and/or ``P2PHANDSHAKE``) and one storage process
+that holds the data (every client here is a pure client, ``global_segment_size: 0``, so every byte crosses
+loopback TCP, as between two machines). For each case (value size x key count, tensors or non-tensors) it
+runs, interleaved round by round so that drift hits every path alike:
+
+* ``raw``: ``batch_upsert_from`` / ``batch_get_into`` on one source and one destination block, each
+  registered once (the floor: no per-key Python objects at all);
+* ``ours-off``: ``MooncakeBatchClient`` with telemetry off (``NOOP_OBSERVER``);
+* ``ours-on``: ``MooncakeBatchClient`` with the OpenTelemetry SDK, always-on sampling, spans and metrics
+  exported as OTLP JSON lines into a temporary folder (what ``TQ_MOONCAKE_TELEMETRY_DIR`` does);
+* ``tq-stock``: TransferQueue 0.1.11's ``MooncakeStoreClient`` (when installed).
+
+Every round checks the data read back against what was written (outside the timed part). Prints the
+median milliseconds per call, GB/s, and the ratios the performance targets are about (throughput ratio =
+the other path's median time / ours). ``--memory`` instead measures peak resident memory of a 2000 x 1 MiB
+round trip in a fresh process.
+
+    .venv/bin/python bench/bench.py [--quick] [--metadata http p2p] [--repeats 7] [--json out.json]
+    .venv/bin/python bench/bench.py --memory [--keys 2000] [--value-kib 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tq_mooncake.client import MooncakeBatchClient
+from tq_mooncake.client.local_cluster import LOOPBACK, MasterProcess, StorageNodeProcess
+from tq_mooncake.client.observer import NOOP_OBSERVER
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Case:
+    value_bytes: int
+    keys: int
+    kind: str = "tensor"  # "tensor" or "bytes" (a non-tensor value)
+
+    @property
+    def name(self) -> str:
+        size = f"{self.value_bytes >> 20}MiB" if self.value_bytes >= 1 << 20 else f"{self.value_bytes >> 10}KiB"
+        return f"{self.keys}x{size} {self.kind}"
+
+    @property
+    def total(self) -> int:
+        return self.value_bytes * self.keys
+
+
+FULL = [
+    Case(64 << 10, 400),
+    Case(4 << 10, 4000),
+    Case(64 << 10, 1),
+    Case(1 << 20, 100),
+    Case(4 << 20, 16),
+    Case(4 << 10, 400, "bytes"),
+]
+QUICK = [Case(64 << 10, 400), Case(4 << 10, 1000), Case(1 << 20, 16), Case(4 << 10, 100, "bytes")]
+
+
+@dataclass
+class Data:
+    keys: list[str]
+    values: list[Any]
+    block: torch.Tensor | None  # tensors: one contiguous source block the values are rows of
+
+
+def make_data(case: Case, prefix: str) -> Data:
+    keys = [f"{prefix}-{i}" for i in range(case.keys)]
+    if case.kind == "tensor":
+        block = torch.randint(0, 255, (case.keys, case.value_bytes), dtype=torch.uint8).view(torch.int32)
+        return Data(keys, list(block.unbind(0)), block)
+    return Data(keys, [os.urandom(case.value_bytes) for _ in keys], None)
+
+
+def check(case: Case, want: Data, got: list[Any]) -> None:
+    if len(got) != len(want.values):
+        raise AssertionError(f"{case.name}: {len(got)} values back for {len(want.values)} keys")
+    for i, (a, b) in enumerate(zip(want.values, got, strict=True)):
+        same = torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+        if not same:
+            raise AssertionError(f"{case.name}: value {i} read back differs from what was written")
+
+
+# ------------------------------------------------------------------------------------------------ paths
+class Path_:
+    """One way of writing and reading a case: ``prepare`` (untimed), then timed ``put`` and ``get``."""
+
+    name = ""
+
+    def prepare(self, case: Case, data: Data) -> None: ...
+    def put(self) -> None: ...
+    def get(self) -> list[Any]: ...
+    def close(self) -> None: ...
+
+
+class RawPath(Path_):
+    name = "raw"
+
+    def __init__(self, store: Any) -> None:
+        from mooncake.store import ReplicateConfig
+
+        self.store = store
+        self.rc = ReplicateConfig()
+        self.rc.with_hard_pin = True
+        self.registered: list[int] = []
+
+    def _register(self, t: torch.Tensor) -> int:
+        ptr = t.data_ptr()
+        rc = self.store.register_buffer(ptr, t.numel() * t.element_size())
+        if rc != 0:
+            raise RuntimeError(f"register_buffer failed: {rc}")
+        self.registered.append(ptr)
+        return ptr
+
+    def prepare(self, case: Case, data: Data) -> None:
+        self._unregister()
+        self.case, self.data = case, data
+        n, size = case.keys, case.value_bytes
+        if data.block is None:  # bytes: the raw store writes them as they are, from one block
+            src = torch.frombuffer(bytearray(b"".join(data.values)), dtype=torch.uint8)
+        else:
+            src = data.block.view(torch.uint8).reshape(-1)
+        self.src = src
+        self.dst = torch.empty_like(src)
+        base_s, base_d = self._register(src), self._register(self.dst)
+        self.keys = [f"raw-{k}" for k in data.keys]
+        self.src_ptrs = [base_s + i * size for i in range(n)]
+        self.dst_ptrs = [base_d + i * size for i in range(n)]
+        self.sizes = [size] * n
+
+    def put(self) -> None:
+        codes = self.store.batch_upsert_from(self.keys, self.src_ptrs, self.sizes, self.rc)
+        if any(c != 0 for c in codes):
+            raise RuntimeError(f"raw put failed: {sorted(set(codes))}")
+
+    def get(self) -> list[Any]:
+        got = self.store.batch_get_into(self.keys, self.dst_ptrs, self.sizes)
+        if any(n != s for n, s in zip(got, self.sizes, strict=True)):
+            raise RuntimeError(f"raw get failed: {sorted(set(got))}")
+        rows = self.dst.view(self.case.keys, self.case.value_bytes)
+        if self.data.block is None:
+            return [bytes(r.numpy()) for r in rows]
+        return list(rows.view(torch.int32).unbind(0))
+
+    def _unregister(self) -> None:
+        for ptr in self.registered:
+            self.store.unregister_buffer(ptr)
+        self.registered.clear()
+
+    def close(self) -> None:
+        self._unregister()
+        self.store.close()
+
+
+class OursPath(Path_):
+    def __init__(self, name: str, client: MooncakeBatchClient) -> None:
+        self.name = name
+        self.client = client
+
+    def prepare(self, case: Case, data: Data) -> None:
+        self.data = data
+        self.keys = [f"{self.name}-{k}" for k in data.keys]
+        self.meta = self.client.put(self.keys, data.values)
+
+    def put(self) -> None:
+        self.meta = self.client.put(self.keys, self.data.values)
+
+    def get(self) -> list[Any]:
+        return self.client.get(self.keys, custom_backend_meta=self.meta)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class StockPath(Path_):
+    name = "tq-stock"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from transfer_queue.storage.clients.mooncake_client import MooncakeStoreClient
+
+        self.client = MooncakeStoreClient(dict(config))
+
+    def prepare(self, case: Case, data: Data) -> None:
+        self.data = data
+        self.keys = [f"stock-{k}" for k in data.keys]
+        self.shapes = [list(v.shape) if isinstance(v, torch.Tensor) else None for v in data.values]
+        self.dtypes = [v.dtype if isinstance(v, torch.Tensor) else None for v in data.values]
+        self.put()
+
+    def put(self) -> None:
+        self.meta = self.client.put(self.keys, self.data.values)
+
+    def get(self) -> list[Any]:
+        return self.client.get(self.keys, shapes=self.shapes, dtypes=self.dtypes, custom_backend_meta=self.meta)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def sdk_observer(folder: Path) -> tuple[Any, Callable[[], None]]:
+    """OTelObserver on SDK providers that export OTLP JSON lines into ``folder``; and their shutdown."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    from tq_mooncake.telemetry import OTelObserver
+    from tq_mooncake.telemetry.setup import build_resource, file_pipeline
+
+    tracer_provider, meter_provider = file_pipeline(folder, build_resource("tq-mooncake-bench"), ALWAYS_ON)
+
+    def shutdown() -> None:
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+    return OTelObserver(tracer_provider, meter_provider), shutdown
+
+
+# ------------------------------------------------------------------------------------------------ run
+@dataclass
+class Result:
+    metadata: str
+    case: str
+    total_bytes: int
+    times: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # path -> op -> seconds
+
+    def median(self, path: str, op: str) -> float | None:
+        t = self.times.get(path, {}).get(op)
+        return statistics.median(t) if t else None
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def run_mode(metadata: str, cases: list[Case], args: argparse.Namespace, tmp: Path) -> list[Result]:
+    results: list[Result] = []
+    largest = max(c.total for c in cases)
+    segment = max(256 << 20, 5 * largest + (64 << 20))  # every path's copy of the largest case, and slack
+    with MasterProcess(tmp, http_metadata=(metadata == "http")) as master:
+        master.start()
+        with StorageNodeProcess(master, tmp, segment=segment) as node:
+            node.start()
+            config = master.client_config(global_segment_size=0, local_buffer_size=0)
+            from mooncake.store import MooncakeDistributedStore
+
+            raw_store = MooncakeDistributedStore()
+            rc = raw_store.setup(LOOPBACK, master.metadata_server, 0, 0, "tcp", "", master.address)
+            if rc != 0:
+                raise RuntimeError(f"raw store setup failed: {rc}")
+            observer, shutdown = sdk_observer(tmp / f"telemetry-{metadata}")
+            paths: list[Path_] = [
+                RawPath(raw_store),
+                OursPath("ours-off", MooncakeBatchClient(config, observer=NOOP_OBSERVER)),
+                OursPath("ours-on", MooncakeBatchClient(config, observer=observer)),
+            ]
+            if not args.no_stock:
+                try:
+                    paths.append(StockPath(config))
+                except ImportError:
+                    print("TransferQueue is not installed: no tq-stock column", file=sys.stderr)
+            try:
+                for case in cases:
+                    results.append(run_case(metadata, case, paths, args))
+                    print(f"  done: {metadata} {case.name}", file=sys.stderr)
+            finally:
+                for p in paths:
+                    p.close()
+                shutdown()
+    return results
+
+
+def run_case(metadata: str, case: Case, paths: list[Path_], args: argparse.Namespace) -> Result:
+    data = make_data(case, f"{metadata}-{case.name.replace(' ', '-')}")
+    result = Result(metadata, case.name, case.total)
+    for p in paths:
+        p.prepare(case, data)
+        result.times[p.name] = {"put": [], "get": []}
+    # The stock client registers every tensor on every call: with HTTP metadata a big case takes seconds.
+    slow = {"tq-stock"} if metadata == "http" and case.keys >= 1000 else set()
+    for round_ in range(args.warmup + args.repeats):
+        order = paths[round_ % len(paths) :] + paths[: round_ % len(paths)]
+        for p in order:
+            if p.name in slow and round_ >= args.warmup + min(args.repeats, 3):
+                continue
+            put_s, _ = timed(p.put)
+            get_s, got = timed(p.get)
+            check(case, data, got)
+            if round_ >= args.warmup:
+                result.times[p.name]["put"].append(put_s)
+                result.times[p.name]["get"].append(get_s)
+    return result
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def report(results: list[Result]) -> str:
+    lines = [
+        "| metadata | case | path | put ms | get ms | put GB/s | get GB/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for path in r.times:
+            put, get = r.median(path, "put"), r.median(path, "get")
+            if put is None or get is None:
+                continue
+            lines.append(
+                f"| {r.metadata} | {r.case} | {path} | {put * 1e3:.2f} | {get * 1e3:.2f} | "
+                f"{r.total_bytes / put / GB:.2f} | {r.total_bytes / get / GB:.2f} |"
+            )
+    lines += [
+        "",
+        "Throughput ratios (time of the other path / time of ours; >= 1 means ours is at least as fast):",
+        "",
+        "| metadata | case | ours-on vs raw put | get | ours-off vs raw put | get | ours-on vs tq-stock put | get |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        on_p, on_g = r.median("ours-on", "put"), r.median("ours-on", "get")
+        off_p, off_g = r.median("ours-off", "put"), r.median("ours-off", "get")
+        raw_p, raw_g = r.median("raw", "put"), r.median("raw", "get")
+        st_p, st_g = r.median("tq-stock", "put"), r.median("tq-stock", "get")
+        lines.append(
+            f"| {r.metadata} | {r.case} | {ratio(raw_p, on_p)} | {ratio(raw_g, on_g)} | {ratio(raw_p, off_p)} | "
+            f"{ratio(raw_g, off_g)} | {ratio(st_p, on_p)} | {ratio(st_g, on_g)} |"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def memory_child(keys: int, value_kib: int) -> None:
+    """In a fresh process: peak RSS of writing ``keys`` x ``value_kib`` KiB tensors and reading them back."""
+    with tempfile.TemporaryDirectory(prefix="tq-bench-mem-") as tmp:
+        total = keys * value_kib * 1024
+        with MasterProcess(Path(tmp)) as master:
+            master.start()
+            with StorageNodeProcess(master, Path(tmp), segment=total + (256 << 20)) as node:
+                node.start()
+                client = MooncakeBatchClient(master.client_config(global_segment_size=0), observer=NOOP_OBSERVER)
+                try:
+                    names = [f"mem-{i}" for i in range(keys)]
+                    base = rss_peak()
+                    values = [torch.full((value_kib * 256,), float(i)) for i in range(keys)]
+                    meta = client.put(names, values)
+                    del values  # the source is gone before the read: the round trip holds one copy at a time
+                    got = client.get(names, custom_backend_meta=meta)
+                    ok = all(bool((g == float(i)).all()) for i, g in enumerate(got))
+                    peak = rss_peak()
+                finally:
+                    client.close()
+    print(json.dumps({"data_bytes": total, "baseline_rss": base, "peak_rss": peak, "ok": ok}))
+
+
+def rss_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory(args: argparse.Namespace) -> dict[str, Any]:
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench; "
+    code += f"bench.memory_child({args.keys}, {args.value_kib})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    over = (out["peak_rss"] - out["baseline_rss"]) / out["data_bytes"]
+    out["peak_over_baseline_per_data"] = round(over, 3)
+    print(
+        f"{args.keys} x {args.value_kib} KiB round trip: data {out['data_bytes'] / GB:.2f} GB, "
+        f"RSS before the data {out['baseline_rss'] / GB:.2f} GB, peak {out['peak_rss'] / GB:.2f} GB: "
+        f"peak - baseline = {over:.2f} x the data (target <= 1.5); values checked: {out['ok']}"
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    parser.add_argument("--metadata", nargs="+", choices=["http", "p2p"], default=["http", "p2p"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-stock", action="store_true", help="leave TQ's stock client out")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--memory", action="store_true", help="measure peak RSS of a round trip instead")
+    parser.add_argument("--keys", type=int, default=2000)
+    parser.add_argument("--value-kib", type=int, default=1024)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.memory:
+        out = memory(args)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+        return
+    cases = QUICK if args.quick else FULL
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="tq-bench-") as tmp:
+        for metadata in args.metadata:
+            results += run_mode(metadata, cases, args, Path(tmp))
+    print(f"\n{args.repeats} measured rounds after {args.warmup} warm-up, paths interleaved; medians.\n")
+    print(report(results))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                [{"metadata": r.metadata, "case": r.case, "bytes": r.total_bytes, "times": r.times} for r in results],
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
