@@ -49,12 +49,35 @@ def _dominant(codes: Counter[ErrorCode]) -> str:
     return min(codes.items(), key=lambda kv: (-kv[1], kv[0].name))[0].name
 
 
+class _Tally:
+    """A monotonic counter kept here and reported through an observable counter at collection time: one dict
+    update per measurement instead of the SDK's per-measurement attribute checks (the same cumulative sums
+    reach the exporters)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sums: dict[tuple[tuple[str, str | int], ...], int] = {}
+
+    def add(self, amount: int, attributes: tuple[tuple[str, str | int], ...]) -> None:
+        with self._lock:
+            self._sums[attributes] = self._sums.get(attributes, 0) + amount
+
+    def observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            items = list(self._sums.items())
+        return [Observation(value, dict(attributes)) for attributes, value in items]
+
+
 class _Instruments:
     """Every metric instrument of one meter; shared by the observers of one meter provider."""
 
     def __init__(self, meter: Meter) -> None:
-        def counter(name: str) -> metrics.Counter:
-            return meter.create_counter(name, unit=c.UNITS[name], description=c.DESCRIPTIONS[name])
+        def counter(name: str) -> _Tally:
+            tally = _Tally()
+            meter.create_observable_counter(
+                name, callbacks=[tally.observe], unit=c.UNITS[name], description=c.DESCRIPTIONS[name]
+            )
+            return tally
 
         def histogram(name: str) -> metrics.Histogram:
             return meter.create_histogram(
@@ -215,7 +238,7 @@ class _OperationScope:
             duration_attrs = attrs
         span.end()
         ins = self._instruments
-        ins.operations.add(1, attrs)
+        ins.operations.add(1, ((c.OPERATION, op), (c.OUTCOME, outcome)))
         ins.operation_duration.record(duration, duration_attrs)
         for result, n in (
             (c.RESULT_OK, summary.keys_ok),
@@ -223,61 +246,70 @@ class _OperationScope:
             (c.RESULT_FAILED, summary.keys_failed),
         ):
             if n:
-                ins.keys.add(n, {c.OPERATION: op, c.RESULT: result})
+                ins.keys.add(n, ((c.OPERATION, op), (c.RESULT, result)))
         if self._retried:
             ins.retry_delay.record(summary.retry_delay_s, attrs)
         if summary.nbytes:
-            ins.bytes.add(summary.nbytes, {c.OPERATION: op})
+            ins.bytes.add(summary.nbytes, ((c.OPERATION, op),))
 
 
 class _AttemptScope:
-    """One store call on one chunk."""
+    """One store call on one chunk. Its span is created when the call returns, with its real start time and
+    every attribute at once (nothing runs inside it, so it is never made current)."""
 
-    __slots__ = ("_op", "_span", "_chunk", "_attempt", "_keys", "_start")
+    __slots__ = ("_op", "_chunk", "_attempt", "_keys", "_backoff_s", "_start_ns", "_start")
 
     def __init__(self, op: _OperationScope, chunk: int, attempt: int, keys: int, backoff_s: float) -> None:
         self._op = op
         self._chunk = chunk
         self._attempt = attempt
         self._keys = keys
-        self._span = op._tracer.start_span(
-            c.attempt_span_name(op.operation),
-            context=op._context,
-            kind=SpanKind.CLIENT,
-            attributes={
-                c.DB_SYSTEM_NAME: c.DB_SYSTEM,
-                c.DB_OPERATION_NAME: op.operation.value,
-                c.ATTEMPT: attempt,
-                c.CHUNK: chunk,
-                c.KEYS: keys,
-                c.BACKOFF_S: float(backoff_s),
-            },
-        )
+        self._backoff_s = float(backoff_s)
+        self._start_ns = time.time_ns()
         self._start = time.perf_counter()
 
     def end(self, failed: Counter[ErrorCode], nbytes: int) -> None:
         duration = time.perf_counter() - self._start
         n_failed = sum(failed.values())
-        span = self._span
-        span.set_attributes({c.KEYS_FAILED: n_failed, c.BYTES: nbytes})
-        op = self._op.operation.value
+        op_scope = self._op
+        op = op_scope.operation.value
+        attributes: dict[str, str | int | float | list[str]] = {
+            c.DB_SYSTEM_NAME: c.DB_SYSTEM,
+            c.DB_OPERATION_NAME: op,
+            c.ATTEMPT: self._attempt,
+            c.CHUNK: self._chunk,
+            c.KEYS: self._keys,
+            c.BACKOFF_S: self._backoff_s,
+            c.KEYS_FAILED: n_failed,
+            c.BYTES: nbytes,
+        }
         if n_failed == 0:
             result = c.RESULT_OK
+            error_type = None
         else:
             failed = +failed  # drops codes counted 0
             result = c.RESULT_FAILED if n_failed >= self._keys else c.RESULT_PARTIAL
             error_type = _dominant(failed)
-            span.set_attributes({c.ERROR_CODES: sorted(code.name for code in failed), c.ERROR_TYPE: error_type})
+            attributes[c.ERROR_CODES] = sorted(code.name for code in failed)
+            attributes[c.ERROR_TYPE] = error_type
+        span = op_scope._tracer.start_span(
+            c.attempt_span_name(op_scope.operation),
+            context=op_scope._context,
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            start_time=self._start_ns,
+        )
+        if error_type is not None:
             span.set_status(Status(StatusCode.ERROR))
-        span.end()
-        attrs = {c.OPERATION: op, c.ATTEMPT: min(self._attempt, c.MAX_ATTEMPT_ATTRIBUTE), c.RESULT: result}
-        ins = self._op._instruments
-        ins.attempts.add(1, attrs)
-        if n_failed:
-            ins.attempt_duration.record(duration, {**attrs, c.ERROR_TYPE: error_type})
+        span.end(end_time=self._start_ns + int(duration * 1e9))
+        attempt = min(self._attempt, c.MAX_ATTEMPT_ATTRIBUTE)
+        ins = op_scope._instruments
+        ins.attempts.add(1, ((c.OPERATION, op), (c.ATTEMPT, attempt), (c.RESULT, result)))
+        duration_attrs = {c.OPERATION: op, c.ATTEMPT: attempt, c.RESULT: result}
+        if error_type is not None:
+            duration_attrs[c.ERROR_TYPE] = error_type
             for code, n in failed.items():
-                ins.keys_failed.add(n, {c.OPERATION: op, c.ERROR_TYPE: code.name})
-        else:
-            ins.attempt_duration.record(duration, attrs)
+                ins.keys_failed.add(n, ((c.OPERATION, op), (c.ERROR_TYPE, code.name)))
+        ins.attempt_duration.record(duration, duration_attrs)
         if n_failed or self._attempt > 1:  # a retry that succeeds clears its chunk's earlier failures
-            self._op._attempt_ended(self._chunk, failed)
+            op_scope._attempt_ended(self._chunk, failed)
