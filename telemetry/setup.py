@@ -176,11 +176,13 @@ def _add_exporters(
         readers.append(PeriodicExportingMetricReader(metric_exporter, export_interval_millis=interval_ms))
         added.update(otlp_endpoint=otlp_endpoint or _env("OTEL_EXPORTER_OTLP_ENDPOINT"), otlp_protocol=protocol)
     if folder is not None:
-        from opentelemetry.exporter.otlp.json.file import FileMetricExporter, FileSpanExporter
+        from opentelemetry.exporter.otlp.json.file import FileMetricExporter
+
+        from .jsonl import JsonLinesSpanExporter
 
         Path(folder).mkdir(parents=True, exist_ok=True)
         trace_file, metrics_file = telemetry_files(folder)
-        tracer_provider.add_span_processor(BatchSpanProcessor(FileSpanExporter(trace_file)))
+        tracer_provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(trace_file)))
         file_exporter = FileMetricExporter(metrics_file)
         readers.append(PeriodicExportingMetricReader(file_exporter, export_interval_millis=interval_ms))
         added.update(trace_file=trace_file, metrics_file=metrics_file)
