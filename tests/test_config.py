@@ -15,6 +15,7 @@ from tq_mooncake.client.config import (
     ClientConfig,
     GiB,
     RetryConfig,
+    default_max_workers,
     normalize_metadata_server,
     parse_size,
 )
@@ -63,7 +64,7 @@ def test_from_none_gives_defaults():
     assert cfg.replica_num == 1
     assert cfg.hard_pin is True
     assert cfg.batch_size == 400
-    assert cfg.max_workers == 4
+    assert cfg.max_workers == default_max_workers()
     assert cfg.allow_pickle is False
     assert cfg.max_value_bytes == 1 * GiB
     assert cfg.setup_timeout_s == 5.0
@@ -389,3 +390,8 @@ def test_omegaconf_like_mapping_still_rejects_unknown_retry_keys():
 def test_retry_section_with_only_items_works():
     cfg = ClientConfig.from_dict({"retry": ItemsOnly({"max_attempts": 7})})
     assert cfg.retry.max_attempts == 7
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (128, 4)])
+def test_default_max_workers_is_one_per_four_cpus_from_one_to_four(cpus, workers):
+    assert default_max_workers(cpus) == workers
