@@ -51,7 +51,8 @@ GB = 1e9
 class Case:
     value_bytes: int
     keys: int
-    kind: str = "tensor"  # "tensor" or "bytes" (a non-tensor value)
+    kind: str = "tensor"  # "tensor" (separate tensors), "rows" (rows of one batch tensor, as TQ sends a field),
+    # or "bytes" (non-tensor values)
 
     @property
     def name(self) -> str:
@@ -65,13 +66,14 @@ class Case:
 
 FULL = [
     Case(64 << 10, 400),
+    Case(64 << 10, 400, "rows"),
     Case(4 << 10, 4000),
     Case(64 << 10, 1),
     Case(1 << 20, 100),
     Case(4 << 20, 16),
     Case(4 << 10, 400, "bytes"),
 ]
-QUICK = [Case(64 << 10, 400), Case(4 << 10, 1000), Case(1 << 20, 16), Case(4 << 10, 100, "bytes")]
+QUICK = [Case(64 << 10, 400), Case(64 << 10, 400, "rows"), Case(4 << 10, 1000), Case(4 << 10, 100, "bytes")]
 
 
 @dataclass
@@ -83,9 +85,10 @@ class Data:
 
 def make_data(case: Case, prefix: str) -> Data:
     keys = [f"{prefix}-{i}" for i in range(case.keys)]
-    if case.kind == "tensor":
+    if case.kind in ("tensor", "rows"):
         block = torch.randint(0, 255, (case.keys, case.value_bytes), dtype=torch.uint8).view(torch.int32)
-        return Data(keys, list(block.unbind(0)), block)
+        rows = list(block.unbind(0))
+        return Data(keys, rows if case.kind == "rows" else [r.clone() for r in rows], block)
     return Data(keys, [os.urandom(case.value_bytes) for _ in keys], None)
 
 
