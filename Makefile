@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test chaos lint bench demo clean
 
 setup:
 	@bash scripts/setup.sh
@@ -10,9 +10,18 @@ setup:
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The chaos suite with its long variants (longer faults, more load); `make test` runs the short ones.
+chaos: setup
+	$(PY) -m pytest tests/chaos --chaos-long $(PYTEST_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Benchmarks (not part of the test suite): throughput table, then peak memory of a round trip.
+bench: setup
+	$(PY) bench/bench.py $(BENCH_ARGS)
+	$(PY) bench/bench.py --memory
 
 # Reserved: the embedded demo (issue 8).
 demo: setup

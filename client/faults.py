@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,8 +37,10 @@ class FaultRule:
         keys: the keys it applies to; None for every key.
         fraction: probability that it fires for a matching key (seeded RNG of the store).
         attempts: which sightings of a key by an operation it fires on (1 = the first time the store sees
-            that key in that operation); None for every sighting.
+            that key in that operation, or since the key was last removed); None for every sighting.
         operations: ``put``, ``get``, ``clear``.
+        sticky: the fraction picks keys, not sightings: a picked key fails on every matching sighting (so
+            its retries run out), decided by a hash of the store's seed and the key.
     """
 
     code: int
@@ -45,6 +48,7 @@ class FaultRule:
     fraction: float = 1.0
     attempts: frozenset[int] | None = None
     operations: frozenset[str] = frozenset({"put", "get", "clear"})
+    sticky: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction <= 1.0:
@@ -60,16 +64,22 @@ class FaultRule:
         """A rule from config: ``{"code": "TRANSFER_FAIL" or -800, "fraction": 0.1, "keys": [...],
         "attempts": [1], "operations": ["get"]}`` (only ``code`` is required)."""
         spec = {k: spec[k] for k in spec}
-        unknown = sorted(set(spec) - {"code", "keys", "fraction", "attempts", "operations"})
+        unknown = sorted(set(spec) - {"code", "keys", "fraction", "attempts", "operations", "sticky"})
         if unknown or "code" not in spec:
-            raise ValueError(f"a fault rule needs 'code' and takes keys, fraction, attempts, operations; got {spec!r}")
+            raise ValueError(
+                f"a fault rule needs 'code' and takes keys, fraction, attempts, operations, sticky; got {spec!r}"
+            )
         code = spec["code"]
         if isinstance(code, str):
             try:
                 code = ErrorCode[code]
             except KeyError:
                 raise ValueError(f"unknown error code name {code!r}") from None
-        kwargs: dict[str, Any] = {"code": int(code), "fraction": float(spec.get("fraction", 1.0))}
+        kwargs: dict[str, Any] = {
+            "code": int(code),
+            "fraction": float(spec.get("fraction", 1.0)),
+            "sticky": bool(spec.get("sticky", False)),
+        }
         for name in ("keys", "attempts", "operations"):
             if spec.get(name) is not None:
                 kwargs[name] = frozenset(spec[name])
@@ -90,12 +100,20 @@ class StoreCall:
 
 
 class FaultInjectingStore:
-    """A real store with injected per-key failures; thread-safe."""
+    """A real store with injected per-key failures; thread-safe.
 
-    def __init__(self, store: Any, rules: Iterable[FaultRule] = (), seed: int | None = None) -> None:
+    ``record_calls=False`` keeps no call log (for long runs); sightings of a key are forgotten once it is
+    removed, so memory stays bounded by the keys alive in the store.
+    """
+
+    def __init__(
+        self, store: Any, rules: Iterable[FaultRule] = (), seed: int | None = None, record_calls: bool = True
+    ) -> None:
         self._store = store
         self._rules: list[FaultRule] = list(rules)
         self._rng = random.Random(seed)
+        self._seed = seed or 0
+        self._record_calls = record_calls
         self._lock = threading.Lock()
         self._seen: Counter[tuple[str, str]] = Counter()
         self.calls: list[StoreCall] = []
@@ -141,17 +159,37 @@ class FaultInjectingStore:
                         continue
                     if rule.attempts is not None and sighting not in rule.attempts:
                         continue
-                    if rule.fraction < 1.0 and self._rng.random() >= rule.fraction:
-                        continue
+                    if rule.fraction < 1.0:
+                        draw = self._key_draw(key) if rule.sticky else self._rng.random()
+                        if draw >= rule.fraction:
+                            continue
                     injected[key] = int(rule.code)
                     self.injected[ErrorCode.of(int(rule.code))] += 1
                     break
         return injected
 
+    def _key_draw(self, key: str) -> float:
+        return zlib.crc32(f"{self._seed}:{key}".encode("utf-8", "surrogatepass")) / 2**32
+
+    def _forget(self, keys: list[str], codes: list[int]) -> None:
+        """Removed keys start a new life: their sightings count from 1 again."""
+        with self._lock:
+            for key, code in zip(keys, codes, strict=False):
+                if code in (0, ErrorCode.OBJECT_NOT_FOUND):
+                    for operation in ("put", "get", "clear"):
+                        self._seen.pop((operation, key), None)
+
     def _call(self, operation: str, target: Any, keys: list[str], columns: tuple, kwargs: dict) -> list[int]:
         injected = self._decide(operation, keys)
-        with self._lock:
-            self.calls.append(StoreCall(operation, tuple(keys), injected))
+        if self._record_calls:
+            with self._lock:
+                self.calls.append(StoreCall(operation, tuple(keys), injected))
+        codes = self._pass(target, keys, injected, columns, kwargs)
+        if operation == "clear":
+            self._forget(keys, codes)
+        return codes
+
+    def _pass(self, target: Any, keys: list[str], injected: dict[str, int], columns: tuple, kwargs: dict) -> list[int]:
         # Positional per-key columns (pointers, sizes) are filtered like the keys; the rest (a
         # ReplicateConfig, force=...) passes unchanged.
         keep = [i for i, k in enumerate(keys) if k not in injected]

@@ -50,7 +50,8 @@ def _mooncake_master_binary() -> str:
 
 
 class _Process:
-    """A child process with its output in a log file, stopped on ``stop()``."""
+    """A child process with its output in a log file, stopped on ``stop()``. It runs in its own session, so a
+    Ctrl-C in the terminal reaches only the parent, which stops it in order."""
 
     proc: subprocess.Popen[bytes]
     log_path: Path
@@ -160,7 +161,9 @@ class MasterProcess(_Process):
 
     def start(self, timeout: float = 30.0) -> MasterProcess:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self._args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                self._args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         try:
             wait_until(lambda: self.healthy() or not self.alive(), timeout, f"mooncake_master on {self.address}")
             if not self.alive():
@@ -200,7 +203,9 @@ class StorageNodeProcess(_Process):
         ]
         env = dict(os.environ, MC_TCP_BIND_ADDRESS=LOOPBACK)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the reader thread
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
         threading.Thread(target=self._read_stdout, args=(self.proc.stdout, log), daemon=True).start()
         try:
             wait_until(lambda: self._ready.is_set() or not self.alive(), timeout, "a storage node to mount")

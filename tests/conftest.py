@@ -13,6 +13,15 @@ from tq_mooncake.client import MooncakeBatchClient
 from tq_mooncake.client.local_cluster import MasterProcess, StorageNodeProcess
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-long",
+        action="store_true",
+        default=False,
+        help="run the long variants of tests/chaos (make chaos)",
+    )
+
+
 @pytest.fixture(scope="session")
 def shared_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MasterProcess]:
     """One master (HTTP metadata server on) for the tests that do not break it; keys are unique per test."""

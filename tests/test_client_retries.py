@@ -166,3 +166,23 @@ def test_chunks_report_together(fault_client, keyspace):
         client.put(keys, [str(i) for i in range(30)])
     assert list(info.value.failed) == [keys[1], keys[12], keys[25]]  # in key order
     assert info.value.succeeded == 27
+
+
+def test_a_sticky_fraction_fails_the_same_keys_every_time_and_a_removed_key_starts_anew(fault_client, keyspace):
+    keys = keyspace(200)
+    sticky = FaultRule(ErrorCode.RPC_TIMEOUT, fraction=0.1, sticky=True, operations=frozenset({"get"}))
+    first = FaultRule(ErrorCode.TRANSFER_FAIL, attempts=frozenset({1}), operations=frozenset({"put"}))
+    client = fault_client(sticky, first, retry={"max_attempts": 3})
+    store = client.store
+    client.put(keys, [b"v"] * len(keys))  # every key fails its first put, then succeeds
+    with pytest.raises(RetriesExhaustedError) as info:
+        client.get(keys)
+    picked = set(info.value.failed)
+    assert 0 < len(picked) < 60 and set(info.value.codes) == {ErrorCode.RPC_TIMEOUT}
+    with pytest.raises(RetriesExhaustedError) as again:
+        client.get(keys)
+    assert set(again.value.failed) == picked  # the same keys: retries can never rescue them
+    client.clear(keys)
+    store.calls.clear()
+    client.put(keys, [b"w"] * len(keys))  # removed keys start a new life: their first put fails again
+    assert [len(c.injected) for c in store.calls_for("put")] == [len(keys), 0]

@@ -1,0 +1,252 @@
+"""Property-based fuzzing of the public API on a real store: random keys, values, shapes and dtypes that
+disagree with what was stored, stored bytes truncated or corrupted with the raw store, metadata of another
+key. Every case ends in the correct value or a clear exception, never a crash, a hang or wrong data."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tq_mooncake.client import BatchOperationError, ErrorCode, NonRetryableError, codec
+
+FUZZ = settings(
+    derandomize=True,
+    deadline=None,
+    max_examples=60,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+_run = itertools.count()
+# How a damaged value is refused: Mooncake's "buffer too small", or the client's size, checksum, frame checks.
+REFUSALS = {ErrorCode.INVALID_PARAMS, ErrorCode.SIZE_MISMATCH, ErrorCode.CHECKSUM_MISMATCH, ErrorCode.CORRUPT_VALUE}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int8,
+          torch.uint8, torch.bool, torch.complex64]  # fmt: skip
+
+
+def _prefix() -> str:
+    return f"fz{next(_run)}-{uuid.uuid4().hex[:6]}-"
+
+
+def raw_write(store, key: str, data: bytes) -> None:
+    from mooncake.store import ReplicateConfig
+
+    buf = np.frombuffer(bytearray(data), dtype=np.uint8)
+    assert list(store.batch_upsert_from([key], [buf.ctypes.data], [len(data)], ReplicateConfig())) == [0]
+
+
+def raw_bytes(value) -> bytes:
+    """What the client stores for ``value``: a raw tensor's bytes, else its frame."""
+    if isinstance(value, torch.Tensor) and value.numel() > 0:
+        return bytes(codec.tensor_bytes(value))
+    return codec.encode(value)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and raw_bytes_any(a) == raw_bytes_any(b)
+        )
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def raw_bytes_any(t: torch.Tensor) -> bytes:
+    return bytes(codec.tensor_bytes(t)) if t.numel() else b""
+
+
+# ------------------------------------------------------------------------------------------ strategies
+@st.composite
+def tensors(draw, min_elements: int = 0):
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = draw(st.lists(st.integers(0, 5), min_size=0, max_size=3))
+    if math.prod(shape) < min_elements:
+        shape = [max(min_elements, 1)]
+    n = math.prod(shape)
+    data = draw(st.binary(min_size=n * dtype.itemsize, max_size=n * dtype.itemsize))
+    t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return t.view(dtype).reshape(shape).clone()
+
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=30),
+    st.binary(max_size=64),
+)
+values = st.recursive(
+    st.one_of(scalars, tensors()),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.tuples(inner, inner),
+        st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    ),
+    max_leaves=8,
+)
+keys_st = st.one_of(
+    st.text(min_size=0, max_size=12),  # unicode, sometimes empty
+    st.text(alphabet="ab\x00", min_size=1, max_size=4),  # NUL bytes, frequent duplicates
+    st.text(min_size=2000, max_size=2100),  # very long
+    st.just("\ud800lone-surrogate"),
+)
+
+
+def _key_problem(keys: list[str]) -> type[Exception] | None:
+    if any(k == "" for k in keys) or len(set(keys)) != len(keys):
+        return ValueError
+    if any("\ud800" <= ch <= "\udfff" for k in keys for ch in k):
+        return ValueError
+    return None
+
+
+# ------------------------------------------------------------------------------------------ properties
+@FUZZ
+@given(data=st.data())
+def test_random_keys_and_values_round_trip_or_are_refused(client, data):
+    raw_keys = data.draw(st.lists(keys_st, min_size=1, max_size=6), label="keys")
+    prefix = _prefix()
+    keys = [prefix + k if k else k for k in raw_keys]  # empty keys stay empty
+    vals = data.draw(st.lists(values, min_size=len(keys), max_size=len(keys)), label="values")
+    problem = _key_problem(keys)
+    if problem is not None:
+        with pytest.raises(problem):
+            client.put(keys, vals)
+        return
+    metas = client.put(keys, vals)
+    got = client.get(keys, custom_backend_meta=metas)
+    assert all(same(v, g) for v, g in zip(vals, got, strict=True))
+    # TQ's way: shapes and dtypes for tensors, nothing for the rest.
+    is_raw = [isinstance(v, torch.Tensor) and v.numel() > 0 for v in vals]
+    shapes = [list(v.shape) if isinstance(v, torch.Tensor) else None for v in vals]
+    dtypes = [v.dtype if isinstance(v, torch.Tensor) else None for v in vals]
+    got = client.get(keys, shapes=shapes, dtypes=dtypes)
+    assert all(same(v, g) for v, g in zip(vals, got, strict=True))
+    plain = [k for k, r in zip(keys, is_raw, strict=True) if not r]
+    if plain:
+        got = client.get(plain)  # frames need nothing at all
+        assert all(
+            same(v, g) for v, g in zip([v for v, r in zip(vals, is_raw, strict=True) if not r], got, strict=True)
+        )
+    client.clear(keys)
+
+
+@FUZZ
+@given(stored=st.one_of(tensors(min_elements=1), values), dtype=st.sampled_from([None, *DTYPES]),
+       shape=st.one_of(st.none(), st.lists(st.integers(0, 6), max_size=3)), use_meta=st.booleans())  # fmt: skip
+def test_shapes_and_dtypes_that_disagree_end_in_the_value_or_an_error(client, stored, dtype, shape, use_meta):
+    key = _prefix() + "k"
+    (meta,) = client.put([key], [stored])
+    stored_bytes = raw_bytes(stored)
+    try:
+        (got,) = client.get([key], shapes=[shape], dtypes=[dtype], custom_backend_meta=[meta if use_meta else None])
+    except (ValueError, TypeError) as exc:  # refused before reading: the request contradicts the metadata
+        event("refused before reading")
+        assert not isinstance(exc, BatchOperationError) and str(exc)
+        return
+    except BatchOperationError as err:
+        event(f"refused by the read: {err.failed[key].name}")
+        assert set(err.failed) == {key} and repr(key) in str(err)
+        return
+    if isinstance(got, torch.Tensor) and dtype is not None and not isinstance(stored, torch.Tensor):
+        pytest.fail(f"a {type(stored).__name__} came back as a tensor")
+    if isinstance(stored, torch.Tensor) and stored.numel() > 0 and isinstance(got, torch.Tensor):
+        # A raw tensor has no header: the caller's dtype/shape is how its bytes are read, and exactly the
+        # stored bytes come back (same count, same content), in the asked dtype and shape.
+        event("raw tensor read as asked" + (" (another dtype)" if got.dtype != stored.dtype else ""))
+        assert raw_bytes_any(got) == stored_bytes
+        if dtype is not None:
+            assert got.dtype == dtype
+        if shape is not None and (dtype is not None or use_meta):
+            assert list(got.shape) == list(shape)
+        if use_meta or dtype is None:
+            assert got.dtype == stored.dtype
+        return
+    expected = stored
+    if isinstance(stored, torch.Tensor) and shape is not None and dtype is not None:
+        expected = stored.reshape(shape)
+    assert same(expected, got)
+    client.clear([key])
+
+
+@FUZZ
+@given(
+    stored=st.one_of(tensors(min_elements=1), values),
+    cut=st.one_of(st.just(10_000), st.integers(1, 10_000)),  # often the whole value: same-size damage
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=3),
+    extra=st.one_of(st.just(b""), st.binary(max_size=8)),
+    use_meta=st.booleans(),
+)
+def test_truncated_or_corrupted_stored_bytes_are_refused(client, stored, cut, flips, extra, use_meta):
+    key = _prefix() + "k"
+    (meta,) = client.put([key], [stored])
+    original = raw_bytes(stored)
+    damaged = bytearray(original[: max(1, min(cut, len(original)))] + extra)
+    for pos, xor in flips:
+        damaged[pos % len(damaged)] ^= xor
+    raw_write(client.store, key, bytes(damaged))
+    is_raw = isinstance(stored, torch.Tensor) and stored.numel() > 0
+    shapes = [list(stored.shape)] if is_raw else None
+    dtypes = [stored.dtype] if is_raw else None
+    try:
+        (got,) = client.get([key], shapes=shapes, dtypes=dtypes, custom_backend_meta=[meta] if use_meta else None)
+    except NonRetryableError as err:
+        assert set(err.failed) == {key} and repr(key) in str(err)
+        event(f"damage refused: {err.failed[key].name}")
+        assert err.failed[key] in REFUSALS
+        assert bytes(damaged) != original  # an intact value is never refused
+        return
+    if is_raw:
+        # Raw tensors carry no checksum: what the store holds, if it has the right size, is what comes back.
+        event("raw tensor returned as stored" + (" (damaged)" if bytes(damaged) != original else ""))
+        assert len(damaged) == len(original) and raw_bytes_any(got) == bytes(damaged)
+    else:
+        event("intact frame returned")
+        assert bytes(damaged) == original and same(stored, got)  # a frame is returned only intact
+
+
+@FUZZ
+@given(a=st.one_of(tensors(min_elements=1), values), data=st.data())
+def test_metadata_of_another_key_never_returns_wrong_data(client, a, data):
+    how = data.draw(st.sampled_from(["any", "same layout", "same value"]), label="b")
+    if how == "same value":
+        b = a
+    elif how == "same layout" and isinstance(a, torch.Tensor):  # the metadata cannot tell them apart
+        b = torch.frombuffer(bytearray(data.draw(st.binary(min_size=a.nbytes, max_size=a.nbytes))), dtype=torch.uint8)
+        b = b.view(a.dtype).reshape(a.shape).clone() if a.nbytes else a.clone()
+    elif how == "same layout":
+        b = "x" * max(0, len(codec.encode(a)) - codec.HEADER_SIZE)  # a frame of the same size
+    else:
+        b = data.draw(st.one_of(tensors(min_elements=1), values), label="any b")
+    ka, kb = _prefix() + "a", _prefix() + "b"
+    meta_a, meta_b = client.put([ka, kb], [a, b])
+    try:
+        (got,) = client.get([ka], custom_backend_meta=[meta_b])
+    except BatchOperationError as err:
+        event(f"other key's metadata refused: {err.failed[ka].name}")
+        assert set(err.failed) == {ka} and repr(ka) in str(err)
+        return
+    if "dtype" in meta_b:
+        # Read as b's dtype and shape: the bytes are still exactly a's stored bytes.
+        event("read as the other key's tensor layout")
+        assert isinstance(got, torch.Tensor) and raw_bytes_any(got) == raw_bytes(a)
+    else:
+        # Only a frame identical to b's (same checksum) passes b's metadata: then it is a's value as well.
+        event("identical frame")
+        assert same(a, got) and raw_bytes(a) == raw_bytes(b)
