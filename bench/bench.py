@@ -6,7 +6,7 @@ loopback TCP, as between two machines). For each case (value size x key count, t
 runs, interleaved round by round so that drift hits every path alike:
 
 * ``raw``: ``batch_upsert_from`` / ``batch_get_into`` on one source and one destination block, each
-  registered once (the floor: no per-key Python objects at all);
+  registered once, 400 keys per call, one call after another (the floor: no per-key Python objects);
 * ``ours-off``: ``MooncakeBatchClient`` with telemetry off (``NOOP_OBSERVER``);
 * ``ours-on``: ``MooncakeBatchClient`` with the OpenTelemetry SDK, always-on sampling, spans and metrics
   exported as OTLP JSON lines into a temporary folder (what ``TQ_MOONCAKE_TELEMETRY_DIR`` does);
@@ -45,6 +45,7 @@ from tq_mooncake.client.local_cluster import LOOPBACK, MasterProcess, StorageNod
 from tq_mooncake.client.observer import NOOP_OBSERVER
 
 GB = 1e9
+RAW_SLICE = 400  # keys per raw batch call: one call of 4000 keys fails with TRANSFER_FAIL over TCP here
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class Path_:
     def prepare(self, case: Case, data: Data) -> None: ...
     def put(self) -> None: ...
     def get(self) -> list[Any]: ...
+    def clear(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -149,18 +151,26 @@ class RawPath(Path_):
         self.sizes = [size] * n
 
     def put(self) -> None:
-        codes = self.store.batch_upsert_from(self.keys, self.src_ptrs, self.sizes, self.rc)
-        if any(c != 0 for c in codes):
-            raise RuntimeError(f"raw put failed: {sorted(set(codes))}")
+        for lo in range(0, len(self.keys), RAW_SLICE):
+            hi = lo + RAW_SLICE
+            codes = self.store.batch_upsert_from(self.keys[lo:hi], self.src_ptrs[lo:hi], self.sizes[lo:hi], self.rc)
+            if any(c != 0 for c in codes):
+                raise RuntimeError(f"raw put failed: {sorted(set(codes))}")
 
     def get(self) -> list[Any]:
-        got = self.store.batch_get_into(self.keys, self.dst_ptrs, self.sizes)
-        if any(n != s for n, s in zip(got, self.sizes, strict=True)):
-            raise RuntimeError(f"raw get failed: {sorted(set(got))}")
+        for lo in range(0, len(self.keys), RAW_SLICE):
+            hi = lo + RAW_SLICE
+            got = self.store.batch_get_into(self.keys[lo:hi], self.dst_ptrs[lo:hi], self.sizes[lo:hi])
+            if any(n != s for n, s in zip(got, self.sizes[lo:hi], strict=True)):
+                raise RuntimeError(f"raw get failed: {sorted(set(got))}")
         rows = self.dst.view(self.case.keys, self.case.value_bytes)
         if self.data.block is None:
             return [bytes(r.numpy()) for r in rows]
         return list(rows.view(torch.int32).unbind(0))
+
+    def clear(self) -> None:
+        for lo in range(0, len(self.keys), RAW_SLICE):
+            self.store.batch_remove(self.keys[lo : lo + RAW_SLICE], True)
 
     def _unregister(self) -> None:
         for ptr in self.registered:
@@ -188,6 +198,9 @@ class OursPath(Path_):
     def get(self) -> list[Any]:
         return self.client.get(self.keys, custom_backend_meta=self.meta)
 
+    def clear(self) -> None:
+        self.client.clear(self.keys)
+
     def close(self) -> None:
         self.client.close()
 
@@ -212,6 +225,9 @@ class StockPath(Path_):
 
     def get(self) -> list[Any]:
         return self.client.get(self.keys, shapes=self.shapes, dtypes=self.dtypes, custom_backend_meta=self.meta)
+
+    def clear(self) -> None:
+        self.client.clear(self.keys, self.meta)
 
     def close(self) -> None:
         self.client.close()
@@ -308,6 +324,8 @@ def run_case(metadata: str, case: Case, paths: list[Path_], args: argparse.Names
             if round_ >= args.warmup:
                 result.times[p.name]["put"].append(put_s)
                 result.times[p.name]["get"].append(get_s)
+    for p in paths:
+        p.clear()
     return result
 
 
@@ -398,6 +416,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-stock", action="store_true", help="leave TQ's stock client out")
+    parser.add_argument("--case", action="append", help="only cases whose name contains this (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--memory", action="store_true", help="measure peak RSS of a round trip instead")
     parser.add_argument("--keys", type=int, default=2000)
@@ -410,6 +429,8 @@ def main() -> None:
             args.json.write_text(json.dumps(out, indent=2))
         return
     cases = QUICK if args.quick else FULL
+    if args.case:
+        cases = [c for c in cases if any(part in c.name for part in args.case)]
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="tq-bench-") as tmp:
         for metadata in args.metadata:
