@@ -23,9 +23,10 @@ bench: setup
 	$(PY) bench/bench.py $(BENCH_ARGS)
 	$(PY) bench/bench.py --memory
 
-# Reserved: the embedded demo (issue 8).
+# Everything on this machine: master, two storage processes, the faulty workload, the dashboard on
+# http://127.0.0.1:8501; Ctrl-C stops it. Options: make demo DEMO_ARGS="--duration 60 --fault-rate 0.01".
 demo: setup
-	@echo "make demo: not built yet (see issue 8)"; exit 2
+	$(VENV)/bin/tq-mooncake demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

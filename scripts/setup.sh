@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-APT_PACKAGES=(libibverbs1 librdmacm1)
+APT_PACKAGES=(libibverbs1 librdmacm1 prometheus chromium chromium-driver)
 
 need_apt=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -1,0 +1,171 @@
+"""``tq-mooncake``: the project's command line, one subcommand per verb.
+
+    tq-mooncake demo [--duration 60]                     # everything on this machine (what `make demo` runs)
+    tq-mooncake workload --master HOST:PORT --metadata P2PHANDSHAKE   # the faulty workload against a cluster
+    tq-mooncake dashboard --dir ./telemetry-data         # the Streamlit dashboard on http://127.0.0.1:8501
+    tq-mooncake dashboard --prometheus http://127.0.0.1:9090
+    tq-mooncake storage-node --master 127.0.0.1:50051 --segment 256MB
+
+To add a verb: write ``def _my_verb(sub) -> None`` that adds its parser with ``sub.add_parser(...)`` and sets
+``run=<function(args, rest) -> int>`` as its default, then list it in ``VERBS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+Runner = Callable[[argparse.Namespace, list[str]], int]
+
+
+def dashboard_command(
+    settings: Any, address: str = "127.0.0.1", port: int = 8501, extra_streamlit: Sequence[str] = ()
+) -> list[str]:
+    """The ``streamlit run`` command line of the dashboard for ``settings`` (a ``dashboard.settings.Settings``):
+    headless, bound to ``address`` (loopback by default), no usage statistics, no file watcher."""
+    from tq_mooncake.dashboard.settings import dashboard_args
+
+    app = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+    if not app.exists():  # an installed (non-editable) copy: the app next to the installed package
+        import tq_mooncake.dashboard
+
+        app = Path(tq_mooncake.dashboard.__file__).with_name("app.py")
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.address",
+        address,
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--server.fileWatcherType",
+        "none",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "viewer",
+        *extra_streamlit,
+        "--",
+        *dashboard_args(settings),
+    ]
+
+
+def _run_dashboard(args: argparse.Namespace, rest: list[str]) -> int:
+    from tq_mooncake.dashboard.settings import settings_from
+
+    command = dashboard_command(settings_from(args), args.address, args.port, rest)
+    sys.stdout.flush()
+    os.execv(command[0], command)  # the process becomes Streamlit: signals reach it directly
+    return 0  # not reached
+
+
+def _dashboard(sub: Any) -> None:
+    from tq_mooncake.dashboard.settings import add_arguments
+
+    parser = sub.add_parser(
+        "dashboard",
+        help="the Streamlit dashboard of retry and exhaustion rates",
+        description="Start the Streamlit dashboard (retry rates, exhaustion, error codes, hosts) on loopback. "
+        "Further --server.* / --theme.* options are passed to `streamlit run`.",
+    )
+    parser.add_argument("--address", "--server.address", default="127.0.0.1", help="bind address (127.0.0.1)")
+    parser.add_argument("--port", "--server.port", type=int, default=8501, help="port (8501)")
+    add_arguments(parser)
+    parser.set_defaults(run=_run_dashboard, passthrough=True)
+
+
+def _run_storage_node(args: argparse.Namespace, rest: list[str]) -> int:
+    from tq_mooncake.client.storage_node import main as storage_node_main
+
+    return storage_node_main(rest)
+
+
+def _storage_node(sub: Any) -> None:
+    parser = sub.add_parser(
+        "storage-node",
+        help="a process lending a memory segment to the Mooncake cluster",
+        description="Run tq_mooncake.client.storage_node; its options follow (see `tq-mooncake storage-node -- "
+        "--help`): --master, --metadata, --host, --segment, --protocol, --device.",
+        add_help=False,
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="show the storage node's options")
+    parser.set_defaults(run=_run_storage_node, passthrough=True)
+
+
+def _run_demo(args: argparse.Namespace, rest: list[str]) -> int:
+    from tq_mooncake.client.demo import run
+
+    try:
+        return run(args)
+    except KeyboardInterrupt:  # during start-up or shut-down: what was started is already stopped
+        return 130
+
+
+def _demo(sub: Any) -> None:
+    from tq_mooncake.client.demo import __doc__ as doc
+    from tq_mooncake.client.demo import add_arguments
+
+    parser = sub.add_parser(
+        "demo",
+        help="the whole product on this machine: master, storage nodes, faulty workload, dashboard",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_workload(args: argparse.Namespace, rest: list[str]) -> int:
+    from tq_mooncake.client.demo import run_workload
+
+    return run_workload(args)
+
+
+def _workload(sub: Any) -> None:
+    from tq_mooncake.client.demo import add_workload_only_arguments
+
+    parser = sub.add_parser(
+        "workload",
+        help="the demo's TransferQueue-shaped workload, with faults, against a running cluster",
+        description="Write, read back, check and clear TQ-shaped batches through a MooncakeBatchClient with "
+        "faults injected, until --duration or Ctrl-C/SIGTERM; telemetry is configured from the environment.",
+    )
+    add_workload_only_arguments(parser)
+    parser.set_defaults(run=_run_workload)
+
+
+VERBS: list[Callable[[Any], None]] = [_demo, _workload, _dashboard, _storage_node]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tq-mooncake", description="The tq-mooncake command line.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for add in VERBS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if args.verb == "storage-node" and args.help:
+        rest = ["--help", *rest]
+    elif rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.verb == "dashboard":
+        unknown = [a for a in rest if a.startswith("--") and not a.startswith(("--server.", "--theme.", "--logger."))]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args.run(args, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

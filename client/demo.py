@@ -1,0 +1,286 @@
+"""``tq-mooncake demo``: the whole product on one machine, with nothing to install by hand.
+
+Starts a ``mooncake_master`` on loopback (``--client_ttl=2``), two storage processes, the dashboard on
+http://127.0.0.1:8501, and runs a TransferQueue-shaped workload (``client.workload``) through one client
+with ``replica_num: 2`` and telemetry written to the telemetry folder. Faults: error codes injected into the
+store at ``--fault-rate`` of keys on first attempts (retried away) and ``--exhaust-rate`` on every attempt
+(retries run out), and every ``--kill-every`` seconds one storage process is killed (SIGKILL) and a new one
+started. Prints what it started, progress, and a summary at the end; Ctrl-C (or ``--duration``) stops every
+process it started, and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .batch_client import MooncakeBatchClient
+from .errors import ErrorCode
+from .faults import FaultInjectingStore, FaultRule
+from .local_cluster import LOOPBACK, MasterProcess, StorageNodeProcess, wait_until
+from .workload import OutcomeCounter, Workload
+
+CLIENT_TTL_S = 2
+# Retries cover a killed node: the master drops it after client_ttl, then reads go to the other replica.
+RETRY = {"max_attempts": 15, "initial_backoff_s": 0.05, "max_backoff_s": 0.5, "deadline_s": 10}
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``demo`` and ``workload``."""
+    parser.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
+    parser.add_argument("--fault-rate", type=float, default=0.002, help="share of keys failing a first attempt")
+    parser.add_argument("--exhaust-rate", type=float, default=0.0001, help="share of keys failing every attempt")
+    parser.add_argument("--batch-samples", type=int, default=32, help="samples per batch (7 fields each)")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sample")
+    parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_workload_arguments(parser)
+    parser.add_argument("--kill-every", type=float, default=120.0, help="seconds between storage-node kills (0: never)")
+    parser.add_argument("--segment", default="512MB", help="memory of each storage process")
+    parser.add_argument("--dashboard-port", type=int, default=8501, help="dashboard port on 127.0.0.1 (8501)")
+    parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
+    parser.add_argument(
+        "--telemetry-dir", help="where telemetry goes (default $TQ_MOONCAKE_TELEMETRY_DIR, else ./telemetry-data)"
+    )
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def _dashboard_up(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/_stcore/health", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _dashboard(folder: Path, port: int, log_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    from tq_mooncake.dashboard.settings import Settings, Thresholds
+
+    from .cli import dashboard_command
+
+    settings = Settings(str(folder), None, "5m", 5.0, False, Thresholds())
+    with open(log_dir / "dashboard.log", "ab") as log:
+        proc = subprocess.Popen(
+            dashboard_command(settings, LOOPBACK, port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        wait_until(lambda: _dashboard_up(port) or proc.poll() is not None, 60, f"the dashboard on port {port}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"the dashboard exited with {proc.returncode}; see {log_dir / 'dashboard.log'}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def fault_rules(fault_rate: float, exhaust_rate: float) -> list[FaultRule]:
+    """``TRANSFER_FAIL`` on ``fault_rate`` of first attempts (retries rescue them) and ``RPC_TIMEOUT`` on every
+    attempt of a sticky ``exhaust_rate`` of keys (their retries run out)."""
+    rules = []
+    if fault_rate > 0:
+        rules.append(FaultRule(ErrorCode.TRANSFER_FAIL, fraction=fault_rate, attempts=frozenset({1})))
+    if exhaust_rate > 0:
+        rules.append(FaultRule(ErrorCode.RPC_TIMEOUT, fraction=exhaust_rate, sticky=True))
+    return rules
+
+
+def _progress(started: float, counter: OutcomeCounter, workload: Workload) -> str:
+    t = counter.totals()
+    return (
+        f"[{time.monotonic() - started:6.0f} s] batches {workload.stats.batches}  operations {t['operations']}  "
+        f"retries {t['retries']}  exhausted {t['exhausted']}  wrong values {workload.stats.wrong}"
+    )
+
+
+def _report(summary: dict[str, Any], closing: str) -> None:
+    _say("summary " + json.dumps(summary))
+    _say(
+        f"{summary['operations']} operations ({summary['success']} ok at once, {summary['success_after_retry']} "
+        f"after retries, {summary['exhausted']} exhausted, {summary['budget_denied']} denied by the retry budget, "
+        f"{summary['non_retryable']} non-retryable, {summary['deadline_exceeded']} past the deadline), "
+        f"{summary['retries']} retries, {summary['values_checked']} values checked, {summary['wrong_values']} wrong. "
+        + closing
+    )
+
+
+def _summary(counter: OutcomeCounter, workload: Workload, kills: int, elapsed: float) -> dict[str, Any]:
+    stats = workload.stats
+    return {
+        "seconds": round(elapsed, 1),
+        **counter.totals(),
+        "batches": stats.batches,
+        "keys_written": stats.keys_written,
+        "values_checked": stats.values_checked,
+        "wrong_values": stats.wrong,
+        "calls_raised": dict(stats.raised),
+        "keys_lost": stats.keys_lost,
+        "storage_node_kills": kills,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = Path(args.telemetry_dir or os.environ.get("TQ_MOONCAKE_TELEMETRY_DIR") or "telemetry-data").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    if not args.no_dashboard and not _port_free(args.dashboard_port):
+        _say(f"port {args.dashboard_port} is in use: pass --dashboard-port")
+        return 2
+    log_dir = Path(tempfile.mkdtemp(prefix="tq-mooncake-demo-"))
+    stop = threading.Event()
+    started = time.monotonic()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    from tq_mooncake.telemetry import OTelObserver, configure
+
+    telemetry = configure(service_name="tq-mooncake-demo", telemetry_dir=folder, metric_export_interval_s=2.0)
+    counter = OutcomeCounter(OTelObserver(budget_tokens=None))
+    kills = 0
+    with contextlib.ExitStack() as stack:
+        master = stack.enter_context(MasterProcess(log_dir, client_ttl=CLIENT_TTL_S))
+        master.start()
+        nodes = [StorageNodeProcess(master, log_dir, args.segment) for _ in range(2)]
+        for node in nodes:
+            node.start()
+        stack.callback(lambda: [n.stop() for n in nodes])
+        _say(f"mooncake_master    pid {master.pid}  rpc {master.address}  metadata {master.metadata_server}")
+        for i, node in enumerate(nodes):
+            _say(f"storage node {i + 1}     pid {node.pid}  segment {args.segment}")
+        if not args.no_dashboard:
+            dash = stack.enter_context(_dashboard(folder, args.dashboard_port, log_dir))
+            _say(f"dashboard          pid {dash.pid}  http://{LOOPBACK}:{args.dashboard_port}")
+        _say(f"telemetry          {folder} (traces-*.jsonl, metrics-*.jsonl)")
+        _say(f"logs               {log_dir}")
+        rules = fault_rules(args.fault_rate, args.exhaust_rate)
+        client = MooncakeBatchClient(
+            master.client_config(global_segment_size=0, replica_num=2, retry=RETRY),
+            observer=counter,
+            wrap_store=lambda store: FaultInjectingStore(store, rules, seed=1, record_calls=False),
+        )
+        stack.callback(client.close)
+        workload = Workload(client, args.batch_samples, args.seq_len)
+        _say(
+            f"workload           {args.batch_samples} samples x 7 fields per batch; faults: {args.fault_rate:.1%} of "
+            f"keys on first attempts, {args.exhaust_rate:.2%} on every attempt; a storage node killed every "
+            f"{args.kill_every:g} s"
+            + ("" if args.duration is None else f"; running {args.duration:g} s")
+            + " (Ctrl-C stops)"
+        )
+        last_kill = last_progress = time.monotonic()
+
+        def on_batch(index: int) -> None:
+            nonlocal last_kill, last_progress, kills
+            now = time.monotonic()
+            if args.kill_every and now - last_kill >= args.kill_every:
+                victim = nodes.pop(0)
+                victim.kill()
+                victim.stop()
+                fresh = StorageNodeProcess(master, log_dir, args.segment).start()
+                nodes.append(fresh)
+                kills += 1
+                last_kill = now
+                _say(f"killed storage node pid {victim.pid} (SIGKILL); started pid {fresh.pid}")
+            if now - last_progress >= args.progress_every:
+                last_progress = now
+                _say(_progress(started, counter, workload))
+
+        try:
+            workload.run(stop, args.duration, on_batch)
+        except KeyboardInterrupt:
+            _say("stopping (Ctrl-C)")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    telemetry.force_flush()
+    summary = _summary(counter, workload, kills, time.monotonic() - started)
+    _report(summary, "Every process the demo started is stopped.")
+    return 0 if summary["wrong_values"] == 0 else 1
+
+
+def add_workload_only_arguments(parser: argparse.ArgumentParser) -> None:
+    add_workload_arguments(parser)
+    parser.add_argument("--master", default="127.0.0.1:50051", help="mooncake_master RPC address")
+    parser.add_argument("--metadata", default="P2PHANDSHAKE", help="metadata server (host:port, URL, P2PHANDSHAKE)")
+    parser.add_argument("--host", default="127.0.0.1", help="the address this client advertises")
+    parser.add_argument("--replica-num", type=int, default=2, help="replicas per key")
+    parser.add_argument("--service-name", default="tq-mooncake-workload", help="telemetry service.name")
+
+
+def run_workload(args: argparse.Namespace) -> int:
+    """The demo's workload against an existing cluster (the docker-compose ``workload`` service): telemetry
+    from the environment (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``TQ_MOONCAKE_TELEMETRY_DIR``, ...)."""
+    from tq_mooncake.telemetry import OTelObserver, configure
+
+    telemetry = configure(service_name=args.service_name)
+    counter = OutcomeCounter(OTelObserver())
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    started = time.monotonic()
+    rules = fault_rules(args.fault_rate, args.exhaust_rate)
+    config = {
+        "local_hostname": args.host,
+        "metadata_server": args.metadata,
+        "master_server_address": args.master,
+        "global_segment_size": 0,
+        "local_buffer_size": 0,
+        "replica_num": args.replica_num,
+        "retry": RETRY,
+    }
+    client = MooncakeBatchClient(
+        config, observer=counter, wrap_store=lambda store: FaultInjectingStore(store, rules, seed=1, record_calls=False)
+    )
+    workload = Workload(client, args.batch_samples, args.seq_len)
+    _say(f"workload on {args.master}: {args.batch_samples} samples x 7 fields per batch (Ctrl-C or SIGTERM stops)")
+    last = time.monotonic()
+
+    def on_batch(index: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= args.progress_every:
+            last = time.monotonic()
+            _say(_progress(started, counter, workload))
+
+    try:
+        workload.run(stop, args.duration, on_batch)
+    except KeyboardInterrupt:
+        _say("stopping (Ctrl-C)")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        client.close()
+    telemetry.force_flush()
+    summary = _summary(counter, workload, 0, time.monotonic() - started)
+    _report(summary, "")
+    return 0 if summary["wrong_values"] == 0 else 1

@@ -1,0 +1,181 @@
+"""A TransferQueue-shaped load: batches of samples with tensor and non-tensor fields, written, read back,
+checked and cleared through one ``MooncakeBatchClient``.
+
+Keys are TQ's, ``<global index>@<field>``, one per sample and field; values are what TQ's storage manager
+hands a storage client: per-sample rows of ``input_ids`` (int64), ``attention_mask`` (bool),
+``old_log_probs`` (bfloat16), a jagged ``response`` (int32 rows of varying length), a 0-d ``reward``
+(float32), and non-tensor ``uid`` (str) and ``info`` (dict). Every value read back is compared with what
+was written; failures are counted by exception type, never hidden.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .batch_client import MooncakeBatchClient
+from .errors import BatchOperationError, Operation, Outcome
+from .observer import AttemptScope, Observer, OperationScope, OperationSummary
+
+FIELDS = ("attention_mask", "info", "input_ids", "old_log_probs", "response", "reward", "uid")
+
+
+def make_batch(first_index: int, samples: int, seq_len: int, seed: int) -> dict[str, Any]:
+    """Keys and values of one batch, in TQ's key order (field-major, fields sorted)."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, 50_000, (samples, seq_len), generator=gen)
+    columns: dict[str, list[Any]] = {
+        "attention_mask": list((torch.rand(samples, seq_len, generator=gen) > 0.1).unbind(0)),
+        "info": [{"source": "demo", "turns": int(i % 5), "score": float(i) / 7} for i in range(samples)],
+        "input_ids": list(input_ids.unbind(0)),
+        "old_log_probs": list(torch.randn(samples, seq_len, generator=gen).to(torch.bfloat16).unbind(0)),
+        "response": [
+            torch.randint(0, 50_000, (1 + int(n),), dtype=torch.int32, generator=gen)
+            for n in torch.randint(0, seq_len, (samples,), generator=gen)
+        ],
+        "reward": list(torch.randn(samples, generator=gen).unbind(0)),
+        "uid": [f"uid-{first_index + i}" for i in range(samples)],
+    }
+    keys = [f"{first_index + i}@{name}" for name in FIELDS for i in range(samples)]
+    values = [columns[name][i] for name in FIELDS for i in range(samples)]
+    return {"keys": keys, "values": values}
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+@dataclass
+class WorkloadStats:
+    """What the workload did. ``wrong`` counts values read back that differ from what was written: it must
+    stay 0 (a key that cannot be read must raise, never return something else)."""
+
+    batches: int = 0
+    keys_written: int = 0
+    values_checked: int = 0
+    wrong: int = 0
+    raised: Counter[str] = field(default_factory=Counter)  # exception class name -> calls
+    keys_lost: int = 0  # keys named by an exception
+
+
+class OutcomeCounter:
+    """An ``Observer`` that counts calls by operation and outcome, attempts and retries, and forwards
+    everything to ``inner``; thread-safe."""
+
+    def __init__(self, inner: Observer) -> None:
+        self._inner = inner
+        self._lock = threading.Lock()
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.attempts = 0
+        self.retries = 0
+
+    def operation(self, operation: Operation, batch_size: int) -> OperationScope:
+        return _CountedOperation(self, operation, self._inner.operation(operation, batch_size))
+
+    def totals(self) -> dict[str, int]:
+        """Calls, attempts, retries, and calls by outcome (all operations)."""
+        with self._lock:
+            by_outcome: Counter[str] = Counter()
+            for (_, outcome), n in self.outcomes.items():
+                by_outcome[outcome] += n
+            return {
+                "operations": sum(by_outcome.values()),
+                "attempts": self.attempts,
+                "retries": self.retries,
+                **{o.value: by_outcome[o.value] for o in Outcome},
+            }
+
+
+class _CountedOperation:
+    def __init__(self, counter: OutcomeCounter, operation: Operation, inner: OperationScope) -> None:
+        self._counter, self._operation, self._inner = counter, operation, inner
+
+    def attempt(self, chunk: int, attempt: int, keys: int, backoff_s: float) -> AttemptScope:
+        with self._counter._lock:
+            self._counter.attempts += 1
+            self._counter.retries += attempt > 1
+        return self._inner.attempt(chunk, attempt, keys, backoff_s)
+
+    def end(self, summary: OperationSummary) -> None:
+        with self._counter._lock:
+            self._counter.outcomes[(self._operation.value, summary.outcome.value)] += 1
+        self._inner.end(summary)
+
+
+class Workload:
+    """Runs batches of ``samples`` samples through ``client``: put, get (with the metadata put returned),
+    compare, clear. A call that raises is counted and the batch goes on with the keys that made it."""
+
+    def __init__(self, client: MooncakeBatchClient, samples: int = 32, seq_len: int = 64, seed: int = 0) -> None:
+        self.client = client
+        self.samples = samples
+        self.seq_len = seq_len
+        self.seed = seed
+        self.stats = WorkloadStats()
+        self._lock = threading.Lock()
+
+    def _failed(self, exc: BatchOperationError) -> set[str]:
+        with self._lock:
+            self.stats.raised[type(exc).__name__] += 1
+            self.stats.keys_lost += len(exc.failed)
+        return set(exc.failed)
+
+    def run_batch(self, index: int) -> None:
+        batch = make_batch(index * self.samples, self.samples, self.seq_len, self.seed + index)
+        keys, values = batch["keys"], batch["values"]
+        try:
+            metas = self.client.put(keys, values)
+            written = list(range(len(keys)))
+        except BatchOperationError as exc:
+            lost = self._failed(exc)
+            written = [i for i, k in enumerate(keys) if k not in lost]
+            metas = None
+        with self._lock:
+            self.stats.keys_written += len(written)
+        if metas is None:  # a failed put returns no metadata: read with shapes and dtypes, as TQ would
+            shapes = [list(values[i].shape) if isinstance(values[i], torch.Tensor) else None for i in written]
+            dtypes = [values[i].dtype if isinstance(values[i], torch.Tensor) else None for i in written]
+            read: dict[str, Any] = {"shapes": shapes, "dtypes": dtypes}
+        else:
+            read = {"custom_backend_meta": [metas[i] for i in written]}
+        names = [keys[i] for i in written]
+        try:
+            got = self.client.get(names, **read)
+            checked = list(zip(written, got, strict=True))
+        except BatchOperationError as exc:
+            self._failed(exc)
+            checked = []
+        wrong = sum(not same(values[i], value) for i, value in checked)
+        with self._lock:
+            self.stats.values_checked += len(checked)
+            self.stats.wrong += wrong
+        try:
+            self.client.clear(keys)
+        except BatchOperationError as exc:
+            self._failed(exc)
+        with self._lock:
+            self.stats.batches += 1
+
+    def run(
+        self,
+        stop: threading.Event,
+        duration_s: float | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> WorkloadStats:
+        """Batches until ``stop`` is set or ``duration_s`` has passed; ``on_batch(index)`` after each."""
+        end = time.monotonic() + duration_s if duration_s is not None else None
+        index = 0
+        while not stop.is_set() and (end is None or time.monotonic() < end):
+            self.run_batch(index)
+            if on_batch is not None:
+                on_batch(index)
+            index += 1
+        return self.stats

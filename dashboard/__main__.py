@@ -1,0 +1,10 @@
+"""``python -m tq_mooncake.dashboard [options]``: the same as ``tq-mooncake dashboard [options]``."""
+
+from __future__ import annotations
+
+import sys
+
+from tq_mooncake.client.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["dashboard", *sys.argv[1:]]))

@@ -1,0 +1,271 @@
+"""The Streamlit page: how often the client retries, how often retries run out, with which codes, where.
+
+Run it with ``tq-mooncake dashboard`` or ``streamlit run <this file> -- --dir DIR`` (flags: ``settings``).
+Text that comes from metrics (host, service and code names) is only shown through ``st.dataframe``,
+widget options and charts, never as Markdown or HTML.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from tq_mooncake.dashboard import metrics as m
+from tq_mooncake.dashboard.settings import WINDOWS, Settings, Thresholds, parse_settings
+from tq_mooncake.dashboard.sources import FileSource, PrometheusSource, Snapshot, Source
+from tq_mooncake.dashboard.tiles import Tile, duration, percent, tiles
+
+APP = Path(__file__).resolve()
+OPERATIONS = ("put", "get", "clear")
+ALL_SPAN_PROMETHEUS = WINDOWS["7d"]
+WINDOW_NAMES = {
+    "1m": "last minute",
+    "5m": "last 5 min",
+    "15m": "last 15 min",
+    "1h": "last hour",
+    "6h": "last 6 h",
+    "24h": "last 24 h",
+    "7d": "last 7 days",
+    "all": "all data",
+}
+
+
+def script_argv() -> list[str]:
+    """The script's flags under ``streamlit run app.py -- ...``; none when another program (a test) runs it."""
+    return sys.argv[1:] if sys.argv and Path(sys.argv[0]).resolve() == APP else []
+
+
+def initial_settings(argv: Sequence[str]) -> Settings:
+    return parse_settings(argv)
+
+
+def source_for(kind: str, target: str) -> Source:
+    """This browser session's source (kept in session state: a file source remembers its offsets)."""
+    key = (kind, target)
+    if st.session_state.get("_source_key") != key:
+        st.session_state["_source"] = PrometheusSource(target) if kind == "Prometheus" else FileSource(target)
+        st.session_state["_source_key"] = key
+    return st.session_state["_source"]
+
+
+def sidebar(settings: Settings) -> tuple[Source, str, Thresholds, float | None]:
+    """Source, window, thresholds and refresh period chosen in the sidebar."""
+    with st.sidebar:
+        st.header("Source")
+        kind = st.radio("Read from", ["Files", "Prometheus"], index=1 if settings.prometheus else 0, key="kind")
+        if kind == "Files":
+            target = st.text_input("Folder of OTLP JSON-lines files", settings.folder, key="folder")
+        else:
+            target = st.text_input("Prometheus URL", settings.prometheus or "http://127.0.0.1:9090", key="url")
+        window = st.selectbox(
+            "Time window",
+            list(WINDOWS),
+            index=list(WINDOWS).index(settings.window),
+            format_func=WINDOW_NAMES.__getitem__,
+            key="window",
+        )
+        auto = st.toggle("Auto-refresh", value=not settings.paused, key="auto")
+        every = st.number_input("Refresh every (s)", 1.0, 3600.0, float(settings.refresh_s), 1.0, key="every")
+        with st.expander("Alert thresholds"):
+            t = settings.thresholds
+            thresholds = Thresholds(
+                st.number_input(
+                    "Retry rate (share of operations)", 0.0, 1.0, t.retry_rate, 0.01, "%.4f", key="a_retry"
+                ),
+                st.number_input("Exhaustion rate (share)", 0.0, 1.0, t.exhaustion_rate, 0.001, "%.4f", key="a_exh"),
+                st.number_input("Key failures/s", 0.0, None, t.key_failures_per_s, 1.0, key="a_keys"),
+                st.number_input("p99 latency (s)", 0.0, None, t.p99_s, 0.1, key="a_p99"),
+            )
+    default = settings.folder if kind == "Files" else (settings.prometheus or "http://127.0.0.1:9090")
+    return source_for(kind, target.strip() or default), window, thresholds, (every if auto else None)
+
+
+def show_tile(tile: Tile) -> None:
+    with st.container(border=True):
+        st.metric(tile.label, tile.value, tile.delta, "inverse" if tile.worse_when_up else "normal", help=tile.help)
+        st.caption(tile.caption)
+        if tile.alert:
+            st.markdown(f":red[**ALERT** above {tile.threshold}]")
+        elif tile.threshold:
+            st.markdown(f":green[ok] (alert above {tile.threshold})")
+
+
+def frame(rows: list[tuple[float, dict[str, float | None]]]) -> pd.DataFrame:
+    index = pd.to_datetime([t for t, _ in rows], unit="s", utc=True)
+    return pd.DataFrame([r for _, r in rows], index=index).astype(float)
+
+
+def lines(rows: list[tuple[float, dict[str, float | None]]], unit: str, start: float, end: float) -> None:
+    """A line chart over the window with a dot per interval that has data (intervals without are left out)."""
+    long = frame(rows).rename_axis("time").reset_index().melt("time", var_name="series", value_name=unit).dropna()
+    domain = [pd.Timestamp(start, unit="s", tz="UTC").isoformat(), pd.Timestamp(end, unit="s", tz="UTC").isoformat()]
+    chart = (
+        alt.Chart(long)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("time:T", title=None, scale=alt.Scale(domain=domain)),
+            y=alt.Y(f"{unit}:Q"),
+            color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom")),
+        )
+    )
+    st.altair_chart(chart)
+
+
+def charts(snapshot: Snapshot, start: float, end: float, keep: m.Filter) -> None:
+    step = max(1.0, (end - start) / 30)
+    series = m.time_series(snapshot.increments, start, end, step, keep)
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Retry and exhaustion rate")
+        st.caption("share of operations in each interval, %")
+        rows = [(t, {"retried %": _pct(f.retry_rate), "exhausted %": _pct(f.exhaustion_rate)}) for t, f in series]
+        lines(rows, "%", start, end)
+    with right:
+        st.subheader("Failed keys by error code")
+        st.caption("key failures per second (per attempt), stacked by code")
+        codes = sorted({code for _, f in series for code in f.key_failures})
+        if codes:
+            st.bar_chart(frame([(t, {code: f.key_failures[code] / step for code in codes}) for t, f in series]))
+        else:
+            st.caption("no key failed in this window")
+    left, right = st.columns(2)
+    whole = m.window_figures(snapshot.increments, start, end, keep)
+    with left:
+        st.subheader("Attempts by attempt number")
+        st.caption("store calls per attempt number in the window (1 = first try; 10 = 10th and later)")
+        if whole.attempts:
+            depth = pd.DataFrame({"attempts": [whole.attempts[n] for n in sorted(whole.attempts)]})
+            depth.index = pd.Index(sorted(whole.attempts), name="attempt")
+            st.bar_chart(depth)
+    with right:
+        st.subheader("Operation latency")
+        st.caption("p50 / p90 / p99 of client-call duration per interval, ms")
+        quantiles = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+        rows = [(t, {k: _ms(f.latency_quantile(q)) for k, q in quantiles.items()}) for t, f in series]
+        lines(rows, "ms", start, end)
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else x * 100
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else x * 1000
+
+
+def host_table(snapshot: Snapshot, start: float, end: float, keep: m.Filter) -> None:
+    st.subheader("Per host and process, worst first")
+    rows = []
+    for origin, f in m.by_origin(snapshot.increments, start, end, keep):
+        who = dict(origin)
+        rows.append(
+            {
+                "host": who.get("host", ""),
+                "process": who.get("process", ""),
+                "service": who.get("service", ""),
+                "operations": f.operations,
+                "ops/s": f.ops_per_s,
+                "retried": percent(f.retry_rate),
+                "retries/op": f.retries_per_operation,
+                "exhausted": percent(f.exhaustion_rate),
+                "failed": percent(f.failure_rate),
+                "key failures/s": f.key_failures_per_s,
+                "p99": duration(f.latency_quantile(0.99)),
+            }
+        )
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+
+def window_bounds(window: str, snapshot_all: Snapshot | None, now: float, prometheus: bool) -> tuple[float, float]:
+    seconds = WINDOWS[window]
+    if seconds is not None:
+        return now - seconds, now
+    if prometheus or snapshot_all is None or not snapshot_all.increments:
+        return now - (ALL_SPAN_PROMETHEUS or 0), now
+    return min(i.time for i in snapshot_all.increments) - 1.0, now
+
+
+def empty_state(source: Source, snapshot: Snapshot, window: str, now: float) -> bool:
+    """Say why there is nothing to show, if so; True when the page should stop here."""
+    if snapshot.error:
+        st.warning("Cannot read the metrics source.")
+        st.code(snapshot.error, language=None)
+        if isinstance(source, FileSource):
+            st.info(
+                "Start clients with TQ_MOONCAKE_TELEMETRY_DIR set to this folder (or call "
+                "tq_mooncake.telemetry.configure(telemetry_dir=...)); their metrics-*.jsonl files appear there."
+            )
+        return True
+    if snapshot.newest is None:
+        st.info(
+            "No tq-mooncake metrics in this source yet. Clients export them every OTEL_METRIC_EXPORT_INTERVAL "
+            "(60 s by default) and at exit."
+        )
+        return True
+    if not snapshot.increments:
+        st.info(f"No operations in the {WINDOW_NAMES[window]}: the newest data is {_age(now - snapshot.newest)} old.")
+        return True
+    return False
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{max(seconds, 0):.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def body(source: Source, window: str, thresholds: Thresholds) -> None:
+    """Everything below the title: reloaded by the auto-refresh fragment."""
+    now = time.time()
+    prometheus = isinstance(source, PrometheusSource)
+    seconds = WINDOWS[window]
+    if seconds is None:
+        snapshot = source.load(now - (ALL_SPAN_PROMETHEUS or 0) if prometheus else 0.0, now)
+        start, end = window_bounds(window, snapshot, now, prometheus)
+        before_start = start
+    else:
+        start, end = now - seconds, now
+        before_start = start - seconds
+        snapshot = source.load(before_start, end)
+    if snapshot.skipped_lines:
+        st.warning(f"{snapshot.skipped_lines} malformed line(s) skipped. The last one:")
+        st.code(snapshot.last_problem, language=None)
+    if empty_state(source, snapshot, window, now):
+        return
+    ops_col, hosts_col = st.columns(2)
+    operations = ops_col.multiselect("Operation", OPERATIONS, placeholder="all operations", key="ops")
+    hosts = hosts_col.multiselect("Host", m.hosts_of(snapshot.increments), placeholder="all hosts", key="hosts")
+    keep = m.make_filter(operations, hosts)
+    current = m.window_figures(snapshot.increments, start, end, keep)
+    previous = m.window_figures(snapshot.increments, before_start, start, keep)
+    if not current.operations:
+        st.info(f"No operations match the filters in the {WINDOW_NAMES[window]}.")
+    for column, tile in zip(st.columns(6), tiles(current, previous, thresholds), strict=True):
+        with column:
+            show_tile(tile)
+    charts(snapshot, start, end, keep)
+    host_table(snapshot, start, end, keep)
+    caption = f"{WINDOW_NAMES[window]}, compared with the window before it · updated {time.strftime('%H:%M:%S')}"
+    if isinstance(source, FileSource):
+        caption += f" · {snapshot.files} file(s)"
+    st.caption(caption)
+
+
+def main() -> None:
+    st.set_page_config(page_title="tq-mooncake retries", page_icon="🔁", layout="wide")
+    settings = initial_settings(tuple(script_argv()))
+    source, window, thresholds, every = sidebar(settings)
+    st.title("tq-mooncake: retries and exhaustion")
+    st.text(source.description)
+    st.fragment(run_every=every)(body)(source, window, thresholds)
+
+
+main()

@@ -1,0 +1,433 @@
+"""The dashboard's arithmetic, free of Streamlit and of I/O beyond reading files: OTLP JSON lines become
+cumulative points, points become increments (differencing each series, resets handled), and increments
+become windowed figures (rates, ratios, histogram quantiles).
+
+Both sources end in the same ``Increment`` list, so every figure is computed the same way whether the
+metrics came from files or from Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Container, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tq_mooncake.telemetry import conventions as c
+
+Labels = tuple[tuple[str, str], ...]
+
+BUCKET = "#bucket"  # suffix of a histogram's per-``le`` cumulative counts (Prometheus' ``_bucket``)
+COUNT = "#count"  # suffix of a histogram's observation count (Prometheus' ``_count``)
+LE = "le"
+FAILURE_OUTCOMES = ("exhausted", "non_retryable", "budget_denied", "deadline_exceeded")
+WANTED: frozenset[str] = frozenset(
+    {
+        c.OPERATIONS_METRIC,
+        c.ATTEMPTS_METRIC,
+        c.KEYS_METRIC,
+        c.KEYS_FAILED_METRIC,
+        c.OPERATION_DURATION_METRIC + BUCKET,
+        c.RETRY_DELAY_METRIC + COUNT,
+    }
+)
+"""The series the dashboard uses; other metrics are not kept."""
+LATENCY_BOUNDS = (*c.DURATION_BUCKETS_S, math.inf)
+
+
+def labels(mapping: Mapping[str, Any]) -> Labels:
+    """A hashable, sorted label set; empty values are dropped (Prometheus fills missing labels with "")."""
+    return tuple(sorted((str(k), str(v)) for k, v in mapping.items() if v is not None and str(v) != ""))
+
+
+def format_le(bound: float) -> str:
+    """A histogram bound as an ``le`` label: ``+Inf`` or the float's repr (``0.005``, ``1.0``)."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+@dataclass(frozen=True)
+class Point:
+    """One exported value of one series.
+
+    ``metric`` is the OpenTelemetry name (histograms: ``<name>#bucket`` with an ``le`` label, ``<name>#count``);
+    ``origin`` says who reported it (``host``, ``process``, ``service``); ``time`` and ``start`` are seconds
+    since the epoch (``start``: when a cumulative counter began, None if unknown); ``delta`` is true when the
+    value already is an increment (delta temporality).
+    """
+
+    metric: str
+    origin: Labels
+    attrs: Labels
+    time: float
+    value: float
+    start: float | None = None
+    delta: bool = False
+
+    @property
+    def key(self) -> tuple[str, Labels, Labels]:
+        return self.metric, self.origin, self.attrs
+
+
+@dataclass(frozen=True)
+class Increment:
+    """What a series added up to ``time`` since its previous point."""
+
+    metric: str
+    origin: Labels
+    attrs: Labels
+    time: float
+    value: float
+
+    def attr(self, name: str, default: str = "") -> str:
+        return next((v for k, v in self.attrs if k == name), default)
+
+    def who(self, name: str) -> str:
+        return next((v for k, v in self.origin if k == name), "")
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def _any_value(value: Mapping[str, Any]) -> str:
+    for kind in ("stringValue", "intValue", "doubleValue", "boolValue"):
+        if kind in value:
+            return str(value[kind])
+    if "arrayValue" in value:
+        return ",".join(_any_value(v) for v in value["arrayValue"].get("values", []))
+    return ""
+
+
+def _attributes(items: Iterable[Mapping[str, Any]] | None) -> dict[str, str]:
+    return {str(kv["key"]): _any_value(kv.get("value", {})) for kv in items or []}
+
+
+def _seconds(nanos: Any) -> float | None:
+    return int(nanos) / 1e9 if nanos not in (None, "", "0", 0) else None
+
+
+def _origin(resource: Mapping[str, str]) -> Labels:
+    return labels(
+        {
+            "host": resource.get(c.RESOURCE_HOST_NAME, ""),
+            "process": resource.get(c.RESOURCE_PROCESS_PID, ""),
+            "service": resource.get(c.RESOURCE_SERVICE_NAME, ""),
+        }
+    )
+
+
+def _sum_points(metric: Mapping[str, Any], origin: Labels, wanted: Container[str]) -> Iterable[Point]:
+    name, data = metric["name"], metric["sum"]
+    if name not in wanted:
+        return
+    delta = int(data.get("aggregationTemporality", 2)) == 1
+    for dp in data.get("dataPoints", []):
+        value = float(dp["asInt"]) if "asInt" in dp else float(dp.get("asDouble", 0.0))
+        time = _seconds(dp["timeUnixNano"])
+        if time is None:
+            raise ValueError("a data point without timeUnixNano")
+        attrs = labels(_attributes(dp.get("attributes")))
+        yield Point(name, origin, attrs, time, value, _seconds(dp.get("startTimeUnixNano")), delta)
+
+
+def _histogram_points(metric: Mapping[str, Any], origin: Labels, wanted: Container[str]) -> Iterable[Point]:
+    name, data = metric["name"], metric["histogram"]
+    want_buckets, want_count = name + BUCKET in wanted, name + COUNT in wanted
+    if not (want_buckets or want_count):
+        return
+    delta = int(data.get("aggregationTemporality", 2)) == 1
+    for dp in data.get("dataPoints", []):
+        time = _seconds(dp["timeUnixNano"])
+        if time is None:
+            raise ValueError("a data point without timeUnixNano")
+        start = _seconds(dp.get("startTimeUnixNano"))
+        attrs = _attributes(dp.get("attributes"))
+        if want_count:
+            yield Point(name + COUNT, origin, labels(attrs), time, float(dp.get("count", 0)), start, delta)
+        counts = [float(n) for n in dp.get("bucketCounts", [])]
+        bounds = [float(b) for b in dp.get("explicitBounds", [])] + [math.inf]
+        if want_buckets and counts:
+            if len(counts) != len(bounds):
+                raise ValueError(f"{len(counts)} bucket counts for {len(bounds)} buckets")
+            running = 0.0
+            for bound, n in zip(bounds, counts, strict=True):
+                running += n
+                le = labels({**attrs, LE: format_le(bound)})
+                yield Point(name + BUCKET, origin, le, time, running, start, delta)
+
+
+def parse_metrics_line(line: str, wanted: Container[str] = WANTED) -> list[Point]:
+    """The points of one OTLP/JSON line (an ``ExportMetricsServiceRequest``, as the SDK's and the Collector's
+    file exporters write them). Sums and histograms only; lines of other signals (``resourceSpans``, ...)
+    give ``[]``. Raises ValueError for a line that is not such an object."""
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise ValueError("not a JSON object")
+    if "resourceMetrics" not in request:
+        if any(k in request for k in ("resourceSpans", "resourceLogs", "resourceProfiles")):
+            return []
+        raise ValueError("no resourceMetrics")
+    points: list[Point] = []
+    try:
+        for rm in request["resourceMetrics"]:
+            origin = _origin(_attributes(rm.get("resource", {}).get("attributes")))
+            for sm in rm.get("scopeMetrics", []):
+                for metric in sm.get("metrics", []):
+                    if "sum" in metric:
+                        points.extend(_sum_points(metric, origin, wanted))
+                    elif "histogram" in metric:
+                        points.extend(_histogram_points(metric, origin, wanted))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"malformed OTLP metrics: {type(exc).__name__} {exc}") from None
+    return points
+
+
+@dataclass
+class TailReader:
+    """Reads the complete lines appended to files since the previous call, remembering each file's offset
+    (a line without its newline yet waits for the next call). A file that shrank or was replaced is read
+    again from the start."""
+
+    offsets: dict[Path, tuple[int, int]] = field(default_factory=dict)  # path -> (inode, offset)
+
+    def new_lines(self, path: Path) -> list[str]:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            self.offsets.pop(path, None)
+            return []
+        inode, offset = self.offsets.get(path, (stat.st_ino, 0))
+        if inode != stat.st_ino or stat.st_size < offset:
+            offset = 0
+        if stat.st_size == offset:
+            self.offsets[path] = (stat.st_ino, offset)
+            return []
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self.offsets[path] = (stat.st_ino, offset + end)
+        return [line for line in data[:end].decode("utf-8", errors="replace").splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ increments
+
+
+@dataclass
+class Differencer:
+    """Turns points into increments, series by series. The first point of a series counts from zero (a
+    counter starts at 0); later ones count their difference to the previous point. A new start time or a
+    lower value is a reset (a restarted process): the new value counts from zero, never negatively. Points
+    not newer than the series' last point are ignored (re-read or out of order)."""
+
+    last: dict[tuple[str, Labels, Labels], Point] = field(default_factory=dict)
+    ignored: int = 0
+
+    def add(self, points: Iterable[Point]) -> list[Increment]:
+        out: list[Increment] = []
+        for p in points:
+            prev = self.last.get(p.key)
+            if prev is not None and p.time <= prev.time:
+                self.ignored += 1
+                continue
+            self.last[p.key] = p
+            if p.delta or prev is None:
+                value = p.value
+            elif (p.start is not None and prev.start is not None and p.start != prev.start) or p.value < prev.value:
+                value = p.value
+            else:
+                value = p.value - prev.value
+            if value:
+                out.append(Increment(p.metric, p.origin, p.attrs, p.time, value))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def ratio(part: float, whole: float) -> float | None:
+    """``part / whole``, None when ``whole`` is 0 (no data is not a 0% rate)."""
+    return part / whole if whole else None
+
+
+def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
+    """Prometheus' ``histogram_quantile``: ``buckets`` maps upper bounds (``inf`` included) to cumulative
+    counts; linear interpolation inside the bucket holding the rank, 0 as the first bucket's lower bound,
+    the largest finite bound when the rank falls in the ``+Inf`` bucket. None without observations."""
+    if not buckets:
+        return None
+    bounds = sorted(buckets)
+    counts, running = [], 0.0
+    for b in bounds:  # cumulative counts must not decrease
+        running = max(running, buckets[b])
+        counts.append(running)
+    total = counts[-1]
+    if total <= 0:
+        return None
+    rank = min(max(q, 0.0), 1.0) * total
+    for i, (bound, count) in enumerate(zip(bounds, counts, strict=True)):
+        if count >= rank:
+            if math.isinf(bound):
+                finite = [b for b in bounds if not math.isinf(b)]
+                return finite[-1] if finite else None
+            lower = bounds[i - 1] if i > 0 else min(0.0, bound)
+            below = counts[i - 1] if i > 0 else 0.0
+            if count == below:
+                return bound
+            return lower + (bound - lower) * (rank - below) / (count - below)
+    return None
+
+
+@dataclass
+class Figures:
+    """Totals of one window (``seconds`` long) and what follows from them."""
+
+    seconds: float
+    operations: float = 0.0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    retried_operations: float = 0.0  # calls that retried at least once (mooncake.client.retry.delay count)
+    attempts: Counter[int] = field(default_factory=Counter)  # by attempt number (10 = 10th and later)
+    key_failures: Counter[str] = field(default_factory=Counter)  # per attempt, by error code
+    keys: Counter[str] = field(default_factory=Counter)  # by final result: ok, retried_ok, failed
+    latency: Counter[float] = field(default_factory=lambda: Counter(dict.fromkeys(LATENCY_BOUNDS, 0.0)))
+    """operation.duration: upper bound -> cumulative count. Every bound of the conventions is present, so that
+    buckets with no increment (differencing drops zeros) still bound the interpolation."""
+
+    def add(self, inc: Increment) -> None:
+        metric, value = inc.metric, inc.value
+        if metric == c.OPERATIONS_METRIC:
+            self.operations += value
+            self.outcomes[inc.attr(c.OUTCOME, "unknown")] += value
+        elif metric == c.ATTEMPTS_METRIC:
+            attempt = inc.attr(c.ATTEMPT, "1")
+            self.attempts[int(attempt) if attempt.isdigit() else 0] += value
+        elif metric == c.KEYS_FAILED_METRIC:
+            self.key_failures[inc.attr(c.ERROR_TYPE, c.ERROR_TYPE_OTHER)] += value
+        elif metric == c.KEYS_METRIC:
+            self.keys[inc.attr(c.RESULT, "unknown")] += value
+        elif metric == c.OPERATION_DURATION_METRIC + BUCKET:
+            self.latency[float(inc.attr(LE, "+Inf"))] += value
+        elif metric == c.RETRY_DELAY_METRIC + COUNT:
+            self.retried_operations += value
+
+    @property
+    def ops_per_s(self) -> float | None:
+        return self.operations / self.seconds if self.seconds > 0 else None
+
+    @property
+    def retry_rate(self) -> float | None:
+        """Share of operations that retried at least once."""
+        return ratio(self.retried_operations, self.operations)
+
+    @property
+    def retries(self) -> float:
+        return sum(n for attempt, n in self.attempts.items() if attempt != 1)
+
+    @property
+    def retries_per_operation(self) -> float | None:
+        return ratio(self.retries, self.operations)
+
+    @property
+    def retry_share_of_attempts(self) -> float | None:
+        """Share of store calls that were retries (the PromQL retry rate of CONVENTIONS.md)."""
+        return ratio(self.retries, sum(self.attempts.values()))
+
+    def outcome_rate(self, outcome: str) -> float | None:
+        return ratio(self.outcomes[outcome], self.operations)
+
+    @property
+    def exhaustion_rate(self) -> float | None:
+        """Share of operations whose retries ran out (``exhausted``)."""
+        return self.outcome_rate("exhausted")
+
+    @property
+    def failure_rate(self) -> float | None:
+        return ratio(sum(self.outcomes[o] for o in FAILURE_OUTCOMES), self.operations)
+
+    @property
+    def key_failures_per_s(self) -> float | None:
+        return sum(self.key_failures.values()) / self.seconds if self.seconds > 0 else None
+
+    @property
+    def failed_keys_per_s(self) -> float | None:
+        """Keys that failed for good (final result ``failed``), per second."""
+        return self.keys["failed"] / self.seconds if self.seconds > 0 else None
+
+    def latency_quantile(self, q: float) -> float | None:
+        return histogram_quantile(q, self.latency)
+
+
+Filter = Callable[[Increment], bool]
+
+
+def make_filter(operations: Iterable[str] | None = None, hosts: Iterable[str] | None = None) -> Filter:
+    """Keep increments of these operations and hosts (None or empty: all)."""
+    ops, hs = set(operations or ()), set(hosts or ())
+
+    def keep(inc: Increment) -> bool:
+        return (not ops or inc.attr(c.OPERATION) in ops) and (not hs or inc.who("host") in hs)
+
+    return keep
+
+
+def window_figures(increments: Iterable[Increment], start: float, end: float, keep: Filter | None = None) -> Figures:
+    """Totals of the increments with ``start < time <= end``."""
+    figures = Figures(end - start)
+    for inc in increments:
+        if start < inc.time <= end and (keep is None or keep(inc)):
+            figures.add(inc)
+    return figures
+
+
+def time_series(
+    increments: Iterable[Increment], start: float, end: float, step: float, keep: Filter | None = None
+) -> list[tuple[float, Figures]]:
+    """``(bin end, figures)`` for the bins ``(start + i*step, start + (i+1)*step]`` covering the window."""
+    n = max(1, math.ceil((end - start) / step - 1e-9))
+    bins = [Figures(step) for _ in range(n)]
+    for inc in increments:
+        if start < inc.time <= end and (keep is None or keep(inc)):
+            bins[min(n - 1, max(0, math.ceil((inc.time - start) / step) - 1))].add(inc)
+    return [(start + (i + 1) * step, f) for i, f in enumerate(bins)]
+
+
+def by_origin(
+    increments: Iterable[Increment], start: float, end: float, keep: Filter | None = None
+) -> list[tuple[Labels, Figures]]:
+    """Figures per reporting process, the worst first: exhaustion rate, then failure rate, then retry rate,
+    then operations (all descending)."""
+    groups: dict[Labels, Figures] = {}
+    for inc in increments:
+        if start < inc.time <= end and (keep is None or keep(inc)):
+            groups.setdefault(inc.origin, Figures(end - start)).add(inc)
+
+    def badness(item: tuple[Labels, Figures]) -> tuple[float, ...]:
+        f = item[1]
+        return (-(f.exhaustion_rate or 0.0), -(f.failure_rate or 0.0), -(f.retry_rate or 0.0), -f.operations)
+
+    return sorted(groups.items(), key=badness)
+
+
+def hosts_of(increments: Iterable[Increment]) -> list[str]:
+    return sorted({inc.who("host") for inc in increments} - {""})
+
+
+def file_list(folder: Path, patterns: Iterable[str]) -> list[Path]:
+    """Files in ``folder`` matching ``patterns``, oldest first (so earlier points are read first); trace and
+    log files of the SDK exporter are left out."""
+    found = {p for pattern in patterns for p in folder.glob(pattern) if p.is_file()}
+    found = {p for p in found if not p.name.startswith(("traces-", "logs-"))}
+
+    def mtime(p: Path) -> float:
+        try:
+            return os.stat(p).st_mtime
+        except OSError:
+            return 0.0
+
+    return sorted(found, key=lambda p: (mtime(p), p.name))

@@ -1,0 +1,231 @@
+"""The dashboard in a real browser: start the app on a free loopback port, open it in Debian's headless
+Chromium (Selenium with ``/usr/bin/chromedriver``; no browser is ever downloaded), wait for the tiles, read
+them and save a screenshot. The browser test and the README's picture use this same code:
+
+    python -m tq_mooncake.dashboard.screenshot --out docs/dashboard.png
+
+starts a ``mooncake_master`` on loopback, runs two faulty workloads (``sample_run``, faults growing over the
+run) that export metrics to a temp folder, starts the dashboard on it and saves the screenshot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tq_mooncake.client.local_cluster import LOOPBACK, MasterProcess, free_port, wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+)
+TILE_LABELS = ("Operations/s", "Retry rate", "Exhaustion rate", "Key failures/s", "p50 latency", "p99 latency")
+
+
+class RunningApp:
+    """The dashboard as ``tq-mooncake dashboard`` starts it, on ``127.0.0.1:<free port>``; ``stop()`` ends it."""
+
+    def __init__(self, app_args: Sequence[str], log_path: Path, port: int | None = None) -> None:
+        from tq_mooncake.client.cli import dashboard_command
+        from tq_mooncake.dashboard.settings import parse_settings
+
+        self.port = port or free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}/"
+        self.command = dashboard_command(parse_settings(app_args), LOOPBACK, self.port)
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}_stcore/health", timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 60.0) -> RunningApp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        try:
+            wait_until(lambda: self.healthy() or self.proc.poll() is not None, timeout, f"the dashboard on {self.url}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the dashboard exited with {self.proc.returncode}:\n{self.log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_tail(self, n: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def __enter__(self) -> RunningApp:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def chromium(user_data_dir: Path, width: int = 1600, height: int = 2000) -> Iterator[Any]:
+    """A Selenium driver for Debian's headless Chromium with a fresh profile in ``user_data_dir``; quit on exit.
+    Fails (never downloads) when ``/usr/bin/chromium`` or ``/usr/bin/chromedriver`` is missing."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for binary in (CHROMIUM, CHROMEDRIVER):
+        if not Path(binary).is_file():
+            raise FileNotFoundError(
+                f"{binary} is missing: run `make setup` (Debian packages chromium, chromium-driver)"
+            )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={user_data_dir}")
+    options.add_argument(f"--window-size={width},{height}")
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def read_tiles(driver: Any) -> dict[str, str]:
+    """Tile label -> the value it shows, for the tiles on the page now."""
+    from selenium.webdriver.common.by import By
+
+    tiles = {}
+    for metric in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]'):
+        label = metric.find_elements(By.CSS_SELECTOR, '[data-testid="stMetricLabel"]')
+        value = metric.find_elements(By.CSS_SELECTOR, '[data-testid="stMetricValue"]')
+        if label and value:
+            tiles[label[0].text.strip()] = value[0].text.strip()
+    return tiles
+
+
+def _settled(driver: Any, charts: int) -> bool:
+    """Every tile shown, ``charts`` charts drawn, the table drawn, and no script run in progress."""
+    from selenium.webdriver.common.by import By
+
+    if set(TILE_LABELS) - set(read_tiles(driver)):
+        return False
+    drawn = driver.find_elements(
+        By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg'
+    )
+    grids = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stDataFrame"] canvas')
+    running = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"] button')
+    return len(drawn) >= charts and bool(grids) and not running
+
+
+def open_dashboard(driver: Any, url: str, timeout: float = 60.0, charts: int = 4) -> dict[str, str]:
+    """Load ``url``, wait (polling) until the page has settled, and return its tiles."""
+    driver.get(url)
+    wait_until(lambda: _settled(driver, charts), timeout, "the dashboard's tiles and charts", interval=0.2)
+    return read_tiles(driver)
+
+
+def screenshot(driver: Any, out: Path) -> Path:
+    """Save what the browser shows as a PNG."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not driver.save_screenshot(str(out)):
+        raise RuntimeError(f"could not save a screenshot to {out}")
+    return out
+
+
+def run_workloads(master: MasterProcess, folder: Path, specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``sample_run`` processes side by side, exporting into ``folder``; each spec gives ``service``,
+    ``operations``, ``seconds``, ``ramp``, ``seed`` (and optionally ``env``). Returns their JSON tallies."""
+    procs = []
+    for spec in specs:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TQ_MOONCAKE_"))}
+        env.update(TQ_MOONCAKE_TELEMETRY_DIR=str(folder), OTEL_SERVICE_NAME=spec.get("service", "demo"))
+        env["OTEL_METRIC_EXPORT_INTERVAL"] = "1000"
+        env.update(spec.get("env", {}))
+        args = [sys.executable, "-m", "tq_mooncake.dashboard.sample_run", "--master", master.address]
+        args += ["--metadata", master.metadata_server, "--operations", str(spec.get("operations", 40))]
+        args += ["--seconds", str(spec.get("seconds", 0)), "--seed", str(spec.get("seed", 7))]
+        args += ["--ramp"] if spec.get("ramp") else []
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"sample_run exited with {proc.returncode}:\n{err[-3000:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def make_screenshot(out: Path, seconds: float = 120.0, window: str = "1m") -> dict[str, str]:
+    """The README's picture: two ramping workloads over ``seconds``, the dashboard on them, a screenshot."""
+    with tempfile.TemporaryDirectory(prefix="tq-dashboard-") as tmp:
+        work = Path(tmp)
+        with MasterProcess(work).start() as master:
+            ops = int(seconds * 4)
+            run_workloads(
+                master,
+                work / "telemetry",
+                [
+                    {"service": "trainer", "operations": ops, "seconds": seconds, "ramp": True, "seed": 3},
+                    {"service": "rollout", "operations": ops // 2, "seconds": seconds, "ramp": False, "seed": 5},
+                ],
+            )
+        app_args = ["--dir", str(work / "telemetry"), "--window", window, "--paused"]
+        with RunningApp(app_args, work / "dashboard.log") as app, chromium(work / "chromium") as driver:
+            tiles = open_dashboard(driver, app.url)
+            screenshot(driver, out)
+    return tiles
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Make the dashboard screenshot (docs/dashboard.png).")
+    parser.add_argument("--out", type=Path, default=Path("docs/dashboard.png"))
+    parser.add_argument("--seconds", type=float, default=120.0, help="how long the sample workloads run")
+    parser.add_argument("--window", default="1m", help="the dashboard's time window")
+    args = parser.parse_args(argv)
+    began = time.monotonic()
+    tiles = make_screenshot(args.out, args.seconds, args.window)
+    print(json.dumps({"out": str(args.out), "tiles": tiles, "seconds": round(time.monotonic() - began, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Where the dashboard's metrics come from: one ``Source`` interface, two implementations.
+
+* ``FileSource``: a folder of OTLP JSON-lines files (``metrics-<host>-<pid>.jsonl`` from ``configure()``, or
+  what the Collector's file exporter wrote), read incrementally.
+* ``PrometheusSource``: the Prometheus HTTP API (``/api/v1/query_range``) over urllib, with the series
+  names of the Prometheus translation (``telemetry/CONVENTIONS.md``).
+
+Both return ``Increment``s (see ``metrics``), so every figure is computed by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tq_mooncake.telemetry import conventions as c
+
+from .metrics import BUCKET, COUNT, WANTED, Differencer, Increment, Point, TailReader, file_list, labels
+from .metrics import parse_metrics_line as parse_line
+
+FILE_PATTERNS = ("*.jsonl", "*.json")
+MAX_POINTS = 1000  # per series and query; Prometheus refuses more than 11,000
+
+
+@dataclass
+class Snapshot:
+    """What a source holds for a time range: increments, plus what the page says about the source."""
+
+    increments: list[Increment]
+    newest: float | None = None  # time of the newest point seen, if any
+    files: int = 0  # files read (file source)
+    skipped_lines: int = 0  # malformed lines skipped so far (file source)
+    last_problem: str = ""  # why the last skipped line was skipped
+    error: str | None = None  # the source could not be read at all
+
+
+class Source(Protocol):
+    """Anything that can say what the counters added up over a time range."""
+
+    description: str
+
+    def load(self, start: float, end: float) -> Snapshot:
+        """The increments with ``start < time <= end`` (seconds since the epoch). Never raises for an
+        unreachable or empty source: ``Snapshot.error`` says what went wrong."""
+        ...
+
+
+class FileSource:
+    """OTLP JSON-lines files in ``folder`` (``*.jsonl``, ``*.json``; not ``traces-*``/``logs-*``). Each
+    ``load`` reads only the lines appended since the previous one; thread-safe."""
+
+    def __init__(self, folder: str | Path, retention_s: float = 7 * 86400) -> None:
+        self.folder = Path(folder)
+        self.description = f"files in {self.folder}"
+        self.retention_s = retention_s
+        self._tail = TailReader()
+        self._diff = Differencer()
+        self._increments: list[Increment] = []
+        self._newest: float | None = None
+        self._files: set[Path] = set()
+        self.skipped_lines = 0
+        self.last_problem = ""
+        self._lock = threading.Lock()
+
+    def refresh(self) -> int:
+        """Read what was appended since the last call; returns the number of new points."""
+        new = 0
+        for path in file_list(self.folder, FILE_PATTERNS):
+            self._files.add(path)
+            for line in self._tail.new_lines(path):
+                try:
+                    points = parse_line(line)
+                except ValueError as exc:
+                    self.skipped_lines += 1
+                    self.last_problem = f"{path.name}: {exc}"
+                    continue
+                new += len(points)
+                if points:
+                    newest = max(p.time for p in points)
+                    self._newest = newest if self._newest is None else max(self._newest, newest)
+                self._increments.extend(self._diff.add(points))
+        if self._newest is not None and self._increments and self._increments[0].time < self._newest - self.retention_s:
+            horizon = self._newest - self.retention_s
+            self._increments = [i for i in self._increments if i.time >= horizon]
+        return new
+
+    def load(self, start: float, end: float) -> Snapshot:
+        with self._lock:
+            if not self.folder.is_dir():
+                return Snapshot([], error=f"folder {self.folder} does not exist")
+            self.refresh()
+            return Snapshot(
+                [i for i in self._increments if start < i.time <= end],
+                newest=self._newest,
+                files=len(self._files),
+                skipped_lines=self.skipped_lines,
+                last_problem=self.last_problem,
+            )
+
+
+# ------------------------------------------------------------------------------------------------ Prometheus
+
+PROMETHEUS_SERIES: dict[str, str] = {
+    "mooncake_client_operations_total": c.OPERATIONS_METRIC,
+    "mooncake_client_attempts_total": c.ATTEMPTS_METRIC,
+    "mooncake_client_keys_total": c.KEYS_METRIC,
+    "mooncake_client_keys_failed_total": c.KEYS_FAILED_METRIC,
+    "mooncake_client_operation_duration_seconds_bucket": c.OPERATION_DURATION_METRIC + BUCKET,
+    "mooncake_client_retry_delay_seconds_count": c.RETRY_DELAY_METRIC + COUNT,
+}
+"""Prometheus series name -> the dashboard's metric name (the exporter's translation of CONVENTIONS.md)."""
+assert set(PROMETHEUS_SERIES.values()) == WANTED
+
+PROMETHEUS_LABELS: dict[str, str] = {
+    "mooncake_operation": c.OPERATION,
+    "mooncake_outcome": c.OUTCOME,
+    "mooncake_attempt": c.ATTEMPT,
+    "mooncake_result": c.RESULT,
+    "error_type": c.ERROR_TYPE,
+    "le": "le",
+}
+
+
+class PrometheusError(RuntimeError):
+    """The Prometheus API could not be reached or refused the query."""
+
+
+def query_step(seconds: float) -> float:
+    """A whole-second step giving at most ``MAX_POINTS`` points over ``seconds``."""
+    return float(max(1, math.ceil(seconds / MAX_POINTS)))
+
+
+@dataclass
+class PrometheusSource:
+    """Counters from a Prometheus server at ``url`` (e.g. ``http://127.0.0.1:9090``). Each ``load`` runs one
+    ``query_range`` for the dashboard's series (plus ``target_info`` for host, pid and service names) and
+    differences the values per series as the file source does: a series first seen inside the range counts
+    from zero, a drop is a counter reset."""
+
+    url: str
+    timeout_s: float = 10.0
+    description: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        self.description = f"Prometheus at {self.url}"
+
+    def query_range(self, query: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+        """The ``result`` of ``/api/v1/query_range`` (a matrix); PrometheusError on any failure."""
+        params = urllib.parse.urlencode({"query": query, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": step})
+        request = urllib.request.Request(
+            f"{self.url}/api/v1/query_range?{params}", headers={"Accept": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read()).get("error", "")
+            except (ValueError, OSError):
+                detail = ""
+            raise PrometheusError(f"{self.url} answered HTTP {exc.code} {detail}".strip()) from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise PrometheusError(f"cannot query {self.url}: {getattr(exc, 'reason', exc)}") from None
+        if body.get("status") != "success":
+            raise PrometheusError(f"{self.url}: {body.get('error', 'query failed')}")
+        return body.get("data", {}).get("result", [])
+
+    def load(self, start: float, end: float) -> Snapshot:
+        end = math.floor(end * 1000) / 1000  # Prometheus keeps milliseconds: its last timestamp must not pass `end`
+        step = query_step(end - start)
+        n = math.ceil((end - start) / step)
+        first = end - (n + 1) * step  # one step before the range: series seen there are a baseline
+        names = "|".join(sorted(PROMETHEUS_SERIES)) + "|target_info"
+        try:
+            result = self.query_range(f'{{__name__=~"{names}"}}', first, end, step)
+        except PrometheusError as exc:
+            return Snapshot([], error=str(exc))
+        origins = _origins([s for s in result if s.get("metric", {}).get("__name__") == "target_info"])
+        points: list[Point] = []
+        for series in result:
+            metric = dict(series.get("metric", {}))
+            name = PROMETHEUS_SERIES.get(metric.pop("__name__", ""))
+            if name is None:
+                continue
+            origin = origins.get((metric.get("job", ""), metric.get("instance", ""))) or labels(
+                {"host": metric.get("instance", ""), "service": metric.get("job", "")}
+            )
+            attrs = labels({PROMETHEUS_LABELS[k]: v for k, v in metric.items() if k in PROMETHEUS_LABELS})
+            for t, v in series.get("values", []):
+                value = float(v)
+                if math.isfinite(value):
+                    points.append(Point(name, origin, attrs, float(t), value))
+        points.sort(key=lambda p: p.time)
+        increments = [i for i in Differencer().add(points) if start < i.time <= end]
+        return Snapshot(increments, newest=max((p.time for p in points), default=None))
+
+
+def _origins(target_info: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[tuple[str, str], ...]]:
+    """(job, instance) -> host, process and service from ``target_info`` (the resource of OTel exporters)."""
+    out = {}
+    for series in target_info:
+        m = series.get("metric", {})
+        out[(m.get("job", ""), m.get("instance", ""))] = labels(
+            {
+                "host": m.get("host_name") or m.get("instance", ""),
+                "process": m.get("process_pid", ""),
+                "service": m.get("service_name") or m.get("job", ""),
+            }
+        )
+    return out
+
+
+def make_source(folder: str | Path | None = None, prometheus: str | None = None) -> Source:
+    """A PrometheusSource if ``prometheus`` is given, else a FileSource on ``folder``."""
+    if prometheus:
+        return PrometheusSource(prometheus)
+    return FileSource(folder if folder is not None else Path("telemetry-data"))

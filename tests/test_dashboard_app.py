@@ -1,0 +1,203 @@
+"""The Streamlit page under ``streamlit.testing.v1.AppTest``: tiles with their values, changes and alerts,
+filters, the empty states, malformed lines counted, and attribute text rendered as text."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tq_mooncake.client.local_cluster import free_port
+from tq_mooncake.dashboard import app as app_module
+
+APP = str(Path(app_module.__file__))
+HOSTILE = "<script>window.__xss=1</script><img src=x onerror=alert(1)>"
+BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+
+def kv(attrs: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"key": k, "value": {"stringValue": v}} for k, v in attrs.items()]
+
+
+def line(host: str, t: float, start: float, counts: dict[str, float], pid: int = 7) -> str:
+    """One OTLP JSON line, as the file exporter writes it, of cumulative put counters: ``counts`` holds
+    outcomes (``success``, ``exhausted``, ...), ``retried`` (retry.delay count), ``retries`` (attempt 2) and
+    ``failures`` (TRANSFER_FAIL key failures); every call took 3 ms."""
+    ns = {"startTimeUnixNano": str(int(start * 1e9)), "timeUnixNano": str(int(t * 1e9))}
+    put = {"mooncake.operation": "put"}
+    outcomes = {k: v for k, v in counts.items() if k not in ("retried", "retries", "failures")}
+
+    def sums(name: str, points: list[tuple[dict[str, str], float]]) -> dict[str, Any]:
+        dps = [{"attributes": kv(a), **ns, "asInt": str(int(v))} for a, v in points]
+        return {"name": name, "sum": {"dataPoints": dps, "aggregationTemporality": 2, "isMonotonic": True}}
+
+    total = sum(outcomes.values())
+    buckets = [0] * 3 + [int(total)] + [0] * 12  # 3 ms: the (0.0025, 0.005] bucket
+    metrics = [
+        sums("mooncake.client.operations", [({**put, "mooncake.outcome": o}, n) for o, n in outcomes.items()]),
+        sums(
+            "mooncake.client.attempts",
+            [({**put, "mooncake.attempt": "1", "mooncake.result": "ok"}, total)]
+            + [({**put, "mooncake.attempt": "2", "mooncake.result": "ok"}, counts.get("retries", 0))],
+        ),
+        sums("mooncake.client.keys.failed", [({**put, "error.type": "TRANSFER_FAIL"}, counts.get("failures", 0))]),
+        {
+            "name": "mooncake.client.operation.duration",
+            "histogram": {
+                "dataPoints": [
+                    {
+                        "attributes": kv({**put, "mooncake.outcome": "success"}),
+                        **ns,
+                        "count": str(int(total)),
+                        "sum": 0.003 * total,
+                        "bucketCounts": [str(b) for b in buckets],
+                        "explicitBounds": BUCKETS,
+                    }
+                ],
+                "aggregationTemporality": 2,
+            },
+        },
+        {
+            "name": "mooncake.client.retry.delay",
+            "histogram": {
+                "dataPoints": [
+                    {
+                        "attributes": kv({**put, "mooncake.outcome": "success_after_retry"}),
+                        **ns,
+                        "count": str(int(counts.get("retried", 0))),
+                        "sum": 0.0,
+                        "bucketCounts": [str(int(counts.get("retried", 0)))] + ["0"] * 15,
+                        "explicitBounds": BUCKETS,
+                    }
+                ],
+                "aggregationTemporality": 2,
+            },
+        },
+    ]
+    res = kv({"host.name": host, "service.name": "svc"}) + [{"key": "process.pid", "value": {"intValue": str(pid)}}]
+    return json.dumps({"resourceMetrics": [{"resource": {"attributes": res}, "scopeMetrics": [{"metrics": metrics}]}]})
+
+
+@pytest.fixture
+def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty telemetry folder the app reads (through TQ_MOONCAKE_TELEMETRY_DIR, as a client would set it)."""
+    path = tmp_path / "telemetry"
+    path.mkdir()
+    monkeypatch.setenv("TQ_MOONCAKE_TELEMETRY_DIR", str(path))
+    return path
+
+
+def write_two_windows(folder: Path, host: str = "node-a") -> None:
+    """Previous 15-min window: 100 calls, 5 retried, none exhausted. This window: 200 more calls (cumulative
+    300), 30 of them retried with 40 retries, 4 exhausted, 90 key failures."""
+    now = time.time()
+    start = now - 1500
+    lines = [
+        line(host, now - 1200, start, {"success": 95, "success_after_retry": 5, "retried": 5, "retries": 5}),
+        line(
+            host,
+            now - 60,
+            start,
+            {
+                "success": 261,
+                "success_after_retry": 34,
+                "exhausted": 4,
+                "budget_denied": 1,
+                "retried": 35,
+                "retries": 45,
+                "failures": 90,
+            },
+        ),
+    ]
+    (folder / "metrics-node-a-7.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def run_app() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def tiles(at: AppTest) -> dict[str, tuple[str, str | None]]:
+    return {metric.label: (metric.value, metric.delta) for metric in at.metric}
+
+
+def markdown(at: AppTest) -> list[str]:
+    return [
+        e.value
+        for kind in ("markdown", "caption", "info", "warning", "error", "title", "text")
+        for e in getattr(at, kind)
+    ]
+
+
+def test_tiles_show_this_window_against_the_previous_one_with_alerts(folder):
+    write_two_windows(folder)
+    at = run_app()
+    shown = tiles(at)
+    # this window: 200 calls (300 - 100), 30 retried (35 - 5), 4 exhausted, 1 budget-denied
+    assert shown["Retry rate"] == ("15.0%", "+10.00 pp")  # 30 / 200, before 5 / 100
+    assert shown["Exhaustion rate"] == ("2.0%", "+2.00 pp")
+    assert shown["Operations/s"] == ("0.22/s", "+0.11/s")  # 200 / 900 s, before 100 / 900 s
+    assert shown["Key failures/s"] == ("0.10/s", "+0.10/s")  # 90 / 900 s
+    assert shown["p50 latency"][0] == "3.8 ms"  # the middle of the (2.5 ms, 5 ms] bucket
+    text = markdown(at)
+    assert "**ALERT** above 5.0%" in " ".join(text)  # retry rate over the default 5% threshold
+    assert any("0.20 retries per operation" in t for t in text)  # 40 retries / 200
+    assert any("budget denied 0.50%" in t for t in text)
+    table = at.dataframe[0].value
+    assert list(table["host"]) == ["node-a"] and list(table["operations"]) == [200]
+
+
+def test_filters_and_thresholds_change_the_tiles(folder):
+    write_two_windows(folder)
+    at = run_app()
+    at.multiselect(key="ops").set_value(["get"]).run()
+    assert tiles(at)["Retry rate"][0] == "—"  # no get calls
+    assert any("No operations match" in t for t in markdown(at))
+    at.multiselect(key="ops").set_value(["put"]).run()
+    assert tiles(at)["Retry rate"][0] == "15.0%"
+    at.number_input(key="a_retry").set_value(0.5).run()
+    assert "**ALERT** above 5.0%" not in " ".join(markdown(at))
+
+
+def test_missing_and_empty_sources_give_an_empty_state_not_a_stack_trace(folder, monkeypatch):
+    at = run_app()
+    assert any("No tq-mooncake metrics" in t for t in markdown(at)) and not at.metric
+    monkeypatch.setenv("TQ_MOONCAKE_TELEMETRY_DIR", str(folder / "missing"))
+    at = run_app()
+    assert any("Cannot read the metrics source" in t for t in markdown(at))
+    assert any("does not exist" in c.value for c in at.code)
+    old = time.time() - 7200
+    (folder / "metrics-old.jsonl").write_text(line("h", old, old - 10, {"success": 3}) + "\n")
+    monkeypatch.setenv("TQ_MOONCAKE_TELEMETRY_DIR", str(folder))
+    at = run_app()
+    assert any("No operations in the last 15 min" in t and "2.0 h old" in t for t in markdown(at))
+    at.sidebar.radio(key="kind").set_value("Prometheus").run()
+    at.sidebar.text_input(key="url").set_value(f"http://127.0.0.1:{free_port()}").run()
+    assert not at.exception
+    assert any("cannot query" in c.value for c in at.code)
+
+
+def test_a_malformed_line_is_skipped_and_counted(folder):
+    write_two_windows(folder)
+    with open(folder / "metrics-node-a-7.jsonl", "a") as f:
+        f.write('{"resourceMetrics": [{"truncated\n')
+        f.write("garbage\n")
+    at = run_app()
+    assert any("2 malformed line(s) skipped" in t for t in markdown(at))
+    assert tiles(at)["Retry rate"][0] == "15.0%"  # the good lines still count
+
+
+def test_attribute_text_is_rendered_as_text_never_as_markup(folder):
+    write_two_windows(folder, host=HOSTILE)
+    at = run_app()
+    assert list(at.dataframe[0].value["host"]) == [HOSTILE]  # shown verbatim, as a table cell
+    assert at.multiselect(key="hosts").options == [HOSTILE]  # a widget option: plain text
+    assert not any("<script" in t or "<img" in t for t in markdown(at))  # never Markdown or HTML
+    at.multiselect(key="hosts").set_value([HOSTILE]).run()
+    assert tiles(at)["Retry rate"][0] == "15.0%"

@@ -1,0 +1,85 @@
+"""The dashboard in Debian's headless Chromium: a real client process with injected faults exports metrics,
+``tq-mooncake dashboard``'s command serves them on a free loopback port, and the tiles the browser shows
+equal what the injector did. Uses the same code path as the README's screenshot."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tq_mooncake.client.local_cluster import wait_until
+from tq_mooncake.dashboard.sample_run import Tally
+from tq_mooncake.dashboard.screenshot import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    RunningApp,
+    chromium,
+    open_dashboard,
+    read_tiles,
+    run_workloads,
+    screenshot,
+)
+from tq_mooncake.dashboard.tiles import percent
+
+HOSTILE = "<img src=x onerror=window.__xss=1><script>window.__xss=1</script>"
+
+
+def hostile_line(t_ns: int, name: str = "mooncake.client.keys", result: str = "ok", value: int = 5) -> str:
+    """A process whose host name is markup (it must show up as text only) adding ``value`` to a put counter."""
+    dp = {
+        "attributes": [
+            {"key": "mooncake.operation", "value": {"stringValue": "put"}},
+            {
+                "key": "mooncake.outcome" if name.endswith("operations") else "mooncake.result",
+                "value": {"stringValue": result},
+            },
+        ],
+        "startTimeUnixNano": str(t_ns - 10**9),
+        "timeUnixNano": str(t_ns),
+        "asInt": str(value),
+    }
+    metric = {"name": name, "sum": {"dataPoints": [dp], "aggregationTemporality": 2}}
+    res = {"attributes": [{"key": "host.name", "value": {"stringValue": HOSTILE}}]}
+    return json.dumps({"resourceMetrics": [{"resource": res, "scopeMetrics": [{"metrics": [metric]}]}]})
+
+
+def test_the_browser_shows_the_retry_and_exhaustion_rates_the_injector_caused(shared_master, tmp_path):
+    assert Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file(), "run `make setup` (chromium, chromium-driver)"
+    folder = tmp_path / "telemetry"
+    (result,) = run_workloads(shared_master, folder, [{"service": "browser-test", "operations": 40}])
+    tally = Tally.from_json(result)
+    assert tally.total == 40 and tally.retried == 14 and tally.outcome("exhausted") == 6
+    metrics_file = next(folder.glob("metrics-*.jsonl"))
+    newest = max(int(dp["timeUnixNano"]) for dp in _points(metrics_file))
+    (folder / "metrics-hostile-1.jsonl").write_text(hostile_line(newest) + "\n")
+
+    with RunningApp(["--dir", str(folder), "--refresh", "1"], tmp_path / "dashboard.log") as app:
+        assert app.command[app.command.index("--server.address") + 1] == "127.0.0.1"
+        with chromium(tmp_path / "chromium-profile") as driver:
+            tiles = open_dashboard(driver, app.url)
+            # 10 clean calls more, appended while the page is open: auto-refresh picks them up
+            with open(folder / "metrics-hostile-1.jsonl", "a") as f:
+                f.write(hostile_line(time.time_ns(), "mooncake.client.operations", "success", 10) + "\n")
+            wait_until(lambda: read_tiles(driver).get("Retry rate") == "28.0%", 30, "the page to refresh itself")
+            shot = screenshot(driver, tmp_path / "dashboard.png")
+            xss = driver.execute_script("return window.__xss === undefined ? null : window.__xss")
+            scripts = driver.execute_script(
+                "return Array.from(document.scripts).filter(s => s.textContent.includes('__xss')).length"
+            )
+
+    assert tiles["Retry rate"] == percent(tally.retried / tally.total) == "35.0%"  # 14 / 40, then 14 / 50: 28.0%
+    assert tiles["Exhaustion rate"] == percent(tally.outcome("exhausted") / tally.total) == "15.0%"
+    assert xss is None and scripts == 0  # the host name was shown as text, never run
+    assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _points(path: Path) -> list[dict]:
+    return [
+        dp
+        for line in path.read_text().splitlines()
+        for rm in json.loads(line)["resourceMetrics"]
+        for sm in rm["scopeMetrics"]
+        for metric in sm["metrics"]
+        for dp in metric.get("sum", metric.get("histogram", {})).get("dataPoints", [])
+    ]
