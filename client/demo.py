@@ -16,19 +16,16 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .batch_client import MooncakeBatchClient
 from .errors import ErrorCode
 from .faults import FaultInjectingStore, FaultRule
-from .local_cluster import LOOPBACK, MasterProcess, StorageNodeProcess, wait_until
+from .local_cluster import LOOPBACK, MasterProcess, StorageNodeProcess
 from .workload import OutcomeCounter, Workload
 
 CLIENT_TTL_S = 2
@@ -72,44 +69,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _dashboard_up(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/_stcore/health", timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _dashboard(folder: Path, port: int, log_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
-    from tq_mooncake.dashboard.settings import Settings, Thresholds
-
-    from .cli import dashboard_command
-
-    settings = Settings(str(folder), None, "5m", 5.0, False, Thresholds())
-    with open(log_dir / "dashboard.log", "ab") as log:
-        proc = subprocess.Popen(
-            dashboard_command(settings, LOOPBACK, port),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    try:
-        wait_until(lambda: _dashboard_up(port) or proc.poll() is not None, 60, f"the dashboard on port {port}")
-        if proc.poll() is not None:
-            raise RuntimeError(f"the dashboard exited with {proc.returncode}; see {log_dir / 'dashboard.log'}")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def fault_rules(fault_rate: float, exhaust_rate: float) -> list[FaultRule]:
     """``TRANSFER_FAIL`` on ``fault_rate`` of first attempts (retries rescue them) and ``RPC_TIMEOUT`` on every
     attempt of a sticky ``exhaust_rate`` of keys (their retries run out)."""
@@ -138,6 +97,22 @@ def _report(summary: dict[str, Any], closing: str) -> None:
         f"{summary['retries']} retries, {summary['values_checked']} values checked, {summary['wrong_values']} wrong. "
         + closing
     )
+
+
+def _drive(workload: Workload, stop: threading.Event, duration: float | None, on_batch: Any) -> None:
+    """Run ``workload`` until ``stop``, ``duration`` or Ctrl-C."""
+    try:
+        workload.run(stop, duration, on_batch)
+    except KeyboardInterrupt:
+        _say("stopping (Ctrl-C)")
+
+
+def _finish(telemetry: Any, counter: OutcomeCounter, workload: Workload, kills: int, started: float, note: str) -> int:
+    """Flush telemetry, print the summary; exit status 1 if any value read back was wrong."""
+    telemetry.force_flush()
+    summary = _summary(counter, workload, kills, time.monotonic() - started)
+    _report(summary, note)
+    return 0 if summary["wrong_values"] == 0 else 1
 
 
 def _summary(counter: OutcomeCounter, workload: Workload, kills: int, elapsed: float) -> dict[str, Any]:
@@ -182,8 +157,11 @@ def run(args: argparse.Namespace) -> int:
         for i, node in enumerate(nodes):
             _say(f"storage node {i + 1}     pid {node.pid}  segment {args.segment}")
         if not args.no_dashboard:
-            dash = stack.enter_context(_dashboard(folder, args.dashboard_port, log_dir))
-            _say(f"dashboard          pid {dash.pid}  http://{LOOPBACK}:{args.dashboard_port}")
+            from tq_mooncake.dashboard.screenshot import RunningApp
+
+            app_args = ["--dir", str(folder), "--window", "5m", "--refresh", "5"]
+            dash = stack.enter_context(RunningApp(app_args, log_dir / "dashboard.log", args.dashboard_port))
+            _say(f"dashboard          pid {dash.proc.pid}  {dash.url}")
         _say(f"telemetry          {folder} (traces-*.jsonl, metrics-*.jsonl)")
         _say(f"logs               {log_dir}")
         rules = fault_rules(args.fault_rate, args.exhaust_rate)
@@ -220,15 +198,10 @@ def run(args: argparse.Namespace) -> int:
                 _say(_progress(started, counter, workload))
 
         try:
-            workload.run(stop, args.duration, on_batch)
-        except KeyboardInterrupt:
-            _say("stopping (Ctrl-C)")
+            _drive(workload, stop, args.duration, on_batch)
         finally:
             signal.signal(signal.SIGTERM, previous)
-    telemetry.force_flush()
-    summary = _summary(counter, workload, kills, time.monotonic() - started)
-    _report(summary, "Every process the demo started is stopped.")
-    return 0 if summary["wrong_values"] == 0 else 1
+    return _finish(telemetry, counter, workload, kills, started, "Every process the demo started is stopped.")
 
 
 def add_workload_only_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,13 +247,8 @@ def run_workload(args: argparse.Namespace) -> int:
             _say(_progress(started, counter, workload))
 
     try:
-        workload.run(stop, args.duration, on_batch)
-    except KeyboardInterrupt:
-        _say("stopping (Ctrl-C)")
+        _drive(workload, stop, args.duration, on_batch)
     finally:
         signal.signal(signal.SIGTERM, previous)
         client.close()
-    telemetry.force_flush()
-    summary = _summary(counter, workload, 0, time.monotonic() - started)
-    _report(summary, "")
-    return 0 if summary["wrong_values"] == 0 else 1
+    return _finish(telemetry, counter, workload, 0, started, "")

@@ -42,6 +42,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
         time.sleep(interval)
 
 
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """Whether ``url`` answers 200 right now."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
 def _mooncake_master_binary() -> str:
     found = shutil.which("mooncake_master") or str(Path(sys.executable).with_name("mooncake_master"))
     if not Path(found).exists():

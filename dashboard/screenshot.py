@@ -18,12 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tq_mooncake.client.local_cluster import LOOPBACK, MasterProcess, free_port, wait_until
+from tq_mooncake.client.local_cluster import LOOPBACK, MasterProcess, free_port, http_ok, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -56,17 +55,18 @@ class RunningApp:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}_stcore/health", timeout=1) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return http_ok(f"{self.url}_stcore/health")
 
     def start(self, timeout: float = 60.0) -> RunningApp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which stops it
             )
         try:
             wait_until(lambda: self.healthy() or self.proc.poll() is not None, timeout, f"the dashboard on {self.url}")

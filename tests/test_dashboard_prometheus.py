@@ -10,13 +10,12 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tq_mooncake.client.local_cluster import free_port, wait_until
+from tq_mooncake.client.local_cluster import free_port, http_ok, wait_until
 from tq_mooncake.dashboard import metrics as m
 from tq_mooncake.dashboard.sample_run import Tally
 from tq_mooncake.dashboard.sources import FileSource, PrometheusSource
@@ -26,11 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+    return http_ok(f"{url}/-/ready")
 
 
 @pytest.fixture

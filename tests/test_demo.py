@@ -9,22 +9,17 @@ import re
 import signal
 import subprocess
 import threading
-import urllib.request
 from pathlib import Path
 
 import psutil
 
-from tq_mooncake.client.local_cluster import free_port, wait_until
+from tq_mooncake.client.local_cluster import free_port, http_ok, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def dashboard_up(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+    return http_ok(f"http://127.0.0.1:{port}/_stcore/health")
 
 
 def test_make_demo_runs_the_product_and_leaves_nothing_behind(tmp_path):
