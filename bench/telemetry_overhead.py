@@ -8,7 +8,7 @@ hits every mode alike), and reports median call times and the on/off throughput 
 * ``api``: ``OTelObserver`` on the API's global providers with no SDK installed (what a library user who
   never configures telemetry pays);
 * ``sdk``: ``OTelObserver`` on real SDK providers: always-on sampler, ``BatchSpanProcessor`` and
-  ``PeriodicExportingMetricReader`` writing OTLP JSON lines into a temporary folder.
+  ``PeriodicExportingMetricReader`` writing OTLP JSON lines into a temporary folder (what ``configure`` sets up).
 
 Then it times the observer alone (operation + attempt scopes, no store) to give the cost per attempt.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from opentelemetry.exporter.otlp.json.file import FileMetricExporter, FileSpanExporter
+from opentelemetry.exporter.otlp.json.file import FileMetricExporter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -38,6 +38,7 @@ from tq_mooncake.client import ErrorCode, MooncakeBatchClient, Operation, Outcom
 from tq_mooncake.client.local_cluster import MasterProcess
 from tq_mooncake.client.observer import NOOP_OBSERVER, Observer, OperationSummary
 from tq_mooncake.telemetry import OTelObserver, metric_views
+from tq_mooncake.telemetry.jsonl import JsonLinesSpanExporter
 
 
 class Switch:
@@ -55,7 +56,7 @@ def sdk_providers(folder: Path | None, queue: int = 2048) -> tuple[TracerProvide
     readers = []
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        spans = BatchSpanProcessor(FileSpanExporter(folder / "traces.jsonl"), max_queue_size=queue)
+        spans = BatchSpanProcessor(JsonLinesSpanExporter(folder / "traces.jsonl"), max_queue_size=queue)
         tracer_provider.add_span_processor(spans)
         metrics = FileMetricExporter(folder / "metrics.jsonl")
         readers.append(PeriodicExportingMetricReader(metrics, export_interval_millis=5000))
