@@ -19,6 +19,7 @@ round trip in a fresh process.
 
     .venv/bin/python bench/bench.py [--quick] [--metadata http p2p] [--repeats 7] [--json out.json]
     .venv/bin/python bench/bench.py --memory [--keys 2000] [--value-kib 1024]
+    .venv/bin/python bench/bench.py --profile profile.txt --case "400x64KiB tensor" --repeats 20
 """
 
 from __future__ import annotations
@@ -366,6 +367,38 @@ def report(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ profile
+def profile(args: argparse.Namespace, cases: list[Case], tmp: Path) -> str:
+    """pyinstrument's text profile of ``rounds`` put+get rounds of the first case on ``ours-on`` (HTTP metadata)."""
+    from pyinstrument import Profiler
+
+    case = cases[0]
+    with MasterProcess(tmp) as master:
+        master.start()
+        with StorageNodeProcess(master, tmp, segment=max(256 << 20, 3 * case.total)) as node:
+            node.start()
+            observer, shutdown = sdk_observer(tmp / "telemetry-profile")
+            client = MooncakeBatchClient(master.client_config(global_segment_size=0), observer=observer)
+            path = OursPath("ours-on", client)
+            try:
+                data = make_data(case, "profile")
+                path.prepare(case, data)
+                for _ in range(args.warmup):
+                    path.put()
+                    check(case, data, path.get())
+                profiler = Profiler(interval=0.0002)
+                profiler.start()
+                for _ in range(args.repeats):
+                    path.put()
+                    path.get()
+                profiler.stop()
+            finally:
+                path.close()
+                shutdown()
+    header = f"pyinstrument: {args.repeats} x (put + get) of {case.name}, ours-on, HTTP metadata\n"
+    return header + profiler.output_text(unicode=False, color=False)
+
+
 # ------------------------------------------------------------------------------------------------ memory
 def memory_child(keys: int, value_kib: int) -> None:
     """In a fresh process: peak RSS of writing ``keys`` x ``value_kib`` KiB tensors and reading them back."""
@@ -419,6 +452,7 @@ def main() -> None:
     parser.add_argument("--case", action="append", help="only cases whose name contains this (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--memory", action="store_true", help="measure peak RSS of a round trip instead")
+    parser.add_argument("--profile", type=Path, help="write a pyinstrument profile of ours-on (first case) here")
     parser.add_argument("--keys", type=int, default=2000)
     parser.add_argument("--value-kib", type=int, default=1024)
     args = parser.parse_args()
@@ -431,6 +465,11 @@ def main() -> None:
     cases = QUICK if args.quick else FULL
     if args.case:
         cases = [c for c in cases if any(part in c.name for part in args.case)]
+    if args.profile:
+        with tempfile.TemporaryDirectory(prefix="tq-bench-") as tmp:
+            args.profile.write_text(profile(args, cases, Path(tmp)))
+        print(f"profile written to {args.profile}")
+        return
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="tq-bench-") as tmp:
         for metadata in args.metadata:
