@@ -210,7 +210,9 @@ def add_workload_only_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata", default="P2PHANDSHAKE", help="metadata server (host:port, URL, P2PHANDSHAKE)")
     parser.add_argument("--host", default="127.0.0.1", help="the address this client advertises")
     parser.add_argument("--replica-num", type=int, default=2, help="replicas per key")
-    parser.add_argument("--service-name", default="tq-mooncake-workload", help="telemetry service.name")
+    parser.add_argument(
+        "--service-name", help="telemetry service.name (default: $OTEL_SERVICE_NAME, else tq-mooncake-workload)"
+    )
 
 
 def run_workload(args: argparse.Namespace) -> int:
@@ -218,7 +220,8 @@ def run_workload(args: argparse.Namespace) -> int:
     from the environment (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``TQ_MOONCAKE_TELEMETRY_DIR``, ...)."""
     from tq_mooncake.telemetry import OTelObserver, configure
 
-    telemetry = configure(service_name=args.service_name)
+    default_name = None if os.environ.get("OTEL_SERVICE_NAME", "").strip() else "tq-mooncake-workload"
+    telemetry = configure(service_name=args.service_name or default_name)
     counter = OutcomeCounter(OTelObserver())
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
