@@ -27,7 +27,7 @@ from tq_mooncake.telemetry import OTelObserver
 
 from . import codec, plans
 from .attempts import ChunkResult, Retrier, StoreCall
-from .config import ClientConfig
+from .config import ClientConfig, host_port
 from .errors import (
     ERROR_FOR_OUTCOME,
     ClientClosedError,
@@ -53,17 +53,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _host_port(address: str) -> tuple[str, int] | None:
-    """``(host, port)`` of a plain ``host:port`` or ``http://host:port/...`` address; None for other forms."""
-    rest = address.split("://", 1)[1] if "://" in address else address
-    host, _, port = rest.split("/", 1)[0].rpartition(":")
-    return (host.strip("[]"), int(port)) if host and port.isdigit() else None
-
-
-def _probe(what: str, address: str, timeout: float) -> str | None:
+def unreachable(what: str, address: str, timeout: float) -> str | None:
     """Why ``address`` does not accept a TCP connection within ``timeout`` s (None if it does or is not
     a plain address). Mooncake's own setup retries an unreachable master for about 90 s."""
-    hp = _host_port(address)
+    hp = host_port(address)
     if hp is None:
         return None
     try:
@@ -102,7 +95,7 @@ def connect_store(config: ClientConfig) -> Any:
     if config.metadata_server.startswith("http"):
         probes.append(("metadata server", config.metadata_server))
     for what, address in probes:
-        problem = _probe(what, address, config.setup_timeout_s)
+        problem = unreachable(what, address, config.setup_timeout_s)
         if problem:
             raise StoreSetupError(f"Mooncake store setup failed: {problem} ({where})")
     store = MooncakeDistributedStore()

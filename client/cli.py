@@ -19,8 +19,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-Runner = Callable[[argparse.Namespace, list[str]], int]
-
 
 def dashboard_command(
     settings: Any, address: str = "127.0.0.1", port: int = 8501, extra_streamlit: Sequence[str] = ()

@@ -82,6 +82,13 @@ class RetryConfig:
         return cls(**section)
 
 
+def host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a plain ``host:port`` or ``http://host:port/...`` address; None for other forms."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = rest.split("/", 1)[0].rpartition(":")
+    return (host.strip("[]"), int(port)) if host and port.isdigit() else None
+
+
 def default_max_workers(cpus: int | None = None) -> int:
     """Threads running chunks by default: one per four CPUs, 1 to 4. Measured on 2 cores over TCP, chunks
     run side by side were 1.4-1.6x slower than one after another (``bench/bench.py``)."""

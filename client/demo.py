@@ -24,7 +24,7 @@ from typing import Any
 
 from .batch_client import MooncakeBatchClient
 from .errors import ErrorCode
-from .faults import FaultInjectingStore, FaultRule
+from .faults import FaultRule, injecting
 from .local_cluster import LOOPBACK, MasterProcess, StorageNodeProcess
 from .workload import OutcomeCounter, Workload
 
@@ -78,6 +78,15 @@ def fault_rules(fault_rate: float, exhaust_rate: float) -> list[FaultRule]:
     if exhaust_rate > 0:
         rules.append(FaultRule(ErrorCode.RPC_TIMEOUT, fraction=exhaust_rate, sticky=True))
     return rules
+
+
+def _faulty_client(config: dict[str, Any], args: argparse.Namespace, observer: OutcomeCounter) -> MooncakeBatchClient:
+    """The workload's client: ``RETRY``, and the store failing keys as ``--fault-rate``/``--exhaust-rate`` say
+    (no call log: the run may be long)."""
+    rules = fault_rules(args.fault_rate, args.exhaust_rate)
+    return MooncakeBatchClient(
+        {**config, "retry": RETRY}, observer=observer, wrap_store=injecting(rules, seed=1, record_calls=False)
+    )
 
 
 def _progress(started: float, counter: OutcomeCounter, workload: Workload) -> str:
@@ -164,12 +173,7 @@ def run(args: argparse.Namespace) -> int:
             _say(f"dashboard          pid {dash.proc.pid}  {dash.url}")
         _say(f"telemetry          {folder} (traces-*.jsonl, metrics-*.jsonl)")
         _say(f"logs               {log_dir}")
-        rules = fault_rules(args.fault_rate, args.exhaust_rate)
-        client = MooncakeBatchClient(
-            master.client_config(global_segment_size=0, replica_num=2, retry=RETRY),
-            observer=counter,
-            wrap_store=lambda store: FaultInjectingStore(store, rules, seed=1, record_calls=False),
-        )
+        client = _faulty_client(master.client_config(global_segment_size=0, replica_num=2), args, counter)
         stack.callback(client.close)
         workload = Workload(client, args.batch_samples, args.seq_len)
         _say(
@@ -226,7 +230,6 @@ def run_workload(args: argparse.Namespace) -> int:
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     started = time.monotonic()
-    rules = fault_rules(args.fault_rate, args.exhaust_rate)
     config = {
         "local_hostname": args.host,
         "metadata_server": args.metadata,
@@ -234,11 +237,8 @@ def run_workload(args: argparse.Namespace) -> int:
         "global_segment_size": 0,
         "local_buffer_size": 0,
         "replica_num": args.replica_num,
-        "retry": RETRY,
     }
-    client = MooncakeBatchClient(
-        config, observer=counter, wrap_store=lambda store: FaultInjectingStore(store, rules, seed=1, record_calls=False)
-    )
+    client = _faulty_client(config, args, counter)
     workload = Workload(client, args.batch_samples, args.seq_len)
     _say(f"workload on {args.master}: {args.batch_samples} samples x 7 fields per batch (Ctrl-C or SIGTERM stops)")
     last = time.monotonic()

@@ -13,7 +13,7 @@ import random
 import threading
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,14 @@ class FaultRule:
             if spec.get(name) is not None:
                 kwargs[name] = frozenset(spec[name])
         return cls(**kwargs)
+
+
+def injecting(
+    rules: Iterable[FaultRule], seed: int | None = None, record_calls: bool = True
+) -> Callable[[Any], FaultInjectingStore]:
+    """A ``wrap_store`` for ``MooncakeBatchClient`` that puts the store behind a ``FaultInjectingStore``."""
+    rules = list(rules)
+    return lambda store: FaultInjectingStore(store, rules, seed=seed, record_calls=record_calls)
 
 
 @dataclass(frozen=True)

@@ -67,36 +67,33 @@ class WorkloadStats:
 
 
 class OutcomeCounter:
-    """An ``Observer`` that counts calls by operation and outcome, attempts and retries, and forwards
+    """An ``Observer`` that counts calls by outcome, attempts and retries, and forwards
     everything to ``inner``; thread-safe."""
 
     def __init__(self, inner: Observer) -> None:
         self._inner = inner
         self._lock = threading.Lock()
-        self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.outcomes: Counter[str] = Counter()  # calls by outcome
         self.attempts = 0
         self.retries = 0
 
     def operation(self, operation: Operation, batch_size: int) -> OperationScope:
-        return _CountedOperation(self, operation, self._inner.operation(operation, batch_size))
+        return _CountedOperation(self, self._inner.operation(operation, batch_size))
 
     def totals(self) -> dict[str, int]:
         """Calls, attempts, retries, and calls by outcome (all operations)."""
         with self._lock:
-            by_outcome: Counter[str] = Counter()
-            for (_, outcome), n in self.outcomes.items():
-                by_outcome[outcome] += n
             return {
-                "operations": sum(by_outcome.values()),
+                "operations": sum(self.outcomes.values()),
                 "attempts": self.attempts,
                 "retries": self.retries,
-                **{o.value: by_outcome[o.value] for o in Outcome},
+                **{o.value: self.outcomes[o.value] for o in Outcome},
             }
 
 
 class _CountedOperation:
-    def __init__(self, counter: OutcomeCounter, operation: Operation, inner: OperationScope) -> None:
-        self._counter, self._operation, self._inner = counter, operation, inner
+    def __init__(self, counter: OutcomeCounter, inner: OperationScope) -> None:
+        self._counter, self._inner = counter, inner
 
     def attempt(self, chunk: int, attempt: int, keys: int, backoff_s: float) -> AttemptScope:
         with self._counter._lock:
@@ -106,7 +103,7 @@ class _CountedOperation:
 
     def end(self, summary: OperationSummary) -> None:
         with self._counter._lock:
-            self._counter.outcomes[(self._operation.value, summary.outcome.value)] += 1
+            self._counter.outcomes[summary.outcome.value] += 1
         self._inner.end(summary)
 
 

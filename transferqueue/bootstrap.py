@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import atexit
 import logging
-import socket
 import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+from tq_mooncake.client.batch_client import unreachable
+from tq_mooncake.client.config import host_port
 from tq_mooncake.client.local_cluster import MasterProcess
 
 logger = logging.getLogger(__name__)
@@ -54,18 +54,10 @@ _lock = threading.Lock()
 
 
 def _host_port(value: str, what: str) -> tuple[str, int]:
-    parsed = urlparse(value if "://" in value else f"//{value}")
-    if not parsed.hostname or parsed.port is None:
+    found = host_port(value)
+    if found is None:
         raise ValueError(f"invalid {what} {value!r}: host and port are required (e.g. 127.0.0.1:50051)")
-    return parsed.hostname, parsed.port
-
-
-def _answers(host: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return found
 
 
 def bootstrap_master(section: Mapping[str, Any]) -> MasterLease | None:
@@ -80,8 +72,8 @@ def bootstrap_master(section: Mapping[str, Any]) -> MasterLease | None:
     host, port = _host_port(str(section["master_server_address"]), "master_server_address")
     metadata = str(section.get("metadata_server", "P2PHANDSHAKE")).strip()
     p2p = metadata.upper() == "P2PHANDSHAKE"
-    http_host, http_port = (None, None) if p2p else _host_port(metadata.removesuffix("/metadata"), "metadata_server")
-    if _answers(host, port):
+    http_host, http_port = (None, None) if p2p else _host_port(metadata, "metadata_server")
+    if unreachable("master", f"{host}:{port}", 1.0) is None:
         logger.info("mooncake_master already answers on %s:%s; reusing it (not restarting it)", host, port)
         return MasterLease(f"{host}:{port}", metadata, started=False)
     if not p2p and http_host != host:

@@ -18,7 +18,8 @@ from typing import Any
 
 from transfer_queue.storage.clients.base import StorageKVClient
 
-from tq_mooncake.client import FaultInjectingStore, FaultRule, MooncakeBatchClient
+from tq_mooncake.client import FaultRule, MooncakeBatchClient
+from tq_mooncake.client.faults import injecting
 from tq_mooncake.client.observer import NOOP_OBSERVER
 
 from .telemetry_section import configure_telemetry, telemetry_enabled
@@ -46,9 +47,7 @@ def _wrap_store(spec: Any) -> Any:
     if not spec:
         return None
     spec = plain(spec)
-    rules = [FaultRule.from_dict(rule) for rule in spec.get("rules", [])]
-    seed = spec.get("seed")
-    return lambda store: FaultInjectingStore(store, rules, seed=seed)
+    return injecting([FaultRule.from_dict(rule) for rule in spec.get("rules", [])], seed=spec.get("seed"))
 
 
 class ObservedMooncakeClient(StorageKVClient):
