@@ -19,8 +19,11 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY client ./client
 COPY telemetry ./telemetry
-COPY dashboard ./dashboard
 COPY transferqueue ./transferqueue
+COPY cluster ./cluster
+COPY cli ./cli
+COPY dashboard ./dashboard
+COPY testing ./testing
 RUN pip install ".[cpu,telemetry,dashboard]" torch==2.13.0 \
     && rm -rf /src/build /src/*.egg-info
 

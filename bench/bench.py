@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 from tq_mooncake.client import MooncakeBatchClient
-from tq_mooncake.client.local_cluster import LOOPBACK, MasterProcess, StorageNodeProcess
 from tq_mooncake.client.observer import NOOP_OBSERVER
+from tq_mooncake.cluster import LOOPBACK, MasterProcess, StorageNodeProcess
 
 GB = 1e9
 RAW_SLICE = 400  # keys per raw batch call: one call of 4000 keys fails with TRANSFER_FAIL over TCP here
@@ -239,7 +239,7 @@ def sdk_observer(folder: Path) -> tuple[Any, Callable[[], None]]:
     from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
     from tq_mooncake.telemetry import OTelObserver
-    from tq_mooncake.telemetry.setup import build_resource, file_pipeline
+    from tq_mooncake.telemetry.pipeline import build_resource, file_pipeline
 
     tracer_provider, meter_provider = file_pipeline(folder, build_resource("tq-mooncake-bench"), ALWAYS_ON)
 

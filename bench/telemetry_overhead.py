@@ -35,8 +35,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from tq_mooncake.client import ErrorCode, MooncakeBatchClient, Operation, Outcome
-from tq_mooncake.client.local_cluster import MasterProcess
 from tq_mooncake.client.observer import NOOP_OBSERVER, Observer, OperationSummary
+from tq_mooncake.cluster import MasterProcess
 from tq_mooncake.telemetry import OTelObserver, metric_views
 from tq_mooncake.telemetry.jsonl import JsonLinesSpanExporter
 

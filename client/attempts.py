@@ -11,14 +11,22 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from .errors import ClientClosedError, ErrorClassifier, ErrorCode, Operation, Outcome, Verdict
+from tq_mooncake.telemetry.conventions import Operation, Outcome
+
+from .codes import ErrorClassifier, ErrorCode, Verdict
+from .errors import ClientClosedError
 from .observer import OperationScope
 from .retry import Deadline, Jitter, RetryBudget, RetryPolicy
 
-# Called with the chunk positions still pending; returns one code per position (0 = ok, negative =
-# ErrorCode) and the number of bytes moved for the positions that succeeded.
-StoreCall = Callable[[list[int]], tuple[Sequence[int], int]]
+
+class ChunkCall(Protocol):
+    """One attempt's store call on a chunk (``chunks.py`` has one per operation)."""
+
+    def __call__(self, pending: list[int]) -> tuple[Sequence[int], int]:
+        """Call the store for the chunk positions still ``pending``; returns one code per position (0 = ok,
+        negative = ``ErrorCode``) and the number of bytes moved for the positions that succeeded."""
 
 
 @dataclass
@@ -59,7 +67,7 @@ class Retrier:
     def run_chunk(
         self,
         operation: Operation,
-        call: StoreCall,
+        call: ChunkCall,
         n_keys: int,
         chunk: int,
         deadline: Deadline,

@@ -26,7 +26,7 @@ import msgpack
 import numpy as np
 import torch
 
-from .errors import ErrorCode
+from .codes import ErrorCode
 
 MAGIC = b"TQMC"
 VERSION = 1

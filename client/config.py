@@ -1,8 +1,9 @@
 """The client's configuration: one frozen object parsed and validated from TQ's config dict.
 
-Every default lives here. Keys the client does not know at the top level are ignored (TQ passes its
-whole backend section, with keys such as ``client_name`` or ``auto_init``); unknown keys inside
-``retry`` are an error, since they can only be typos.
+The client's defaults live here, except the retry section's, which are those of ``RetryPolicy`` and
+``RetryBudget`` (``retry.py``), defined once there. Keys the client does not know at the top level are
+ignored (TQ passes its whole backend section, with keys such as ``client_name`` or ``auto_init``); unknown
+keys inside ``retry`` are an error, since they can only be typos.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import dataclasses
 import os
 import re
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .retry import RetryBudget, RetryPolicy
+from .retry import Clock, RetryBudget, RetryPolicy
 
 GiB = 1 << 30
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -47,21 +49,29 @@ def normalize_metadata_server(value: str) -> str:
     return url if url.rstrip("/").endswith("/metadata") else url.rstrip("/") + "/metadata"
 
 
+_POLICY = RetryPolicy()
+
+
 @dataclass(frozen=True)
 class RetryConfig:
-    """The ``retry`` section: per-chunk attempts and backoff, the per-call deadline, the shared budget."""
+    """The ``retry`` section: per-chunk attempts and backoff, the per-call deadline, the shared budget.
+    Its defaults are ``RetryPolicy``'s and ``RetryBudget``'s."""
 
-    max_attempts: int = 4
-    initial_backoff_s: float = 0.05
-    max_backoff_s: float = 2.0
-    multiplier: float = 2.0
-    deadline_s: float = 30.0
-    budget_ratio: float = 0.2
-    budget_min_per_s: float = 10.0
+    max_attempts: int = _POLICY.max_attempts
+    initial_backoff_s: float = _POLICY.initial_backoff_s
+    max_backoff_s: float = _POLICY.max_backoff_s
+    multiplier: float = _POLICY.multiplier
+    deadline_s: float = _POLICY.deadline_s
+    budget_ratio: float = RetryBudget.DEFAULT_RATIO
+    budget_min_per_s: float = RetryBudget.DEFAULT_MIN_PER_S
 
     def __post_init__(self) -> None:
         self.policy()  # validates the policy fields
-        RetryBudget(self.budget_ratio, self.budget_min_per_s)  # validates the budget fields
+        self.budget()  # validates the budget fields
+
+    def budget(self, clock: Clock = time.monotonic) -> RetryBudget:
+        """A fresh retry budget with these settings (one per client)."""
+        return RetryBudget(self.budget_ratio, self.budget_min_per_s, clock=clock)
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(

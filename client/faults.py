@@ -17,14 +17,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ErrorCode
+from tq_mooncake.telemetry.conventions import Operation
 
-# store method -> operation name used by rules
+from .codes import ErrorCode
+
+# store method -> the operation its calls count as
 _INTERCEPTED = {
-    "batch_upsert_from": "put",
-    "batch_put_from": "put",
-    "batch_get_into": "get",
-    "batch_remove": "clear",
+    "batch_upsert_from": Operation.PUT,
+    "batch_put_from": Operation.PUT,
+    "batch_get_into": Operation.GET,
+    "batch_remove": Operation.CLEAR,
 }
 
 
@@ -38,7 +40,8 @@ class FaultRule:
         fraction: probability that it fires for a matching key (seeded RNG of the store).
         attempts: which sightings of a key by an operation it fires on (1 = the first time the store sees
             that key in that operation, or since the key was last removed); None for every sighting.
-        operations: ``put``, ``get``, ``clear``.
+        operations: which operations it applies to (``Operation`` members or their names ``put``, ``get``,
+            ``clear``).
         sticky: the fraction picks keys, not sightings: a picked key fails on every matching sighting (so
             its retries run out), decided by a hash of the store's seed and the key.
     """
@@ -47,7 +50,7 @@ class FaultRule:
     keys: frozenset[str] | None = None
     fraction: float = 1.0
     attempts: frozenset[int] | None = None
-    operations: frozenset[str] = frozenset({"put", "get", "clear"})
+    operations: frozenset[Operation] = frozenset(Operation)
     sticky: bool = False
 
     def __post_init__(self) -> None:
@@ -55,9 +58,11 @@ class FaultRule:
             raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
         if int(self.code) >= 0:
             raise ValueError(f"an injected code must be negative, got {self.code}")
-        unknown = set(self.operations) - {"put", "get", "clear"}
+        known = {o.value for o in Operation}
+        unknown = sorted(str(o) for o in self.operations if o not in known)
         if unknown:
-            raise ValueError(f"unknown operations {sorted(unknown)}")
+            raise ValueError(f"unknown operations {unknown}; known: {sorted(known)}")
+        object.__setattr__(self, "operations", frozenset(Operation(o) for o in self.operations))
 
     @classmethod
     def from_dict(cls, spec: Any) -> FaultRule:
@@ -95,16 +100,12 @@ def injecting(
 
 
 @dataclass(frozen=True)
-class StoreCall:
-    """One intercepted call: the keys the client asked for, and which of them were failed on purpose."""
+class RecordedCall:
+    """One intercepted store call: the keys the client asked for, and which of them were failed on purpose."""
 
-    operation: str
+    operation: Operation
     keys: tuple[str, ...]
     injected: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def passed(self) -> tuple[str, ...]:
-        return tuple(k for k in self.keys if k not in self.injected)
 
 
 class FaultInjectingStore:
@@ -123,13 +124,9 @@ class FaultInjectingStore:
         self._seed = seed or 0
         self._record_calls = record_calls
         self._lock = threading.Lock()
-        self._seen: Counter[tuple[str, str]] = Counter()
-        self.calls: list[StoreCall] = []
+        self._seen: Counter[tuple[Operation, str]] = Counter()
+        self.calls: list[RecordedCall] = []
         self.injected: Counter[ErrorCode] = Counter()
-
-    @property
-    def inner(self) -> Any:
-        return self._store
 
     def add_rule(self, rule: FaultRule) -> None:
         with self._lock:
@@ -139,9 +136,10 @@ class FaultInjectingStore:
         with self._lock:
             self._rules.clear()
 
-    def calls_for(self, operation: str) -> list[StoreCall]:
+    def calls_for(self, operation: Operation | str) -> list[RecordedCall]:
+        operation = Operation(operation)
         with self._lock:
-            return [c for c in self.calls if c.operation == operation]
+            return [c for c in self.calls if c.operation is operation]
 
     def __getattr__(self, name: str) -> Any:
         target = getattr(self._store, name)
@@ -154,7 +152,7 @@ class FaultInjectingStore:
 
         return intercepted
 
-    def _decide(self, operation: str, keys: list[str]) -> dict[str, int]:
+    def _decide(self, operation: Operation, keys: list[str]) -> dict[str, int]:
         injected: dict[str, int] = {}
         with self._lock:
             for key in keys:
@@ -184,16 +182,16 @@ class FaultInjectingStore:
         with self._lock:
             for key, code in zip(keys, codes, strict=False):
                 if code in (0, ErrorCode.OBJECT_NOT_FOUND):
-                    for operation in ("put", "get", "clear"):
+                    for operation in Operation:
                         self._seen.pop((operation, key), None)
 
-    def _call(self, operation: str, target: Any, keys: list[str], columns: tuple, kwargs: dict) -> list[int]:
+    def _call(self, operation: Operation, target: Any, keys: list[str], columns: tuple, kwargs: dict) -> list[int]:
         injected = self._decide(operation, keys)
         if self._record_calls:
             with self._lock:
-                self.calls.append(StoreCall(operation, tuple(keys), injected))
+                self.calls.append(RecordedCall(operation, tuple(keys), injected))
         codes = self._pass(target, keys, injected, columns, kwargs)
-        if operation == "clear":
+        if operation is Operation.CLEAR:
             self._forget(keys, codes)
         return codes
 

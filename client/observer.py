@@ -9,9 +9,12 @@ never keys or values.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from .errors import ErrorCode, Operation, Outcome
+from tq_mooncake.telemetry.conventions import Operation, Outcome
+
+from .codes import ErrorCode
 
 
 class AttemptScope(Protocol):
@@ -39,28 +42,19 @@ class Observer(Protocol):
         """Start observing one call on ``batch_size`` keys."""
 
 
+@dataclass(frozen=True, slots=True)
 class OperationSummary:
-    """What one call did, for the operation span and metrics."""
+    """What one call did, for the operation span and metrics. ``codes`` is the retry loop's final word: each
+    failed key counted once, by the code it ended with."""
 
-    __slots__ = ("outcome", "attempts", "keys_ok", "keys_retried_ok", "keys_failed", "retry_delay_s", "nbytes")
-
-    def __init__(
-        self,
-        outcome: Outcome,
-        attempts: int,
-        keys_ok: int,
-        keys_retried_ok: int,
-        keys_failed: int,
-        retry_delay_s: float,
-        nbytes: int,
-    ) -> None:
-        self.outcome = outcome
-        self.attempts = attempts  # store calls made, over all chunks
-        self.keys_ok = keys_ok  # succeeded on their first attempt
-        self.keys_retried_ok = keys_retried_ok  # succeeded after at least one failed attempt
-        self.keys_failed = keys_failed
-        self.retry_delay_s = retry_delay_s  # backoff slept, summed over chunks
-        self.nbytes = nbytes
+    outcome: Outcome
+    attempts: int  # store calls made, over all chunks
+    keys_ok: int  # succeeded on their first attempt
+    keys_retried_ok: int  # succeeded after at least one failed attempt
+    keys_failed: int
+    retry_delay_s: float  # backoff slept, summed over chunks
+    nbytes: int
+    codes: Counter[ErrorCode] = field(default_factory=Counter)  # failed keys by final code
 
 
 class _NoopAttempt:

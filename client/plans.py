@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import codec
-from .errors import ErrorCode
+from .codes import ErrorCode
 
 
 def validate_keys(keys: Any, what: str = "keys") -> list[str]:
@@ -48,9 +48,11 @@ def validate_keys(keys: Any, what: str = "keys") -> list[str]:
     return keys
 
 
-def check_parallel(keys: list[str], name: str, values: Any) -> list[Any] | None:
-    """``values`` as a list as long as ``keys`` (None stays None)."""
+def check_parallel(keys: list[str], name: str, values: Any, required: bool = False) -> list[Any] | None:
+    """``values`` as a list as long as ``keys``; None stays None unless ``required`` (then TypeError)."""
     if values is None:
+        if required:
+            raise TypeError(f"{name} must be a list (one entry per key), got None")
         return None
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a list (one entry per key), got {type(values).__name__}")

@@ -132,7 +132,16 @@ class RetryBudget:
     ``min_per_s`` below 1 still allows a retry every ``1 / min_per_s`` seconds).
     """
 
-    def __init__(self, ratio: float = 0.2, min_per_s: float = 10.0, ttl_s: float = 10.0, clock: Clock = time.monotonic):
+    DEFAULT_RATIO: float = 0.2
+    DEFAULT_MIN_PER_S: float = 10.0
+
+    def __init__(
+        self,
+        ratio: float = DEFAULT_RATIO,
+        min_per_s: float = DEFAULT_MIN_PER_S,
+        ttl_s: float = 10.0,
+        clock: Clock = time.monotonic,
+    ) -> None:
         if not _is_number(ratio) or ratio < 0 or not math.isfinite(ratio):
             raise ValueError(f"retry.budget_ratio must be a finite number >= 0, got {ratio!r}")
         if not _is_number(min_per_s) or min_per_s < 0 or not math.isfinite(min_per_s):

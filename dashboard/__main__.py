@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tq_mooncake.client.cli import main
+from .launch import main
 
 if __name__ == "__main__":
-    sys.exit(main(["dashboard", *sys.argv[1:]]))
+    sys.exit(main())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import altair as alt
@@ -20,9 +19,9 @@ from tq_mooncake.dashboard import metrics as m
 from tq_mooncake.dashboard.settings import WINDOWS, Settings, Thresholds, parse_settings
 from tq_mooncake.dashboard.sources import FileSource, PrometheusSource, Snapshot, Source
 from tq_mooncake.dashboard.tiles import Tile, duration, percent, tiles
+from tq_mooncake.telemetry import conventions as c
 
 APP = Path(__file__).resolve()
-OPERATIONS = ("put", "get", "clear")
 ALL_SPAN_PROMETHEUS = WINDOWS["7d"]
 WINDOW_NAMES = {
     "1m": "last minute",
@@ -39,10 +38,6 @@ WINDOW_NAMES = {
 def script_argv() -> list[str]:
     """The script's flags under ``streamlit run app.py -- ...``; none when another program (a test) runs it."""
     return sys.argv[1:] if sys.argv and Path(sys.argv[0]).resolve() == APP else []
-
-
-def initial_settings(argv: Sequence[str]) -> Settings:
-    return parse_settings(argv)
 
 
 def source_for(kind: str, target: str) -> Source:
@@ -241,7 +236,7 @@ def body(source: Source, window: str, thresholds: Thresholds) -> None:
     if empty_state(source, snapshot, window, now):
         return
     ops_col, hosts_col = st.columns(2)
-    operations = ops_col.multiselect("Operation", OPERATIONS, placeholder="all operations", key="ops")
+    operations = ops_col.multiselect("Operation", c.OPERATIONS, placeholder="all operations", key="ops")
     hosts = hosts_col.multiselect("Host", m.hosts_of(snapshot.increments), placeholder="all hosts", key="hosts")
     keep = m.make_filter(operations, hosts)
     current = m.window_figures(snapshot.increments, start, end, keep)
@@ -261,7 +256,7 @@ def body(source: Source, window: str, thresholds: Thresholds) -> None:
 
 def main() -> None:
     st.set_page_config(page_title="tq-mooncake retries", page_icon="🔁", layout="wide")
-    settings = initial_settings(tuple(script_argv()))
+    settings = parse_settings(script_argv())
     source, window, thresholds, every = sidebar(settings)
     st.title("tq-mooncake: retries and exhaustion")
     st.text(source.description)

@@ -24,7 +24,6 @@ Labels = tuple[tuple[str, str], ...]
 BUCKET = "#bucket"  # suffix of a histogram's per-``le`` cumulative counts (Prometheus' ``_bucket``)
 COUNT = "#count"  # suffix of a histogram's observation count (Prometheus' ``_count``)
 LE = "le"
-FAILURE_OUTCOMES = ("exhausted", "non_retryable", "budget_denied", "deadline_exceeded")
 WANTED: frozenset[str] = frozenset(
     {
         c.OPERATIONS_METRIC,
@@ -333,22 +332,17 @@ class Figures:
     def retries_per_operation(self) -> float | None:
         return ratio(self.retries, self.operations)
 
-    @property
-    def retry_share_of_attempts(self) -> float | None:
-        """Share of store calls that were retries (the PromQL retry rate of CONVENTIONS.md)."""
-        return ratio(self.retries, sum(self.attempts.values()))
-
-    def outcome_rate(self, outcome: str) -> float | None:
-        return ratio(self.outcomes[outcome], self.operations)
+    def outcome_rate(self, outcome: c.Outcome) -> float | None:
+        return ratio(self.outcomes[outcome.value], self.operations)
 
     @property
     def exhaustion_rate(self) -> float | None:
         """Share of operations whose retries ran out (``exhausted``)."""
-        return self.outcome_rate("exhausted")
+        return self.outcome_rate(c.Outcome.EXHAUSTED)
 
     @property
     def failure_rate(self) -> float | None:
-        return ratio(sum(self.outcomes[o] for o in FAILURE_OUTCOMES), self.operations)
+        return ratio(sum(self.outcomes[o.value] for o in c.FAILED_OUTCOMES), self.operations)
 
     @property
     def key_failures_per_s(self) -> float | None:
@@ -357,7 +351,7 @@ class Figures:
     @property
     def failed_keys_per_s(self) -> float | None:
         """Keys that failed for good (final result ``failed``), per second."""
-        return self.keys["failed"] / self.seconds if self.seconds > 0 else None
+        return self.keys[c.RESULT_FAILED] / self.seconds if self.seconds > 0 else None
 
     def latency_quantile(self, q: float) -> float | None:
         return histogram_quantile(q, self.latency)

@@ -30,11 +30,13 @@ from tq_mooncake.client import (
     FaultInjectingStore,
     FaultRule,
     MooncakeBatchClient,
+    Operation,
+    Outcome,
     RetriesExhaustedError,
 )
 
 RETRY_CODES = (ErrorCode.TRANSFER_FAIL, ErrorCode.TRANSFER_FAIL, ErrorCode.RPC_TIMEOUT)
-EXHAUST_CODES = {"put": ErrorCode.TRANSFER_FAIL, "get": ErrorCode.REPLICA_IS_NOT_READY}
+EXHAUST_CODES = {Operation.PUT: ErrorCode.TRANSFER_FAIL, Operation.GET: ErrorCode.REPLICA_IS_NOT_READY}
 MAX_ATTEMPTS = 3
 CLIENT_SETTINGS: dict[str, Any] = {
     "batch_size": 10_000,  # one chunk per call: attempt n of a call is its n-th store call
@@ -62,8 +64,8 @@ class Tally:
     def total(self) -> int:
         return sum(self.operations.values())
 
-    def outcome(self, outcome: str) -> int:
-        return sum(n for k, n in self.operations.items() if k.endswith("/" + outcome))
+    def outcome(self, outcome: Outcome) -> int:
+        return sum(n for k, n in self.operations.items() if k.endswith("/" + outcome.value))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -140,8 +142,8 @@ def run(
     for i, fault in enumerate(plan):
         if seconds:
             time.sleep(max(0.0, began + seconds * i / len(plan) - time.monotonic()))
-        op = "get" if i % 2 and readable else "put"
-        keys = readable if op == "get" else [f"{prefix}-{i}-{k}" for k in range(keys_per_call)]
+        op = Operation.GET if i % 2 and readable else Operation.PUT
+        keys = readable if op is Operation.GET else [f"{prefix}-{i}-{k}" for k in range(keys_per_call)]
         store.clear_rules()
         if fault == "retry":
             code = RETRY_CODES[i % len(RETRY_CODES)]
@@ -150,22 +152,22 @@ def run(
             store.add_rule(FaultRule(code=int(EXHAUST_CODES[op]), keys=frozenset(keys[:1])))
         store.injected.clear()
         store.calls.clear()
-        outcome, written = "success", metas
+        outcome, written = Outcome.SUCCESS, metas
         try:
-            if op == "put":
+            if op is Operation.PUT:
                 written = client.put(keys, [torch.full((16,), float(k)) for k in range(len(keys))])
             else:
                 client.get(keys, custom_backend_meta=metas)
         except RetriesExhaustedError as exc:
-            outcome, tally.failed_keys = "exhausted", tally.failed_keys + len(exc.failed)
+            outcome, tally.failed_keys = Outcome.EXHAUSTED, tally.failed_keys + len(exc.failed)
         except BatchOperationError as exc:  # not planned; counted as the client reports it
-            outcome, tally.failed_keys = exc.outcome.value, tally.failed_keys + len(exc.failed)
+            outcome, tally.failed_keys = exc.outcome, tally.failed_keys + len(exc.failed)
         calls = len(store.calls)
-        if outcome == "success" and calls > 1:
-            outcome = "success_after_retry"
-        if op == "put" and outcome.startswith("success"):
+        if outcome is Outcome.SUCCESS and calls > 1:
+            outcome = Outcome.SUCCESS_AFTER_RETRY
+        if op is Operation.PUT and not outcome.failed:
             readable, metas = keys, written
-        tally.operations[f"{op}/{outcome}"] += 1
+        tally.operations[f"{op.value}/{outcome.value}"] += 1
         tally.retried += calls > 1
         tally.attempts.update(range(1, calls + 1))
         tally.key_failures.update({code.name: n for code, n in store.injected.items()})

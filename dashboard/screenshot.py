@@ -22,7 +22,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tq_mooncake.client.local_cluster import LOOPBACK, MasterProcess, free_port, http_ok, wait_until
+from tq_mooncake.cluster import MasterProcess, wait_until
+
+from .launch import RunningApp
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -39,63 +41,6 @@ CHROMIUM_FLAGS = (
     "--hide-scrollbars",
 )
 TILE_LABELS = ("Operations/s", "Retry rate", "Exhaustion rate", "Key failures/s", "p50 latency", "p99 latency")
-
-
-class RunningApp:
-    """The dashboard as ``tq-mooncake dashboard`` starts it, on ``127.0.0.1:<free port>``; ``stop()`` ends it."""
-
-    def __init__(self, app_args: Sequence[str], log_path: Path, port: int | None = None) -> None:
-        from tq_mooncake.client.cli import dashboard_command
-        from tq_mooncake.dashboard.settings import parse_settings
-
-        self.port = port or free_port()
-        self.url = f"http://{LOOPBACK}:{self.port}/"
-        self.command = dashboard_command(parse_settings(app_args), LOOPBACK, self.port)
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def healthy(self) -> bool:
-        return http_ok(f"{self.url}_stcore/health")
-
-    def start(self, timeout: float = 60.0) -> RunningApp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which stops it
-            )
-        try:
-            wait_until(lambda: self.healthy() or self.proc.poll() is not None, timeout, f"the dashboard on {self.url}")
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the dashboard exited with {self.proc.returncode}:\n{self.log_tail()}")
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def log_tail(self, n: int = 40) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def __enter__(self) -> RunningApp:
-        return self.start() if self.proc is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager

@@ -216,10 +216,3 @@ def _origins(target_info: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[t
             }
         )
     return out
-
-
-def make_source(folder: str | Path | None = None, prometheus: str | None = None) -> Source:
-    """A PrometheusSource if ``prometheus`` is given, else a FileSource on ``folder``."""
-    if prometheus:
-        return PrometheusSource(prometheus)
-    return FileSource(folder if folder is not None else Path("telemetry-data"))

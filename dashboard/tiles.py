@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tq_mooncake.telemetry import conventions as c
+
 from .metrics import Figures
 from .settings import Thresholds
 
@@ -57,7 +59,7 @@ class Tile:
 def tiles(now: Figures, before: Figures, thresholds: Thresholds) -> list[Tile]:
     """The six headline tiles for window ``now`` compared with the window ``before`` it."""
     p50, p99 = now.latency_quantile(0.5), now.latency_quantile(0.99)
-    gave_up = sum(now.outcome_rate(o) or 0.0 for o in ("exhausted", "budget_denied", "deadline_exceeded"))
+    gave_up = sum(now.outcome_rate(o) or 0.0 for o in c.GAVE_UP_OUTCOMES)
     retries_per_op = now.retries_per_operation
     return [
         Tile(
@@ -87,8 +89,8 @@ def tiles(now: Figures, before: Figures, thresholds: Thresholds) -> list[Tile]:
             True,
             gave_up > thresholds.exhaustion_rate,
             percent(thresholds.exhaustion_rate),
-            f"budget denied {percent(now.outcome_rate('budget_denied'))} · "
-            f"deadline {percent(now.outcome_rate('deadline_exceeded'))}",
+            f"budget denied {percent(now.outcome_rate(c.Outcome.BUDGET_DENIED))} · "
+            f"deadline {percent(now.outcome_rate(c.Outcome.DEADLINE_EXCEEDED))}",
             "Share of operations whose retries ran out (max_attempts). Alert when exhausted + budget-denied + "
             "deadline-exceeded operations pass the threshold.",
         ),

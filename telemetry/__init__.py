@@ -1,7 +1,7 @@
-"""tq_mooncake.telemetry: OpenTelemetry instrumentation of the client (issue 3).
+"""tq_mooncake.telemetry: OpenTelemetry instrumentation of the client.
 
 * ``OTelObserver``: the client's observer hooks on the OpenTelemetry API (no SDK needed).
-* ``configure()``: builds the SDK pipeline once per process (needs the ``telemetry`` extra); imported
+* ``configure()`` (``pipeline``): builds the SDK pipeline once per process (needs the ``telemetry`` extra); imported
   lazily so that library code never pulls in the SDK.
 * ``conventions``: every span, attribute and metric name (documented in ``CONVENTIONS.md``).
 """
@@ -14,7 +14,7 @@ from . import conventions
 from .instruments import OTelObserver
 
 if TYPE_CHECKING:
-    from .setup import Telemetry, configure, metric_views
+    from .pipeline import Telemetry, configure, metric_views
 
 __all__ = ["OTelObserver", "Telemetry", "configure", "conventions", "metric_views"]
 
@@ -23,7 +23,7 @@ _LAZY = {"configure", "Telemetry", "metric_views"}
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from . import setup
+        from . import pipeline
 
-        return getattr(setup, name)
+        return getattr(pipeline, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

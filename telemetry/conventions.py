@@ -1,20 +1,46 @@
 """Every telemetry name the client emits: spans, attribute keys, metrics, units and allowed values.
 
 This module is the single source of names; ``CONVENTIONS.md`` documents the same contract for people.
-Metric attributes are bounded by construction: each metric has an allow-list (``METRIC_ATTRIBUTES``) and
-every allowed key takes values from a finite set (operations, outcomes, results, ``ErrorCode`` names and
-attempt numbers clamped at ``MAX_ATTEMPT_ATTRIBUTE``). Keys and values of the store never appear.
+``Operation`` and ``Outcome`` are defined here, once, as enums: the client, the fault injector and the
+dashboard all use them. Metric attributes are bounded by construction: each metric has an allow-list
+(``METRIC_ATTRIBUTES``) and every allowed key takes values from a finite set (operations, outcomes, results,
+``ErrorCode`` names and attempt numbers clamped at ``MAX_ATTEMPT_ATTRIBUTE``). Keys and values of the store
+never appear.
 
-Nothing here imports the client, so the client may import this package at module level; the operation and
-outcome values equal ``Operation``/``Outcome`` values (a test checks it).
+Nothing here imports anything of the project (the client imports this module), nor torch.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import enum
 
-if TYPE_CHECKING:
-    from tq_mooncake.client.errors import Operation
+
+class Operation(str, enum.Enum):
+    """The client operations; the value is the name used in telemetry."""
+
+    PUT = "put"
+    GET = "get"
+    CLEAR = "clear"
+
+
+class Outcome(str, enum.Enum):
+    """How one client call ended; the value is the telemetry name."""
+
+    SUCCESS = "success"
+    SUCCESS_AFTER_RETRY = "success_after_retry"
+    EXHAUSTED = "exhausted"
+    NON_RETRYABLE = "non_retryable"
+    BUDGET_DENIED = "budget_denied"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+
+    @property
+    def failed(self) -> bool:
+        return self not in (Outcome.SUCCESS, Outcome.SUCCESS_AFTER_RETRY)
+
+
+FAILED_OUTCOMES: tuple[Outcome, ...] = tuple(o for o in Outcome if o.failed)
+GAVE_UP_OUTCOMES: tuple[Outcome, ...] = (Outcome.EXHAUSTED, Outcome.BUDGET_DENIED, Outcome.DEADLINE_EXCEEDED)
+"""The failed outcomes where retrying was still worth it but stopped: attempts, budget or time ran out."""
 
 INSTRUMENTATION_SCOPE = "tq_mooncake"
 
@@ -51,15 +77,8 @@ OPERATION = "mooncake.operation"  # metric attribute: one of OPERATIONS
 RESULT = "mooncake.result"  # metric attribute: ATTEMPT_RESULTS or KEY_RESULTS
 
 # ------------------------------------------------------------------------------------------------ allowed values
-OPERATIONS: tuple[str, ...] = ("put", "get", "clear")
-OUTCOMES: tuple[str, ...] = (
-    "success",
-    "success_after_retry",
-    "exhausted",
-    "non_retryable",
-    "budget_denied",
-    "deadline_exceeded",
-)
+OPERATIONS: tuple[str, ...] = tuple(o.value for o in Operation)
+OUTCOMES: tuple[str, ...] = tuple(o.value for o in Outcome)
 RESULT_OK = "ok"
 RESULT_PARTIAL = "partial"
 RESULT_FAILED = "failed"

@@ -7,7 +7,9 @@ Contract:
   ``mooncake.<op>.attempt`` (CLIENT) with the operation span as its *explicit* parent, because attempts run
   on worker threads that do not inherit the caller's contextvars.
 * A failed attempt gets status ERROR and ``error.type`` = its most frequent code name; the operation span
-  gets them only when the call finally failed (retried-then-ok is not an error).
+  gets them only when the call finally failed (retried-then-ok is not an error), from the final per-code
+  counts the client reports in ``OperationSummary.codes`` (the retry loop decides; nothing here
+  re-classifies a code).
 * Metrics are recorded with attributes from ``conventions.METRIC_ATTRIBUTES`` only; no key or value of
   the store is ever recorded.
 * Instruments are created once per meter provider and shared by every observer on it; the retry-budget
@@ -31,9 +33,10 @@ from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observa
 from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 
 from . import conventions as c
+from .conventions import Operation
 
-if TYPE_CHECKING:  # the client imports this module; importing it back at run time would be circular
-    from tq_mooncake.client.errors import ErrorClassifier, ErrorCode, Operation
+if TYPE_CHECKING:  # the client imports this module: only its types are needed here
+    from tq_mooncake.client.codes import ErrorCode
     from tq_mooncake.client.observer import OperationSummary
 
 try:
@@ -155,9 +158,6 @@ class OTelObserver:
         meter_provider: MeterProvider | None = None,
         budget_tokens: Callable[[], float] | None = None,
     ) -> None:
-        from tq_mooncake.client.errors import ErrorClassifier
-
-        self._classifier: ErrorClassifier = ErrorClassifier()
         self._tracer = trace.get_tracer(c.INSTRUMENTATION_SCOPE, _VERSION, tracer_provider)
         self._instruments = _instruments_for(meter_provider)
         self._budget_tokens = budget_tokens
@@ -169,12 +169,11 @@ class OTelObserver:
 
 
 class _OperationScope:
-    """One client call: its span, and what its attempts reported (for the final ``error.type``)."""
+    """One client call: its span, its attempts' spans, and its metrics."""
 
     def __init__(self, observer: OTelObserver, operation: Operation, batch_size: int) -> None:
         self._tracer = observer._tracer
         self._instruments = observer._instruments
-        self._classifier = observer._classifier
         self.operation = operation
         self._span = self._tracer.start_span(
             c.operation_span_name(operation),
@@ -188,8 +187,6 @@ class _OperationScope:
         self._context = trace.set_span_in_context(self._span)
         self._start = time.perf_counter()
         self._lock = threading.Lock()
-        self._final: Counter[ErrorCode] = Counter()  # non-retryable failures: final wherever they occur
-        self._last_retryable: dict[int, Counter[ErrorCode]] = {}  # chunk -> its latest attempt's retryables
         self._retried = False
         self._ended = False
 
@@ -198,25 +195,12 @@ class _OperationScope:
             self._retried = True
         return _AttemptScope(self, chunk, attempt, keys, backoff_s)
 
-    def _attempt_ended(self, chunk: int, failed: Counter[ErrorCode]) -> None:
-        """Track the codes the call will end with: every non-retryable failure, plus the retryable ones of
-        each chunk's last attempt (the same rule the retry loop applies)."""
-        retryable: Counter[ErrorCode] = Counter()
-        with self._lock:
-            for code, n in failed.items():
-                if self._classifier.is_retryable(int(code)):
-                    retryable[code] += n
-                else:
-                    self._final[code] += n
-            self._last_retryable[chunk] = retryable
-
     def end(self, summary: OperationSummary) -> None:
         duration = time.perf_counter() - self._start
         with self._lock:
             if self._ended:
                 return
             self._ended = True
-            final = self._final + sum(self._last_retryable.values(), Counter())
         op = self.operation.value
         outcome = summary.outcome.value
         span = self._span
@@ -230,7 +214,7 @@ class _OperationScope:
         )
         attrs = {c.OPERATION: op, c.OUTCOME: outcome}
         if summary.outcome.failed:
-            error_type = _dominant(final)
+            error_type = _dominant(summary.codes)
             span.set_attribute(c.ERROR_TYPE, error_type)
             span.set_status(Status(StatusCode.ERROR, f"{outcome}: {summary.keys_failed} key(s) failed"))
             duration_attrs = {**attrs, c.ERROR_TYPE: error_type}
@@ -311,5 +295,3 @@ class _AttemptScope:
             for code, n in failed.items():
                 ins.keys_failed.add(n, ((c.OPERATION, op), (c.ERROR_TYPE, code.name)))
         ins.attempt_duration.record(duration, duration_attrs)
-        if n_failed or self._attempt > 1:  # a retry that succeeds clears its chunk's earlier failures
-            op_scope._attempt_ended(self._chunk, failed)

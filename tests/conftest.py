@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tq_mooncake.client import MooncakeBatchClient
-from tq_mooncake.client.local_cluster import MasterProcess, StorageNodeProcess
+from tq_mooncake.cluster import MasterProcess, StorageNodeProcess
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -8,27 +8,17 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from tq_mooncake.client import ClientClosedError, ErrorClassifier, ErrorCode, Operation, Outcome
 from tq_mooncake.client.attempts import ChunkResult, Retrier
-from tq_mooncake.client.errors import ClientClosedError, ErrorClassifier, ErrorCode, Operation, Outcome
-from tq_mooncake.client.observer import NOOP_OBSERVER, OperationSummary
+from tq_mooncake.client.observer import NOOP_OBSERVER
 from tq_mooncake.client.retry import Deadline, RetryBudget, RetryPolicy
+from tq_mooncake.testing import FakeClock, RecordingObserver
 
 OK = 0
 TRANSFER_FAIL = int(ErrorCode.TRANSFER_FAIL)  # -800, retryable
 RPC_FAIL = int(ErrorCode.RPC_FAIL)  # -900, retryable
 NOT_FOUND = int(ErrorCode.OBJECT_NOT_FOUND)  # -704, not retryable on get/put
 ALMOST_ONE = 1.0 - 1e-9
-
-
-class FakeClock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class ScriptedCall:
@@ -62,38 +52,6 @@ class ScriptedCall:
         return codes, self.bytes_per_key * sum(1 for c in codes if c >= 0)
 
 
-class RecordingAttempt:
-    def __init__(self, chunk: int, attempt: int, keys: int, backoff_s: float) -> None:
-        self.chunk = chunk
-        self.attempt = attempt
-        self.keys = keys
-        self.backoff_s = backoff_s
-        self.failed: Counter[ErrorCode] | None = None
-        self.nbytes: int | None = None
-        self.ended = 0
-
-    def end(self, failed: Counter[ErrorCode], nbytes: int) -> None:
-        self.failed = Counter(failed)
-        self.nbytes = nbytes
-        self.ended += 1
-
-
-class RecordingScope:
-    """An OperationScope that keeps every attempt it was told about."""
-
-    def __init__(self) -> None:
-        self.attempts: list[RecordingAttempt] = []
-        self.summaries: list[OperationSummary] = []
-
-    def attempt(self, chunk: int, attempt: int, keys: int, backoff_s: float) -> RecordingAttempt:
-        rec = RecordingAttempt(chunk, attempt, keys, backoff_s)
-        self.attempts.append(rec)
-        return rec
-
-    def end(self, summary: OperationSummary) -> None:
-        self.summaries.append(summary)
-
-
 class Harness:
     """A Retrier on a fake clock whose sleep advances the clock instead of waiting."""
 
@@ -110,7 +68,7 @@ class Harness:
         jitter: Callable[[], float] = lambda: ALMOST_ONE,
         fake_sleep: bool = True,
     ) -> None:
-        self.clock = FakeClock()
+        self.clock = FakeClock(100.0)
         self.policy = RetryPolicy(
             max_attempts=max_attempts,
             initial_backoff_s=initial_backoff_s,
@@ -120,14 +78,10 @@ class Harness:
         )
         self.budget = RetryBudget(ratio=budget_ratio, min_per_s=budget_min_per_s, clock=self.clock)
         self.closing = threading.Event()
-        self.sleeps: list[float] = []
-        sleep = self._sleep if fake_sleep else None
+        self.sleeps = self.clock.sleeps
+        sleep = self.clock.sleep if fake_sleep else None
         self.retrier = Retrier(self.policy, self.budget, ErrorClassifier(), jitter, self.closing, sleep=sleep)
-        self.scope = RecordingScope()
-
-    def _sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.clock.advance(seconds)
+        self.scope = RecordingObserver().operation(Operation.GET, 0)
 
     def run(self, call, n_keys: int, operation: Operation = Operation.GET, chunk: int = 0) -> ChunkResult:
         deadline = Deadline(self.policy.deadline_s, self.clock)

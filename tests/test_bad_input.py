@@ -12,7 +12,7 @@ from tq_mooncake.client import (
     NonRetryableError,
     StoreSetupError,
 )
-from tq_mooncake.client.local_cluster import free_port
+from tq_mooncake.cluster import free_port
 
 
 def _nothing_written(client, keys):

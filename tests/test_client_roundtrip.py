@@ -7,14 +7,7 @@ import pytest
 import torch
 
 from tq_mooncake.client import ErrorCode, NonRetryableError
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
-    return type(a) is type(b) and a == b
+from tq_mooncake.testing import same_value
 
 
 def _mixed_values(n: int) -> list:
@@ -51,7 +44,7 @@ def test_mixed_round_trip_with_metadata(client, keyspace, n):
     assert len(metas) == n and all(m["nbytes"] > 0 for m in metas)
     got = client.get(keys, custom_backend_meta=metas)
     assert len(got) == n
-    bad = [i for i, (v, g) in enumerate(zip(values, got, strict=True)) if not _same(v, g)]
+    bad = [i for i, (v, g) in enumerate(zip(values, got, strict=True)) if not same_value(v, g)]
     assert bad == []
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tq_mooncake.client import codec
+from tq_mooncake.client import ErrorCode, codec
 from tq_mooncake.client.codec import (
     HEADER,
     HEADER_SIZE,
@@ -25,7 +25,6 @@ from tq_mooncake.client.codec import (
     encode,
     frame_crc,
 )
-from tq_mooncake.client.errors import ErrorCode
 
 
 def roundtrip(value, allow_pickle: bool = False):

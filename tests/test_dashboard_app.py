@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tq_mooncake.client.local_cluster import free_port
+from tq_mooncake.cluster import free_port
 from tq_mooncake.dashboard import app as app_module
 
 APP = str(Path(app_module.__file__))

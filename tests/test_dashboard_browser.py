@@ -8,12 +8,12 @@ import json
 import time
 from pathlib import Path
 
-from tq_mooncake.client.local_cluster import wait_until
+from tq_mooncake.cluster import wait_until
+from tq_mooncake.dashboard.launch import RunningApp
 from tq_mooncake.dashboard.sample_run import Tally
 from tq_mooncake.dashboard.screenshot import (
     CHROMEDRIVER,
     CHROMIUM,
-    RunningApp,
     chromium,
     open_dashboard,
     read_tiles,
@@ -21,6 +21,7 @@ from tq_mooncake.dashboard.screenshot import (
     screenshot,
 )
 from tq_mooncake.dashboard.tiles import percent
+from tq_mooncake.telemetry.conventions import Outcome
 
 HOSTILE = "<img src=x onerror=window.__xss=1><script>window.__xss=1</script>"
 
@@ -49,7 +50,7 @@ def test_the_browser_shows_the_retry_and_exhaustion_rates_the_injector_caused(sh
     folder = tmp_path / "telemetry"
     (result,) = run_workloads(shared_master, folder, [{"service": "browser-test", "operations": 40}])
     tally = Tally.from_json(result)
-    assert tally.total == 40 and tally.retried == 14 and tally.outcome("exhausted") == 6
+    assert tally.total == 40 and tally.retried == 14 and tally.outcome(Outcome.EXHAUSTED) == 6
     metrics_file = next(folder.glob("metrics-*.jsonl"))
     newest = max(int(dp["timeUnixNano"]) for dp in _points(metrics_file))
     (folder / "metrics-hostile-1.jsonl").write_text(hostile_line(newest) + "\n")
@@ -69,7 +70,7 @@ def test_the_browser_shows_the_retry_and_exhaustion_rates_the_injector_caused(sh
             )
 
     assert tiles["Retry rate"] == percent(tally.retried / tally.total) == "35.0%"  # 14 / 40, then 14 / 50: 28.0%
-    assert tiles["Exhaustion rate"] == percent(tally.outcome("exhausted") / tally.total) == "15.0%"
+    assert tiles["Exhaustion rate"] == percent(tally.outcome(Outcome.EXHAUSTED) / tally.total) == "15.0%"
     assert xss is None and scripts == 0  # the host name was shown as text, never run
     assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

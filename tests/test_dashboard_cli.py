@@ -1,4 +1,4 @@
-"""``tq-mooncake`` (``tq_mooncake.client.cli``): the verbs, their --help, and the dashboard's command line."""
+"""``tq-mooncake`` (``tq_mooncake.cli``): the verbs, their --help, and the dashboard's command line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tq_mooncake.client import cli
+from tq_mooncake.cli import main as cli
+from tq_mooncake.dashboard.launch import dashboard_command
 from tq_mooncake.dashboard.settings import parse_settings
 
 SCRIPT = Path(sys.executable).with_name("tq-mooncake")
@@ -27,7 +28,7 @@ def test_every_verb_has_help(verb):
 
 def test_the_dashboard_runs_streamlit_headless_on_loopback_with_the_source_flags(tmp_path):
     settings = parse_settings(["--dir", str(tmp_path), "--window", "1h", "--alert-retry-rate", "0.2"], {})
-    command = cli.dashboard_command(settings, port=8600)
+    command = dashboard_command(settings, port=8600)
     assert command[:4] == [sys.executable, "-m", "streamlit", "run"] and Path(command[4]).name == "app.py"
     options = dict(zip(command[5::2], command[6::2], strict=False))
     assert options["--server.address"] == "127.0.0.1" and options["--server.port"] == "8600"

@@ -22,14 +22,16 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from tq_mooncake.client.local_cluster import free_port
 from tq_mooncake.client.observer import NOOP_OBSERVER
+from tq_mooncake.cluster import free_port
 from tq_mooncake.dashboard import metrics as m
 from tq_mooncake.dashboard.sample_run import Tally, fault_plan, make_client, run
 from tq_mooncake.dashboard.settings import Thresholds
 from tq_mooncake.dashboard.sources import FileSource, PrometheusSource
 from tq_mooncake.dashboard.tiles import percent, tiles
 from tq_mooncake.telemetry import OTelObserver, conventions, metric_views
+from tq_mooncake.telemetry.conventions import Outcome
+from tq_mooncake.testing import RecordingObserver
 
 OPS = conventions.OPERATIONS_METRIC
 
@@ -301,18 +303,10 @@ def test_prometheus_source_differences_the_translated_series(monkeypatch):
 # ------------------------------------------------------------------------------------------------ a real run
 
 
-class Switch:
-    """Forwards to the current observer, so one client (closing takes ~2 s) serves every phase."""
-
-    target: Any = NOOP_OBSERVER
-
-    def operation(self, operation: Any, batch_size: int) -> Any:
-        return self.target.operation(operation, batch_size)
-
-
 @pytest.fixture(scope="module")
-def faulty_client(shared_master) -> Iterator[tuple[Any, Any, Switch]]:
-    switch = Switch()
+def faulty_client(shared_master) -> Iterator[tuple[Any, Any, RecordingObserver]]:
+    """One client (closing takes ~2 s) for every phase; its observer forwards to the current phase's."""
+    switch = RecordingObserver(keep=False)
     client, store = make_client(shared_master.address, shared_master.metadata_server, observer=switch)
     try:
         yield client, store, switch
@@ -344,13 +338,13 @@ def test_figures_from_real_exported_files_equal_what_the_injector_did(faulty_cli
     client, store, switch = faulty_client
     path = tmp_path / f"metrics-{socket.gethostname()}-{os.getpid()}.jsonl"
     provider = recorder(path)
-    switch.target = OTelObserver(None, provider)
+    switch.forward = OTelObserver(None, provider)
     source = FileSource(tmp_path)
     began = time.time()
     try:
         first = run(client, store, fault_plan(20))
         assert provider.force_flush(10_000)
-        assert first.retried == 7 and first.outcome("exhausted") == 3  # 0, 5, 10, 15 retry; 3, 8, 13 exhaust
+        assert first.retried == 7 and first.outcome(Outcome.EXHAUSTED) == 3  # 0, 5, 10, 15 retry; 3, 8, 13 exhaust
         assert_figures_equal(m.window_figures(source.load(began - 1, time.time() + 1).increments, 0, 2e9), first)
 
         second = run(client, store, fault_plan(20))  # appended to the same file, read incrementally
@@ -368,7 +362,7 @@ def test_figures_from_real_exported_files_equal_what_the_injector_did(faulty_cli
         figures = m.window_figures(snap.increments, began - 1, time.time() + 1)
         assert_figures_equal(figures, both)
         assert figures.retry_rate == pytest.approx(both.retried / both.total)
-        assert figures.exhaustion_rate == pytest.approx(both.outcome("exhausted") / both.total)
+        assert figures.exhaustion_rate == pytest.approx(both.outcome(Outcome.EXHAUSTED) / both.total)
         assert figures.retries == sum(n for a, n in both.attempts.items() if a > 1)
         (origin, _), *_ = m.by_origin(snap.increments, began - 1, time.time() + 1)
         assert dict(origin) == {"host": socket.gethostname(), "process": str(os.getpid()), "service": "metrics-test"}
@@ -376,19 +370,19 @@ def test_figures_from_real_exported_files_equal_what_the_injector_did(faulty_cli
         assert puts.operations == sum(n for k, n in both.operations.items() if k.startswith("put/"))
         shown = {t.label: t.value for t in tiles(figures, m.Figures(60), Thresholds())}
         assert shown["Retry rate"] == percent(both.retried / both.total) == "35.0%"
-        assert shown["Exhaustion rate"] == percent(both.outcome("exhausted") / both.total) == "15.0%"
+        assert shown["Exhaustion rate"] == percent(both.outcome(Outcome.EXHAUSTED) / both.total) == "15.0%"
     finally:
-        switch.target = NOOP_OBSERVER
+        switch.forward = NOOP_OBSERVER
         provider.shutdown()
 
     # A restarted process: a new provider (new start time) appends lower cumulative values to the same file.
     restarted = recorder(path)
-    switch.target = OTelObserver(None, restarted)
+    switch.forward = OTelObserver(None, restarted)
     try:
         third = run(client, store, fault_plan(10))
         assert restarted.force_flush(10_000)
     finally:
-        switch.target = NOOP_OBSERVER
+        switch.forward = NOOP_OBSERVER
         restarted.shutdown()
     figures = m.window_figures(source.load(began - 1, time.time() + 1).increments, began - 1, time.time() + 1)
     assert figures.operations == both.total + third.total  # a reset, not a negative rate

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tq_mooncake.client.local_cluster import free_port, http_ok, wait_until
+from tq_mooncake.cluster import free_port, http_ok, wait_until
 from tq_mooncake.dashboard import metrics as m
 from tq_mooncake.dashboard.sample_run import Tally
 from tq_mooncake.dashboard.sources import FileSource, PrometheusSource
+from tq_mooncake.telemetry.conventions import Outcome
 
 PROMETHEUS = "/usr/bin/prometheus"
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_the_prometheus_source_returns_the_same_rates_as_the_files(shared_master
     source = PrometheusSource(url)
     try:
         tally = Tally.from_json(json.loads(child.stdout.readline()))
-        assert tally.total == 40 and tally.retried == 14 and tally.outcome("exhausted") == 6
+        assert tally.total == 40 and tally.retried == 14 and tally.outcome(Outcome.EXHAUSTED) == 6
 
         def scraped() -> bool:  # every counter at its final value, the histograms included
             f = m.window_figures(source.load(time.time() - 900, time.time()).increments, 0, math.inf)
@@ -123,7 +124,7 @@ def test_the_prometheus_source_returns_the_same_rates_as_the_files(shared_master
     files = m.window_figures(FileSource(folder).load(end - 900, end).increments, end - 900, end)
     same(prom, files)
     assert prom.retry_rate == pytest.approx(tally.retried / tally.total)
-    assert prom.exhaustion_rate == pytest.approx(tally.outcome("exhausted") / tally.total)
+    assert prom.exhaustion_rate == pytest.approx(tally.outcome(Outcome.EXHAUSTED) / tally.total)
     assert prom.key_failures == tally.key_failures and prom.attempts == tally.attempts
     assert prom.ops_per_s == pytest.approx(40 / 900)
     (origin, _), *_ = m.by_origin(from_prometheus.increments, end - 900, end)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from tq_mooncake.client.local_cluster import free_port, http_ok, wait_until
+from tq_mooncake.cluster import free_port, http_ok, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from tq_mooncake.client import cli
+from tq_mooncake.cli import main as cli
 from tq_mooncake.dashboard import sources
 from tq_mooncake.dashboard.metrics import BUCKET, COUNT, WANTED
 from tq_mooncake.dashboard.settings import settings_from
@@ -279,7 +279,8 @@ def test_cli_parsing_helper_rejects_a_renamed_flag(monkeypatch: pytest.MonkeyPat
 def test_storage_nodes_point_at_the_master(
     monkeypatch: pytest.MonkeyPatch, services: dict[str, dict[str, Any]]
 ) -> None:
-    from tq_mooncake.client import batch_client, storage_node
+    from tq_mooncake.client import store
+    from tq_mooncake.cluster import storage_node
 
     flags = _master_flags(services)
     configs = []
@@ -291,7 +292,7 @@ def test_storage_nodes_point_at_the_master(
         configs.append(config)
         raise Stop
 
-    monkeypatch.setattr(batch_client, "connect_store", fake_connect)
+    monkeypatch.setattr(store, "connect_store", fake_connect)
     for name in ("storage-node-1", "storage-node-2"):
         command = _command(services[name])
         assert "entrypoint" not in services[name] and command[0] == "storage-node"

@@ -6,10 +6,7 @@ from collections import Counter
 
 import pytest
 
-from tq_mooncake.client.errors import (
-    ERROR_FOR_OUTCOME,
-    OUTCOME_PRECEDENCE,
-    RETRYABLE_CODES,
+from tq_mooncake.client import (
     BatchOperationError,
     ClientClosedError,
     DeadlineExceededError,
@@ -22,9 +19,10 @@ from tq_mooncake.client.errors import (
     RetriesExhaustedError,
     RetryBudgetExhaustedError,
     StoreSetupError,
-    Verdict,
-    combine_outcomes,
 )
+from tq_mooncake.client.codes import RETRYABLE_CODES, Verdict
+from tq_mooncake.client.errors import ERROR_FOR_OUTCOME
+from tq_mooncake.client.merge import OUTCOME_PRECEDENCE, combine_outcomes
 
 ALL_OPS = [Operation.PUT, Operation.GET, Operation.CLEAR]
 

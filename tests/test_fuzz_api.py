@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tq_mooncake.client import BatchOperationError, ErrorCode, NonRetryableError, codec
+from tq_mooncake.testing import same_value
 
 FUZZ = settings(
     derandomize=True,
@@ -46,24 +47,6 @@ def raw_bytes(value) -> bytes:
     if isinstance(value, torch.Tensor) and value.numel() > 0:
         return bytes(codec.tensor_bytes(value))
     return codec.encode(value)
-
-
-def same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-            and raw_bytes_any(a) == raw_bytes_any(b)
-        )
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return type(a) is type(b) and a == b
 
 
 def raw_bytes_any(t: torch.Tensor) -> bytes:
@@ -131,18 +114,18 @@ def test_random_keys_and_values_round_trip_or_are_refused(client, data):
         return
     metas = client.put(keys, vals)
     got = client.get(keys, custom_backend_meta=metas)
-    assert all(same(v, g) for v, g in zip(vals, got, strict=True))
+    assert all(same_value(v, g) for v, g in zip(vals, got, strict=True))
     # TQ's way: shapes and dtypes for tensors, nothing for the rest.
     is_raw = [isinstance(v, torch.Tensor) and v.numel() > 0 for v in vals]
     shapes = [list(v.shape) if isinstance(v, torch.Tensor) else None for v in vals]
     dtypes = [v.dtype if isinstance(v, torch.Tensor) else None for v in vals]
     got = client.get(keys, shapes=shapes, dtypes=dtypes)
-    assert all(same(v, g) for v, g in zip(vals, got, strict=True))
+    assert all(same_value(v, g) for v, g in zip(vals, got, strict=True))
     plain = [k for k, r in zip(keys, is_raw, strict=True) if not r]
     if plain:
         got = client.get(plain)  # frames need nothing at all
         assert all(
-            same(v, g) for v, g in zip([v for v, r in zip(vals, is_raw, strict=True) if not r], got, strict=True)
+            same_value(v, g) for v, g in zip([v for v, r in zip(vals, is_raw, strict=True) if not r], got, strict=True)
         )
     client.clear(keys)
 
@@ -181,7 +164,7 @@ def test_shapes_and_dtypes_that_disagree_end_in_the_value_or_an_error(client, st
     expected = stored
     if isinstance(stored, torch.Tensor) and shape is not None and dtype is not None:
         expected = stored.reshape(shape)
-    assert same(expected, got)
+    assert same_value(expected, got)
     client.clear([key])
 
 
@@ -218,7 +201,7 @@ def test_truncated_or_corrupted_stored_bytes_are_refused(client, stored, cut, fl
         assert len(damaged) == len(original) and raw_bytes_any(got) == bytes(damaged)
     else:
         event("intact frame returned")
-        assert bytes(damaged) == original and same(stored, got)  # a frame is returned only intact
+        assert bytes(damaged) == original and same_value(stored, got)  # a frame is returned only intact
 
 
 @FUZZ
@@ -249,4 +232,4 @@ def test_metadata_of_another_key_never_returns_wrong_data(client, a, data):
     else:
         # Only a frame identical to b's (same checksum) passes b's metadata: then it is a's value as well.
         event("identical frame")
-        assert same(a, got) and raw_bytes(a) == raw_bytes(b)
+        assert same_value(a, got) and raw_bytes(a) == raw_bytes(b)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tq_mooncake.client import ClientClosedError, ErrorCode, FaultInjectingStore, FaultRule, MooncakeBatchClient
-from tq_mooncake.client.local_cluster import wait_until
+from tq_mooncake.cluster import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,5 +83,8 @@ def test_wheel_installs_under_the_tq_mooncake_namespace(tmp_path):
     assert "tq_mooncake/telemetry/__init__.py" in names
     assert "tq_mooncake/dashboard/__init__.py" in names
     assert "tq_mooncake/transferqueue/__init__.py" in names
+    assert "tq_mooncake/cluster/storage_node.py" in names
+    assert "tq_mooncake/cli/main.py" in names
+    assert "tq_mooncake/testing/__init__.py" in names
     tops = {n.split("/")[0] for n in names if not n.startswith("tq_mooncake-")}
     assert tops == {"tq_mooncake"}

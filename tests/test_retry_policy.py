@@ -9,19 +9,7 @@ from fractions import Fraction
 import pytest
 
 from tq_mooncake.client.retry import Deadline, RetryBudget, RetryPolicy, WindowedSum
-
-
-class FakeClock:
-    """A clock that moves only when the test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tq_mooncake.testing import FakeClock
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from tq_mooncake.client import ErrorCode, FaultInjectingStore, FaultRule, MooncakeBatchClient, NonRetryableError, codec
-from tq_mooncake.client.local_cluster import LOOPBACK, MasterProcess, StorageNodeProcess
-from tq_mooncake.telemetry.setup import file_pipeline
+from tq_mooncake.cluster import LOOPBACK, MasterProcess, StorageNodeProcess
+from tq_mooncake.telemetry.pipeline import file_pipeline
 
 
 def raw_write(store, key: str, data: bytes) -> None:

@@ -34,10 +34,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client.parser import text_string_to_metric_families
 
 from tq_mooncake.client import ErrorCode, Operation, Outcome
-from tq_mooncake.client.local_cluster import free_port, wait_until
 from tq_mooncake.client.observer import OperationSummary
+from tq_mooncake.cluster import free_port, wait_until
 from tq_mooncake.telemetry import OTelObserver, conventions, metric_views
-from tq_mooncake.telemetry.setup import _otlp_exporters, build_resource
+from tq_mooncake.telemetry.pipeline import _otlp_exporters, build_resource
 
 TraceRequest = trace_service_pb2.ExportTraceServiceRequest
 MetricsRequest = metrics_service_pb2.ExportMetricsServiceRequest

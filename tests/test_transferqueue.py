@@ -21,7 +21,7 @@ from transfer_queue.storage.managers.base import StorageManagerFactory
 
 import tq_mooncake.transferqueue as tqm
 from tq_mooncake.client import NonRetryableError
-from tq_mooncake.client.local_cluster import LOOPBACK, free_port
+from tq_mooncake.cluster import LOOPBACK, free_port
 from tq_mooncake.transferqueue.telemetry_section import telemetry_enabled
 
 JOB = Path(__file__).parent / "jobs" / "tq_roundtrip.py"

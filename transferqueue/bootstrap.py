@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tq_mooncake.client.batch_client import unreachable
 from tq_mooncake.client.config import host_port
-from tq_mooncake.client.local_cluster import MasterProcess
+from tq_mooncake.client.store import unreachable
+from tq_mooncake.cluster import MasterProcess
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Chaos helpers: a steady put/get load from several threads, a recorder that checks every value read
 against a content hash of what was written, and the table of figures printed at the end of the run.
 
-Every scenario (one test) records a ``Figures`` row; ``pytest_terminal_summary`` prints them all. The
+Every scenario (one test) records a ``ScenarioRow``; ``pytest_terminal_summary`` prints them all. The
 checks that make a row green are asserted in the tests themselves: no value returned differs from what
 was written, and every key that failed is named by the exception that reported it.
 """
@@ -23,26 +23,24 @@ import pytest
 import torch
 
 from tq_mooncake.client import BatchOperationError, ClientClosedError, ErrorCode, MooncakeBatchClient
-from tq_mooncake.client.errors import Operation
-from tq_mooncake.client.local_cluster import MasterProcess
-from tq_mooncake.client.observer import OperationSummary
+from tq_mooncake.cluster import MasterProcess
+from tq_mooncake.testing import RecordingObserver
 
 # A retry window far beyond the chaos masters' client_ttl (2 s) + 1 s: a dead replica is dropped within it.
 PATIENT_RETRY = {"max_attempts": 60, "initial_backoff_s": 0.05, "max_backoff_s": 0.5, "deadline_s": 45}
 CLIENT_TTL = 2
 
-_ROWS: list[Figures] = []
+_ROWS: list[ScenarioRow] = []
 
 
 # ------------------------------------------------------------------------------------------ figures
 @dataclass
-class Figures:
+class ScenarioRow:
     """What one scenario did. ``wrong`` and ``unnamed`` must stay 0."""
 
     scenario: str
     operations: int = 0  # client calls (put/get), load and final read-back together
     keys: int = 0  # keys in those calls
-    recovered: int = 0  # keys that succeeded after at least one failed attempt (retries)
     raised: Counter[str] = field(default_factory=Counter)  # calls that raised, by cause
     codes: Counter[ErrorCode] = field(default_factory=Counter)  # the codes the failed keys ended with
     checked: int = 0  # values returned and compared with the hash of what was written
@@ -52,48 +50,25 @@ class Figures:
     slowest_s: float = 0.0  # the longest single call (load calls), for the record
     note: str = ""
     problems: list[str] = field(default_factory=list)  # the first few details of wrong/unnamed
+    observer: RecordingObserver = field(default_factory=lambda: RecordingObserver(keep=False), repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def recovered(self) -> int:
+        """Keys that succeeded after at least one failed attempt (retries), over the scenario's clients."""
+        return self.observer.keys_retried_ok
 
     def problem(self, text: str) -> None:
         if len(self.problems) < 10:
             self.problems.append(text)
 
 
-class RecordingObserver:
-    """Counts, over every call of a client, the calls and the keys that made it only after a retry."""
-
-    def __init__(self, figures: Figures) -> None:
-        self._figures = figures
-
-    def operation(self, operation: Operation, batch_size: int) -> _RecordingScope:
-        return _RecordingScope(self._figures)
-
-
-class _NoopAttempt:
-    def end(self, failed: Counter, nbytes: int) -> None:
-        pass
-
-
-class _RecordingScope:
-    _attempt = _NoopAttempt()
-
-    def __init__(self, figures: Figures) -> None:
-        self._figures = figures
-
-    def attempt(self, chunk: int, attempt: int, keys: int, backoff_s: float) -> _NoopAttempt:
-        return self._attempt
-
-    def end(self, summary: OperationSummary) -> None:
-        with self._figures.lock:
-            self._figures.recovered += summary.keys_retried_ok
-
-
 @pytest.fixture
-def figures(request: pytest.FixtureRequest) -> Callable[[str], Figures]:
+def figures(request: pytest.FixtureRequest) -> Callable[[str], ScenarioRow]:
     """``figures(name)``: a new row of the chaos table."""
 
-    def make(name: str) -> Figures:
-        row = Figures(name)
+    def make(name: str) -> ScenarioRow:
+        row = ScenarioRow(name)
         _ROWS.append(row)
         return row
 
@@ -220,7 +195,7 @@ class Ledger:
 
 
 # ------------------------------------------------------------------------------------------ checked calls
-def _check_error(fig: Figures, err: BatchOperationError, keys: list[str]) -> None:
+def _check_error(fig: ScenarioRow, err: BatchOperationError, keys: list[str]) -> None:
     """The exception names every failed key: all of them in ``failed``, the first ten in its message."""
     requested = set(keys)
     ok = set(err.failed) <= requested and err.failed and err.succeeded + len(err.failed) == len(keys)
@@ -232,7 +207,7 @@ def _check_error(fig: Figures, err: BatchOperationError, keys: list[str]) -> Non
             fig.problem(f"{type(err).__name__} does not name its keys: {message[:300]}")
 
 
-def _took(fig: Figures, start: float) -> None:
+def _took(fig: ScenarioRow, start: float) -> None:
     took = time.monotonic() - start
     with fig.lock:
         fig.slowest_s = max(fig.slowest_s, took)
@@ -242,7 +217,9 @@ def _cause(err: BaseException) -> str:
     return err.outcome.value if isinstance(err, BatchOperationError) else type(err).__name__
 
 
-def checked_put(fig: Figures, client: MooncakeBatchClient, ledger: Ledger, keys: list[str], values: list[Any]) -> bool:
+def checked_put(
+    fig: ScenarioRow, client: MooncakeBatchClient, ledger: Ledger, keys: list[str], values: list[Any]
+) -> bool:
     """Put; record the keys that were written. True if the call succeeded."""
     with fig.lock:
         fig.operations += 1
@@ -267,7 +244,7 @@ def checked_put(fig: Figures, client: MooncakeBatchClient, ledger: Ledger, keys:
 
 
 def checked_get(
-    fig: Figures, client: MooncakeBatchClient, ledger: Ledger, keys: list[str], use_meta: bool = True
+    fig: ScenarioRow, client: MooncakeBatchClient, ledger: Ledger, keys: list[str], use_meta: bool = True
 ) -> dict[str, Any] | BatchOperationError:
     """Get ``keys`` (written ones); compare every value returned with its hash. Returns the failure, if any."""
     if not keys:
@@ -299,7 +276,7 @@ def checked_get(
     return dict(zip(keys, got, strict=False))
 
 
-def read_back(fig: Figures, client: MooncakeBatchClient, ledger: Ledger, batch: int = 200) -> dict[str, Any]:
+def read_back(fig: ScenarioRow, client: MooncakeBatchClient, ledger: Ledger, batch: int = 200) -> dict[str, Any]:
     """Read every written key once more (metadata where put returned it); the lost keys, with their codes."""
     lost: dict[str, Any] = {}
     keys = ledger.keys()
@@ -318,7 +295,7 @@ class Load:
     def __init__(
         self,
         client: MooncakeBatchClient,
-        fig: Figures,
+        fig: ScenarioRow,
         ledger: Ledger,
         threads: int = 4,
         batch: int = 16,
@@ -412,10 +389,8 @@ def chaos_client() -> Iterator[Callable[..., MooncakeBatchClient]]:
     ``fig``; closed at teardown."""
     clients: list[MooncakeBatchClient] = []
 
-    def make(master: MasterProcess, fig: Figures, *, wrap_store: Any = None, **config: Any) -> MooncakeBatchClient:
-        client = MooncakeBatchClient(
-            master.client_config(**config), observer=RecordingObserver(fig), wrap_store=wrap_store
-        )
+    def make(master: MasterProcess, fig: ScenarioRow, *, wrap_store: Any = None, **config: Any) -> MooncakeBatchClient:
+        client = MooncakeBatchClient(master.client_config(**config), observer=fig.observer, wrap_store=wrap_store)
         clients.append(client)
         return client
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tq_mooncake.client import ErrorCode, FaultInjectingStore, FaultRule
-from tq_mooncake.client.local_cluster import wait_until
+from tq_mooncake.cluster import wait_until
 
 
 def test_fill_the_segments_until_no_available_handle(

@@ -13,7 +13,7 @@ from tq_mooncake.client import (
     FaultRule,
     Outcome,
 )
-from tq_mooncake.client.local_cluster import wait_until
+from tq_mooncake.cluster import wait_until
 
 THREADS = 16
 

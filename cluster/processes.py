@@ -1,4 +1,5 @@
-"""Real Mooncake processes on loopback: a ``mooncake_master`` and storage nodes, for tests, benchmarks and demos.
+"""Real Mooncake processes on this machine: a ``mooncake_master`` and storage nodes, for the TQ bootstrap, the
+demo, benchmarks and tests.
 
 Every process binds ``127.0.0.1`` on free ports, is waited for by polling (never by sleeping a fixed
 time), and is stopped by ``stop()`` (TERM, then KILL) or by leaving its ``with`` block.
@@ -58,42 +59,65 @@ def _mooncake_master_binary() -> str:
     return found
 
 
-class _Process:
-    """A child process with its output in a log file, stopped on ``stop()``. It runs in its own session, so a
-    Ctrl-C in the terminal reaches only the parent, which stops it in order."""
+class ChildProcess:
+    """A child process with its output in a log file, stopped on ``stop()`` (TERM, then KILL). It runs in its
+    own session, so a Ctrl-C in the terminal reaches only the parent, which stops it in order. Subclasses set
+    ``log_path`` and start it with ``_launch`` then ``_wait_ready``."""
 
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | None = None
     log_path: Path
 
     @property
     def pid(self) -> int:
+        assert self.proc is not None, "not started"
         return self.proc.pid
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc is not None and self.proc.poll() is None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` (SIGKILL: a crash; SIGSTOP/SIGCONT: a freeze)."""
+        if self.proc is None:
+            return
         if self.alive():
             self.proc.send_signal(sig)
         if sig == signal.SIGKILL:
             self.proc.wait(timeout=10)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle TERM
-                self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle TERM
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=timeout)
 
     def log_tail(self, n: int = 40) -> str:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         return ""
+
+    def _launch(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        """Start ``args`` with stdout and stderr appended to ``log_path``."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            )
+
+    def _wait_ready(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``ready`` until it holds; if the process exits first or ``timeout`` passes, stop it and raise."""
+        try:
+            wait_until(lambda: ready() or not self.alive(), timeout, what)
+            if not ready():
+                assert self.proc is not None
+                raise RuntimeError(f"{what} exited with {self.proc.poll()}:\n{self.log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
 
     def __enter__(self) -> Any:
         return self
@@ -102,7 +126,7 @@ class _Process:
         self.stop()
 
 
-class MasterProcess(_Process):
+class MasterProcess(ChildProcess):
     """A ``mooncake_master`` (on loopback unless ``host`` says otherwise) with the HTTP metadata server on (or
     off); ports not given are free ones picked now."""
 
@@ -169,17 +193,8 @@ class MasterProcess(_Process):
             return False
 
     def start(self, timeout: float = 30.0) -> MasterProcess:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self._args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        try:
-            wait_until(lambda: self.healthy() or not self.alive(), timeout, f"mooncake_master on {self.address}")
-            if not self.alive():
-                raise RuntimeError(f"mooncake_master exited with {self.proc.returncode}:\n{self.log_tail()}")
-        except BaseException:
-            self.stop()
-            raise
+        self._launch(self._args)
+        self._wait_ready(self.healthy, timeout, f"mooncake_master on {self.address}")
         return self
 
     def restart(self, timeout: float = 30.0) -> MasterProcess:
@@ -188,8 +203,8 @@ class MasterProcess(_Process):
         return self.start(timeout)
 
 
-class StorageNodeProcess(_Process):
-    """A ``tq_mooncake.client.storage_node`` process holding ``segment`` bytes of the cluster's memory."""
+class StorageNodeProcess(ChildProcess):
+    """A ``tq_mooncake.cluster.storage_node`` process holding ``segment`` bytes of the cluster's memory."""
 
     def __init__(self, master: MasterProcess, log_dir: Path, segment: str | int = "64MB") -> None:
         self.master = master
@@ -202,7 +217,7 @@ class StorageNodeProcess(_Process):
         args = [
             sys.executable,
             "-m",
-            "tq_mooncake.client.storage_node",
+            "tq_mooncake.cluster.storage_node",
             "--master",
             self.master.address,
             "--metadata",
@@ -216,13 +231,7 @@ class StorageNodeProcess(_Process):
             args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True
         )
         threading.Thread(target=self._read_stdout, args=(self.proc.stdout, log), daemon=True).start()
-        try:
-            wait_until(lambda: self._ready.is_set() or not self.alive(), timeout, "a storage node to mount")
-            if not self._ready.is_set():
-                raise RuntimeError(f"storage node exited with {self.proc.returncode}:\n{self.log_tail()}")
-        except BaseException:
-            self.stop()
-            raise
+        self._wait_ready(self._ready.is_set, timeout, "a storage node to mount")
         return self
 
     def _read_stdout(self, stream: IO[bytes] | None, log: IO[bytes]) -> None:

@@ -13,75 +13,29 @@ To add a verb: write ``def _my_verb(sub) -> None`` that adds its parser with ``s
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 
-def dashboard_command(
-    settings: Any, address: str = "127.0.0.1", port: int = 8501, extra_streamlit: Sequence[str] = ()
-) -> list[str]:
-    """The ``streamlit run`` command line of the dashboard for ``settings`` (a ``dashboard.settings.Settings``):
-    headless, bound to ``address`` (loopback by default), no usage statistics, no file watcher."""
-    from tq_mooncake.dashboard.settings import dashboard_args
-
-    app = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
-    if not app.exists():  # an installed (non-editable) copy: the app next to the installed package
-        import tq_mooncake.dashboard
-
-        app = Path(tq_mooncake.dashboard.__file__).with_name("app.py")
-    return [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(app),
-        "--server.address",
-        address,
-        "--server.port",
-        str(port),
-        "--server.headless",
-        "true",
-        "--server.fileWatcherType",
-        "none",
-        "--browser.gatherUsageStats",
-        "false",
-        "--client.toolbarMode",
-        "viewer",
-        *extra_streamlit,
-        "--",
-        *dashboard_args(settings),
-    ]
-
-
 def _run_dashboard(args: argparse.Namespace, rest: list[str]) -> int:
-    from tq_mooncake.dashboard.settings import settings_from
+    from tq_mooncake.dashboard.launch import exec_dashboard
 
-    command = dashboard_command(settings_from(args), args.address, args.port, rest)
-    sys.stdout.flush()
-    os.execv(command[0], command)  # the process becomes Streamlit: signals reach it directly
-    return 0  # not reached
+    return exec_dashboard(args, rest)
 
 
 def _dashboard(sub: Any) -> None:
-    from tq_mooncake.dashboard.settings import add_arguments
+    from tq_mooncake.dashboard.launch import DESCRIPTION, add_launch_arguments
 
     parser = sub.add_parser(
-        "dashboard",
-        help="the Streamlit dashboard of retry and exhaustion rates",
-        description="Start the Streamlit dashboard (retry rates, exhaustion, error codes, hosts) on loopback. "
-        "Further --server.* / --theme.* options are passed to `streamlit run`.",
+        "dashboard", help="the Streamlit dashboard of retry and exhaustion rates", description=DESCRIPTION
     )
-    parser.add_argument("--address", "--server.address", default="127.0.0.1", help="bind address (127.0.0.1)")
-    parser.add_argument("--port", "--server.port", type=int, default=8501, help="port (8501)")
-    add_arguments(parser)
+    add_launch_arguments(parser)
     parser.set_defaults(run=_run_dashboard, passthrough=True)
 
 
 def _run_storage_node(args: argparse.Namespace, rest: list[str]) -> int:
-    from tq_mooncake.client.storage_node import main as storage_node_main
+    from tq_mooncake.cluster.storage_node import main as storage_node_main
 
     return storage_node_main(rest)
 
@@ -90,7 +44,7 @@ def _storage_node(sub: Any) -> None:
     parser = sub.add_parser(
         "storage-node",
         help="a process lending a memory segment to the Mooncake cluster",
-        description="Run tq_mooncake.client.storage_node; its options follow (see `tq-mooncake storage-node -- "
+        description="Run tq_mooncake.cluster.storage_node; its options follow (see `tq-mooncake storage-node -- "
         "--help`): --master, --metadata, --host, --segment, --protocol, --device.",
         add_help=False,
     )
@@ -99,7 +53,7 @@ def _storage_node(sub: Any) -> None:
 
 
 def _run_demo(args: argparse.Namespace, rest: list[str]) -> int:
-    from tq_mooncake.client.demo import run
+    from tq_mooncake.cli.demo import run
 
     try:
         return run(args)
@@ -108,8 +62,8 @@ def _run_demo(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _demo(sub: Any) -> None:
-    from tq_mooncake.client.demo import __doc__ as doc
-    from tq_mooncake.client.demo import add_arguments
+    from tq_mooncake.cli.demo import __doc__ as doc
+    from tq_mooncake.cli.demo import add_arguments
 
     parser = sub.add_parser(
         "demo",
@@ -122,13 +76,13 @@ def _demo(sub: Any) -> None:
 
 
 def _run_workload(args: argparse.Namespace, rest: list[str]) -> int:
-    from tq_mooncake.client.demo import run_workload
+    from tq_mooncake.cli.demo import run_workload
 
     return run_workload(args)
 
 
 def _workload(sub: Any) -> None:
-    from tq_mooncake.client.demo import add_workload_only_arguments
+    from tq_mooncake.cli.demo import add_workload_only_arguments
 
     parser = sub.add_parser(
         "workload",
@@ -159,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif rest and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.verb == "dashboard":
-        unknown = [a for a in rest if a.startswith("--") and not a.startswith(("--server.", "--theme.", "--logger."))]
+        from tq_mooncake.dashboard.launch import unknown_options
+
+        unknown = unknown_options(rest)
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.run(args, rest)

@@ -1,4 +1,4 @@
-"""``configure()``: build the OpenTelemetry SDK pipeline for this process, once.
+"""The SDK pipeline: ``configure()`` builds the OpenTelemetry providers and exporters for this process, once.
 
 Needs the ``telemetry`` extra (SDK and exporters); the library itself only uses the API. Settings come from
 the arguments, else from the standard environment, else from defaults:

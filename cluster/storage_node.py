@@ -1,6 +1,6 @@
 """A storage process: mounts a segment of memory in the Mooncake cluster and stays up until signalled.
 
-    python -m tq_mooncake.client.storage_node --master 127.0.0.1:50051 --metadata P2PHANDSHAKE --segment 256MB
+    python -m tq_mooncake.cluster.storage_node --master 127.0.0.1:50051 --metadata P2PHANDSHAKE --segment 256MB
 
 Prints ``READY <segment-name>`` on stdout once the segment is mounted; on SIGTERM or SIGINT it closes the
 store (unmounting the segment: data with no other replica is dropped) and exits 0. Killing it with
@@ -13,7 +13,7 @@ import argparse
 import signal
 import sys
 
-from .config import ClientConfig, parse_size
+from tq_mooncake.client.config import ClientConfig, normalize_metadata_server, parse_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="")
     args = parser.parse_args(argv)
 
-    from .batch_client import connect_store
-    from .config import normalize_metadata_server
+    from tq_mooncake.client.store import connect_store
 
     config = ClientConfig(
         local_hostname=args.host,

@@ -1,7 +1,7 @@
 """``tq-mooncake demo``: the whole product on one machine, with nothing to install by hand.
 
 Starts a ``mooncake_master`` on loopback (``--client_ttl=2``), two storage processes, the dashboard on
-http://127.0.0.1:8501, and runs a TransferQueue-shaped workload (``client.workload``) through one client
+http://127.0.0.1:8501, and runs a TransferQueue-shaped workload (``cli.workload``) through one client
 with ``replica_num: 2`` and telemetry written to the telemetry folder. Faults: error codes injected into the
 store at ``--fault-rate`` of keys on first attempts (retried away) and ``--exhaust-rate`` on every attempt
 (retries run out), and every ``--kill-every`` seconds one storage process is killed (SIGKILL) and a new one
@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .batch_client import MooncakeBatchClient
-from .errors import ErrorCode
-from .faults import FaultRule, injecting
-from .local_cluster import LOOPBACK, MasterProcess, StorageNodeProcess
-from .workload import OutcomeCounter, Workload
+from tq_mooncake.client import ErrorCode, FaultRule, MooncakeBatchClient
+from tq_mooncake.client.faults import injecting
+from tq_mooncake.client.observer import Observer
+from tq_mooncake.cluster import LOOPBACK, MasterProcess, StorageNodeProcess
+from tq_mooncake.testing import RecordingObserver
+
+from .workload import Workload
 
 CLIENT_TTL_S = 2
 # Retries cover a killed node: the master drops it after client_ttl, then reads go to the other replica.
@@ -80,7 +82,7 @@ def fault_rules(fault_rate: float, exhaust_rate: float) -> list[FaultRule]:
     return rules
 
 
-def _faulty_client(config: dict[str, Any], args: argparse.Namespace, observer: OutcomeCounter) -> MooncakeBatchClient:
+def _faulty_client(config: dict[str, Any], args: argparse.Namespace, observer: Observer) -> MooncakeBatchClient:
     """The workload's client: ``RETRY``, and the store failing keys as ``--fault-rate``/``--exhaust-rate`` say
     (no call log: the run may be long)."""
     rules = fault_rules(args.fault_rate, args.exhaust_rate)
@@ -89,7 +91,7 @@ def _faulty_client(config: dict[str, Any], args: argparse.Namespace, observer: O
     )
 
 
-def _progress(started: float, counter: OutcomeCounter, workload: Workload) -> str:
+def _progress(started: float, counter: RecordingObserver, workload: Workload) -> str:
     t = counter.totals()
     return (
         f"[{time.monotonic() - started:6.0f} s] batches {workload.stats.batches}  operations {t['operations']}  "
@@ -116,7 +118,9 @@ def _drive(workload: Workload, stop: threading.Event, duration: float | None, on
         _say("stopping (Ctrl-C)")
 
 
-def _finish(telemetry: Any, counter: OutcomeCounter, workload: Workload, kills: int, started: float, note: str) -> int:
+def _finish(
+    telemetry: Any, counter: RecordingObserver, workload: Workload, kills: int, started: float, note: str
+) -> int:
     """Flush telemetry, print the summary; exit status 1 if any value read back was wrong."""
     telemetry.force_flush()
     summary = _summary(counter, workload, kills, time.monotonic() - started)
@@ -124,7 +128,7 @@ def _finish(telemetry: Any, counter: OutcomeCounter, workload: Workload, kills: 
     return 0 if summary["wrong_values"] == 0 else 1
 
 
-def _summary(counter: OutcomeCounter, workload: Workload, kills: int, elapsed: float) -> dict[str, Any]:
+def _summary(counter: RecordingObserver, workload: Workload, kills: int, elapsed: float) -> dict[str, Any]:
     stats = workload.stats
     return {
         "seconds": round(elapsed, 1),
@@ -153,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from tq_mooncake.telemetry import OTelObserver, configure
 
     telemetry = configure(service_name="tq-mooncake-demo", telemetry_dir=folder, metric_export_interval_s=2.0)
-    counter = OutcomeCounter(OTelObserver(budget_tokens=None))
+    counter = RecordingObserver(OTelObserver(budget_tokens=None), keep=False)
     kills = 0
     with contextlib.ExitStack() as stack:
         master = stack.enter_context(MasterProcess(log_dir, client_ttl=CLIENT_TTL_S))
@@ -166,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         for i, node in enumerate(nodes):
             _say(f"storage node {i + 1}     pid {node.pid}  segment {args.segment}")
         if not args.no_dashboard:
-            from tq_mooncake.dashboard.screenshot import RunningApp
+            from tq_mooncake.dashboard.launch import RunningApp
 
             app_args = ["--dir", str(folder), "--window", "5m", "--refresh", "5"]
             dash = stack.enter_context(RunningApp(app_args, log_dir / "dashboard.log", args.dashboard_port))
@@ -226,7 +230,7 @@ def run_workload(args: argparse.Namespace) -> int:
 
     default_name = None if os.environ.get("OTEL_SERVICE_NAME", "").strip() else "tq-mooncake-workload"
     telemetry = configure(service_name=args.service_name or default_name)
-    counter = OutcomeCounter(OTelObserver())
+    counter = RecordingObserver(OTelObserver(), keep=False)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     started = time.monotonic()

@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from .batch_client import MooncakeBatchClient
-from .errors import BatchOperationError, Operation, Outcome
-from .observer import AttemptScope, Observer, OperationScope, OperationSummary
+from tq_mooncake.client import BatchOperationError, MooncakeBatchClient
+from tq_mooncake.testing import same_value
 
 FIELDS = ("attention_mask", "info", "input_ids", "old_log_probs", "response", "reward", "uid")
 
@@ -47,12 +46,6 @@ def make_batch(first_index: int, samples: int, seq_len: int, seed: int) -> dict[
     return {"keys": keys, "values": values}
 
 
-def same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    return type(a) is type(b) and a == b
-
-
 @dataclass
 class WorkloadStats:
     """What the workload did. ``wrong`` counts values read back that differ from what was written: it must
@@ -64,47 +57,6 @@ class WorkloadStats:
     wrong: int = 0
     raised: Counter[str] = field(default_factory=Counter)  # exception class name -> calls
     keys_lost: int = 0  # keys named by an exception
-
-
-class OutcomeCounter:
-    """An ``Observer`` that counts calls by outcome, attempts and retries, and forwards
-    everything to ``inner``; thread-safe."""
-
-    def __init__(self, inner: Observer) -> None:
-        self._inner = inner
-        self._lock = threading.Lock()
-        self.outcomes: Counter[str] = Counter()  # calls by outcome
-        self.attempts = 0
-        self.retries = 0
-
-    def operation(self, operation: Operation, batch_size: int) -> OperationScope:
-        return _CountedOperation(self, self._inner.operation(operation, batch_size))
-
-    def totals(self) -> dict[str, int]:
-        """Calls, attempts, retries, and calls by outcome (all operations)."""
-        with self._lock:
-            return {
-                "operations": sum(self.outcomes.values()),
-                "attempts": self.attempts,
-                "retries": self.retries,
-                **{o.value: self.outcomes[o.value] for o in Outcome},
-            }
-
-
-class _CountedOperation:
-    def __init__(self, counter: OutcomeCounter, inner: OperationScope) -> None:
-        self._counter, self._inner = counter, inner
-
-    def attempt(self, chunk: int, attempt: int, keys: int, backoff_s: float) -> AttemptScope:
-        with self._counter._lock:
-            self._counter.attempts += 1
-            self._counter.retries += attempt > 1
-        return self._inner.attempt(chunk, attempt, keys, backoff_s)
-
-    def end(self, summary: OperationSummary) -> None:
-        with self._counter._lock:
-            self._counter.outcomes[summary.outcome.value] += 1
-        self._inner.end(summary)
 
 
 class Workload:
@@ -150,7 +102,7 @@ class Workload:
         except BatchOperationError as exc:
             self._failed(exc)
             checked = []
-        wrong = sum(not same(values[i], value) for i, value in checked)
+        wrong = sum(not same_value(values[i], value) for i, value in checked)
         with self._lock:
             self.stats.values_checked += len(checked)
             self.stats.wrong += wrong
