@@ -5,8 +5,8 @@ http://127.0.0.1:8501, and runs a TransferQueue-shaped workload (``cli.workload`
 with ``replica_num: 2`` and telemetry written to the telemetry folder. Faults: error codes injected into the
 store at ``--fault-rate`` of keys on first attempts (retried away) and ``--exhaust-rate`` on every attempt
 (retries run out), and every ``--kill-every`` seconds one storage process is killed (SIGKILL) and a new one
-started. Prints what it started, progress, and a summary at the end; Ctrl-C (or ``--duration``) stops every
-process it started, and nothing else.
+started. Prints what it started, progress, and a summary at the end; Ctrl-C (or ``--duration``, or
+``--batches``) stops every process it started, and nothing else.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 from tq_mooncake.client import ErrorCode, FaultRule, MooncakeBatchClient
 from tq_mooncake.client.faults import injecting
 from tq_mooncake.client.observer import Observer
-from tq_mooncake.cluster import LOOPBACK, MasterProcess, StorageNodeProcess
+from tq_mooncake.cluster import LOOPBACK, MasterProcess, StorageNodeProcess, start_all, stop_all
 from tq_mooncake.testing import RecordingObserver
 
 from .workload import Workload
@@ -38,6 +38,7 @@ RETRY = {"max_attempts": 15, "initial_backoff_s": 0.05, "max_backoff_s": 0.5, "d
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``demo`` and ``workload``."""
     parser.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
+    parser.add_argument("--batches", type=int, default=None, help="stop after this many batches")
     parser.add_argument("--fault-rate", type=float, default=0.002, help="share of keys failing a first attempt")
     parser.add_argument("--exhaust-rate", type=float, default=0.0001, help="share of keys failing every attempt")
     parser.add_argument("--batch-samples", type=int, default=32, help="samples per batch (7 fields each)")
@@ -110,10 +111,10 @@ def _report(summary: dict[str, Any], closing: str) -> None:
     )
 
 
-def _drive(workload: Workload, stop: threading.Event, duration: float | None, on_batch: Any) -> None:
-    """Run ``workload`` until ``stop``, ``duration`` or Ctrl-C."""
+def _drive(workload: Workload, stop: threading.Event, args: argparse.Namespace, on_batch: Any) -> None:
+    """Run ``workload`` until ``stop``, ``--duration``, ``--batches`` or Ctrl-C."""
     try:
-        workload.run(stop, duration, on_batch)
+        workload.run(stop, args.duration, on_batch, args.batches)
     except KeyboardInterrupt:
         _say("stopping (Ctrl-C)")
 
@@ -163,18 +164,19 @@ def run(args: argparse.Namespace) -> int:
         master = stack.enter_context(MasterProcess(log_dir, client_ttl=CLIENT_TTL_S))
         master.start()
         nodes = [StorageNodeProcess(master, log_dir, args.segment) for _ in range(2)]
-        for node in nodes:
-            node.start()
-        stack.callback(lambda: [n.stop() for n in nodes])
-        _say(f"mooncake_master    pid {master.pid}  rpc {master.address}  metadata {master.metadata_server}")
-        for i, node in enumerate(nodes):
-            _say(f"storage node {i + 1}     pid {node.pid}  segment {args.segment}")
+        apps = []
         if not args.no_dashboard:
             from tq_mooncake.dashboard.launch import RunningApp
 
             app_args = ["--dir", str(folder), "--window", "5m", "--refresh", "5"]
-            dash = stack.enter_context(RunningApp(app_args, log_dir / "dashboard.log", args.dashboard_port))
-            _say(f"dashboard          pid {dash.proc.pid}  {dash.url}")
+            apps.append(RunningApp(app_args, log_dir / "dashboard.log", args.dashboard_port))
+        stack.callback(lambda: stop_all([*nodes, *apps]))  # the nodes alive at the end, replacements included
+        start_all([*nodes, *apps])
+        _say(f"mooncake_master    pid {master.pid}  rpc {master.address}  metadata {master.metadata_server}")
+        for i, node in enumerate(nodes):
+            _say(f"storage node {i + 1}     pid {node.pid}  segment {args.segment}")
+        for app in apps:
+            _say(f"dashboard          pid {app.pid}  {app.url}")
         _say(f"telemetry          {folder} (traces-*.jsonl, metrics-*.jsonl)")
         _say(f"logs               {log_dir}")
         client = _faulty_client(master.client_config(global_segment_size=0, replica_num=2), args, counter)
@@ -185,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
             f"keys on first attempts, {args.exhaust_rate:.2%} on every attempt; a storage node killed every "
             f"{args.kill_every:g} s"
             + ("" if args.duration is None else f"; running {args.duration:g} s")
+            + ("" if args.batches is None else f"; {args.batches} batches")
             + " (Ctrl-C stops)"
         )
         last_kill = last_progress = time.monotonic()
@@ -206,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
                 _say(_progress(started, counter, workload))
 
         try:
-            _drive(workload, stop, args.duration, on_batch)
+            _drive(workload, stop, args, on_batch)
         finally:
             signal.signal(signal.SIGTERM, previous)
     return _finish(telemetry, counter, workload, kills, started, "Every process the demo started is stopped.")
@@ -254,7 +257,7 @@ def run_workload(args: argparse.Namespace) -> int:
             _say(_progress(started, counter, workload))
 
     try:
-        _drive(workload, stop, args.duration, on_batch)
+        _drive(workload, stop, args, on_batch)
     finally:
         signal.signal(signal.SIGTERM, previous)
         client.close()

@@ -118,11 +118,13 @@ class Workload:
         stop: threading.Event,
         duration_s: float | None = None,
         on_batch: Callable[[int], None] | None = None,
+        batches: int | None = None,
     ) -> WorkloadStats:
-        """Batches until ``stop`` is set or ``duration_s`` has passed; ``on_batch(index)`` after each."""
+        """Batches until ``stop`` is set, ``duration_s`` has passed or ``batches`` are done; ``on_batch(index)``
+        after each."""
         end = time.monotonic() + duration_s if duration_s is not None else None
         index = 0
-        while not stop.is_set() and (end is None or time.monotonic() < end):
+        while not stop.is_set() and (end is None or time.monotonic() < end) and (batches is None or index < batches):
             self.run_batch(index)
             if on_batch is not None:
                 on_batch(index)

@@ -4,6 +4,7 @@
   benchmarks and the tests);
 * ``StorageNodeProcess``: a storage process lending a memory segment to the cluster
   (``python -m tq_mooncake.cluster.storage_node``, also ``tq-mooncake storage-node``);
+* ``start_all`` / ``stop_all``: several of them side by side;
 * ``ChildProcess`` (the base: a logged child in its own session), ``free_port``, ``wait_until``, ``http_ok``:
   the helpers they are built on.
 
@@ -11,6 +12,26 @@ Every process binds 127.0.0.1 unless told otherwise and is stopped by ``stop()``
 The library (``tq_mooncake.client``) never imports this package.
 """
 
-from .processes import LOOPBACK, ChildProcess, MasterProcess, StorageNodeProcess, free_port, http_ok, wait_until
+from .processes import (
+    LOOPBACK,
+    ChildProcess,
+    MasterProcess,
+    StorageNodeProcess,
+    free_port,
+    http_ok,
+    start_all,
+    stop_all,
+    wait_until,
+)
 
-__all__ = ["LOOPBACK", "ChildProcess", "MasterProcess", "StorageNodeProcess", "free_port", "http_ok", "wait_until"]
+__all__ = [
+    "LOOPBACK",
+    "ChildProcess",
+    "MasterProcess",
+    "StorageNodeProcess",
+    "free_port",
+    "http_ok",
+    "start_all",
+    "stop_all",
+    "wait_until",
+]

@@ -7,6 +7,7 @@ time), and is stopped by ``stop()`` (TERM, then KILL) or by leaving its ``with``
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -96,6 +97,10 @@ class ChildProcess:
             self.proc.kill()
             self.proc.wait(timeout=timeout)
 
+    def start(self, timeout: float = 30.0) -> ChildProcess:
+        """Start the process and wait (polling) until it is ready; stopped again if it is not."""
+        raise NotImplementedError
+
     def log_tail(self, n: int = 40) -> str:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -124,6 +129,24 @@ class ChildProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_all(processes: Sequence[ChildProcess], timeout: float = 60.0) -> None:
+    """``start()`` every process side by side; if one fails, stop them all and raise its error."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(processes))) as pool:
+        futures = [pool.submit(p.start, timeout) for p in processes]
+        errors = [f.exception() for f in futures]
+    failed = [e for e in errors if e is not None]
+    if failed:
+        stop_all(processes)
+        raise failed[0]
+
+
+def stop_all(processes: Sequence[ChildProcess]) -> None:
+    """``stop()`` every process side by side (each may take a while to close its store)."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(processes))) as pool:
+        for future in [pool.submit(p.stop) for p in processes]:
+            future.result()
 
 
 class MasterProcess(ChildProcess):

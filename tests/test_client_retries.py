@@ -1,6 +1,10 @@
-"""Selective retries and every failure outcome, with faults injected into a real store."""
+"""Selective retries and every failure outcome: the client's own logic, with faults injected into the
+in-memory store (``tq_mooncake.testing``). The same paths on a real store: test_telemetry.py (exact attempts)
+and tests/chaos (under load)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,33 +14,39 @@ from tq_mooncake.client import (
     ErrorCode,
     FaultInjectingStore,
     FaultRule,
+    MooncakeBatchClient,
     NonRetryableError,
     Outcome,
     RetriesExhaustedError,
     RetryBudgetExhaustedError,
 )
+from tq_mooncake.testing import InMemoryStore
+
+pytestmark = pytest.mark.pure
 
 FAST = {"initial_backoff_s": 0.001, "max_backoff_s": 0.002}
 
 
-def _injecting(*rules: FaultRule, seed: int = 7):
-    holder: dict[str, FaultInjectingStore] = {}
-
-    def wrap(store):
-        holder["store"] = FaultInjectingStore(store, rules, seed=seed)
-        return holder["store"]
-
-    return wrap
-
-
 @pytest.fixture
-def fault_client(shared_master, make_client):
-    """``fault_client(*rules, **config)``: a client whose store fails keys as the rules say."""
+def fault_client() -> Iterator:
+    """``fault_client(*rules, retry=None, clock=None, jitter=None, **config)``: a client on an in-memory store
+    that fails keys as the rules say (``client.store`` is the ``FaultInjectingStore``); closed at teardown."""
+    made: list[MooncakeBatchClient] = []
 
-    def make(*rules: FaultRule, retry=None, **config):
-        return make_client(shared_master, wrap_store=_injecting(*rules), retry={**FAST, **(retry or {})}, **config)
+    def make(*rules: FaultRule, retry=None, clock=None, jitter=None, **config) -> MooncakeBatchClient:
+        kwargs = {k: v for k, v in {"clock": clock, "jitter": jitter}.items() if v is not None}
+        client = MooncakeBatchClient(
+            {**config, "retry": {**FAST, **(retry or {})}},
+            store=InMemoryStore(),
+            wrap_store=lambda store: FaultInjectingStore(store, rules, seed=7),
+            **kwargs,
+        )
+        made.append(client)
+        return client
 
-    return make
+    yield make
+    for client in made:
+        client.close()
 
 
 @pytest.mark.parametrize("operation", ["put", "get", "clear"])
@@ -110,14 +120,13 @@ def test_non_retryable_wins_over_retryable_in_one_call(fault_client, keyspace):
     assert info.value.succeeded == 6
 
 
-def test_budget_spent_is_its_own_outcome(shared_master, make_client, keyspace):
+def test_budget_spent_is_its_own_outcome(fault_client, keyspace):
     keys = keyspace(4)
     frozen = lambda: 1000.0  # noqa: E731 - a clock that never moves: the reserve never refills
-    client = make_client(
-        shared_master,
-        wrap_store=_injecting(FaultRule(code=ErrorCode.TRANSFER_FAIL, attempts=frozenset({1}))),
+    client = fault_client(
+        FaultRule(code=ErrorCode.TRANSFER_FAIL, attempts=frozenset({1})),
         clock=frozen,
-        retry={**FAST, "budget_ratio": 0.0, "budget_min_per_s": 1.0},
+        retry={"budget_ratio": 0.0, "budget_min_per_s": 1.0},
     )
     client.put(keys[:2], ["a", "b"])  # first failure retried with the one reserve token
     with pytest.raises(RetryBudgetExhaustedError) as info:
@@ -128,14 +137,13 @@ def test_budget_spent_is_its_own_outcome(shared_master, make_client, keyspace):
     assert client.budget.denied == 1
 
 
-def test_budget_grows_with_traffic(shared_master, make_client, keyspace):
+def test_budget_grows_with_traffic(fault_client, keyspace):
     """With ratio 0.5 and no reserve, two clean calls pay for one retry."""
     keys = keyspace(3)
-    client = make_client(
-        shared_master,
-        wrap_store=_injecting(FaultRule(code=ErrorCode.TRANSFER_FAIL, keys=frozenset({keys[2]}), attempts={1})),
+    client = fault_client(
+        FaultRule(code=ErrorCode.TRANSFER_FAIL, keys=frozenset({keys[2]}), attempts={1}),
         clock=lambda: 1000.0,
-        retry={**FAST, "budget_ratio": 0.5, "budget_min_per_s": 0.0},
+        retry={"budget_ratio": 0.5, "budget_min_per_s": 0.0},
     )
     client.put([keys[0]], ["a"])
     client.put([keys[1]], ["b"])
@@ -143,11 +151,10 @@ def test_budget_grows_with_traffic(shared_master, make_client, keyspace):
     assert client.budget.available() == 0.0
 
 
-def test_deadline_stops_retries(shared_master, make_client, keyspace):
+def test_deadline_stops_retries(fault_client, keyspace):
     keys = keyspace(3)
-    client = make_client(
-        shared_master,
-        wrap_store=_injecting(FaultRule(code=ErrorCode.RPC_FAIL, keys=frozenset({keys[1]}))),
+    client = fault_client(
+        FaultRule(code=ErrorCode.RPC_FAIL, keys=frozenset({keys[1]})),
         jitter=lambda: 0.999,
         retry={"initial_backoff_s": 0.5, "max_backoff_s": 1.0, "deadline_s": 0.2, "max_attempts": 10},
     )

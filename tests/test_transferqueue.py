@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,32 +107,29 @@ def test_bootstrap_starts_a_master_when_none_answers_and_stops_only_that_one(tmp
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def run_job(
-    tmp_path: Path, backend: str, section: dict[str, Any], samples: int = 300, read_in_worker: bool = False
-) -> dict[str, Any]:
-    """Run tests/jobs/tq_roundtrip.py with ``backend``; whatever it leaves running is killed with it."""
-    conf = {"controller": {"polling_mode": True}, "backend": {"storage_backend": backend, backend: section}}
-    (tmp_path / "conf.json").write_text(json.dumps({**conf, "samples": samples, "read_in_worker": read_in_worker}))
-    out = tmp_path / "out.json"
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    with open(tmp_path / "job.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(JOB), str(tmp_path / "conf.json"), str(out)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+class Background:
+    """A command started now in its own session, with its output in ``log``; ``wait()`` returns its exit code
+    (or fails the test at ``timeout``); ``kill()`` ends it and whatever it left running (Ray's processes)."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> None:
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait(self, timeout: float) -> int:
         try:
-            rc = proc.wait(timeout=240)
+            return self.proc.wait(timeout=timeout)
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # Ray's own processes, if any outlived the job
-            except ProcessLookupError:
-                pass
-            proc.wait()
-    assert rc == 0, (tmp_path / "job.log").read_text()[-4000:]
-    return json.loads(out.read_text())
+            self.kill()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
 
 def section(**overrides: Any) -> dict[str, Any]:
@@ -146,6 +144,99 @@ def section(**overrides: Any) -> dict[str, Any]:
         "retry": FAST_RETRY,
         **overrides,
     }
+
+
+FAULTS = {"seed": 3, "rules": [{"code": "TRANSFER_FAIL", "fraction": 0.1, "attempts": [1]}]}
+# name -> (backend, its section, samples, read_in_worker); "telemetry" in a section is filled in per run.
+JOBS: dict[str, tuple[str, dict[str, Any], int, bool]] = {
+    "faults": ("MooncakeStoreObserved", {"replica_num": 1, "fault_injection": FAULTS}, 300, False),
+    "replace_stock": ("MooncakeStore", {"replace_stock": True, "telemetry": {"enabled": False}}, 64, False),
+    "ray_worker": ("MooncakeStoreObserved", {"telemetry": {"enabled": False}}, 32, True),
+}
+
+
+def tq_e2e_files(folder: Path) -> Path:
+    """TQ 0.1.11's own end-to-end tests for its Mooncake backend, copied out of the installed distribution."""
+    from importlib import metadata
+
+    folder.mkdir()
+    wanted = {"test_kv_interface_e2e.py", "test_e2e_lifecycle_consistency.py"}
+    for file in metadata.files("transferqueue") or []:
+        if file.parts[:2] == ("tests", "e2e") and file.name in wanted:
+            (folder / file.name).write_bytes(Path(file.locate()).read_bytes())
+    assert {p.name for p in folder.iterdir()} == wanted
+    return folder
+
+
+class Jobs:
+    """Every TQ process of this module, started together when the first test asks: the tests/jobs/tq_roundtrip.py
+    runs and TQ's own e2e suite. Each brings up its own Ray, TQ and master and mostly waits; side by side they
+    take little longer than the longest alone."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.runs: dict[str, Background] = {}
+
+    def start(self) -> None:
+        env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+        for name, (backend, overrides, samples, in_worker) in JOBS.items():
+            work = self.dir(name)
+            work.mkdir()
+            telemetry = {"telemetry_dir": str(work / "telemetry"), "service_name": "tq-e2e"}
+            sec = section(**{"telemetry": telemetry, **overrides})
+            conf = {"controller": {"polling_mode": True}, "backend": {"storage_backend": backend, backend: sec}}
+            config = {**conf, "samples": samples, "read_in_worker": in_worker}
+            (work / "conf.json").write_text(json.dumps(config))
+            args = [sys.executable, str(JOB), str(work / "conf.json"), str(work / "out.json")]
+            self.runs[name] = Background(args, work / "job.log", env)
+        self._start_e2e(env)
+
+    def _start_e2e(self, env: dict[str, str]) -> None:
+        work = self.dir("e2e")
+        work.mkdir()
+        tests = tq_e2e_files(work / "tests")
+        e2e_env = {
+            **env,
+            "TQ_TEST_BACKEND": "MooncakeStore",
+            "TQ_MOONCAKE_REPLACE_STOCK": "1",
+            "TQ_MOONCAKE_TELEMETRY_DIR": str(work / "telemetry"),
+            "TQ_MOONCAKE_METADATA_SERVER": f"{LOOPBACK}:{free_port()}",
+            "TQ_MOONCAKE_MASTER_SERVER": f"{LOOPBACK}:{free_port()}",
+        }
+        args = [sys.executable, "-m", "pytest", "-p", "tq_mooncake.transferqueue", "-q", "-p", "no:cacheprovider"]
+        args += ["--timeout", "300", "-o", "addopts=", str(tests)]
+        self.runs["e2e"] = Background(args, work / "e2e.log", e2e_env, cwd=work)
+
+    def e2e_result(self) -> tuple[int, str]:
+        """TQ's e2e suite's exit code and output, once it has ended (within 420 s)."""
+        if not self.runs:
+            self.start()
+        rc = self.runs["e2e"].wait(timeout=420)
+        return rc, (self.dir("e2e") / "e2e.log").read_text()
+
+    def dir(self, name: str) -> Path:
+        return self.folder / name
+
+    def result(self, name: str) -> dict[str, Any]:
+        """What job ``name`` wrote, once it has ended (it must end with 0 within 240 s)."""
+        if not self.runs:
+            self.start()
+        rc = self.runs[name].wait(timeout=240)
+        assert rc == 0, (self.dir(name) / "job.log").read_text()[-4000:]
+        return json.loads((self.dir(name) / "out.json").read_text())
+
+    def kill(self) -> None:
+        for run in self.runs.values():
+            run.kill()
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
+    started = Jobs(tmp_path_factory.mktemp("tq-jobs"))
+    try:
+        yield started
+    finally:
+        started.kill()
 
 
 def attributes(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -191,16 +282,9 @@ def counter_totals(folder: Path, name: str, by: str) -> Counter[str]:
     return totals
 
 
-def test_tq_end_to_end_with_faults_retries_every_failure_and_reports_the_attempts(tmp_path):
-    folder = tmp_path / "telemetry"
-    faults = {"seed": 3, "rules": [{"code": "TRANSFER_FAIL", "fraction": 0.1, "attempts": [1]}]}
-    out = run_job(
-        tmp_path,
-        "MooncakeStoreObserved",
-        section(
-            replica_num=1, telemetry={"telemetry_dir": str(folder), "service_name": "tq-e2e"}, fault_injection=faults
-        ),
-    )
+def test_tq_end_to_end_with_faults_retries_every_failure_and_reports_the_attempts(jobs):
+    out = jobs.result("faults")
+    folder = jobs.dir("faults") / "telemetry"
     assert out["client_type"] == "ObservedMooncakeClient"
     assert out["fields"] == ["ids", "logp", "obs", "response", "uid"]
     assert out["mismatched_fields"] == []
@@ -222,79 +306,25 @@ def test_tq_end_to_end_with_faults_retries_every_failure_and_reports_the_attempt
     assert counter_totals(folder, "mooncake.client.keys.failed", "error.type") == Counter({"TRANSFER_FAIL": injected})
 
 
-def test_tq_stock_backend_name_uses_our_client_with_replace_stock(tmp_path):
-    out = run_job(tmp_path, "MooncakeStore", section(replace_stock=True, telemetry={"enabled": False}), samples=64)
+def test_tq_stock_backend_name_uses_our_client_with_replace_stock(jobs):
+    out = jobs.result("replace_stock")
     assert out["client_type"] == "ObservedMooncakeClient"
     assert out["mismatched_fields"] == [] and out["listed_after_clear"] == 0
 
 
-def test_a_ray_worker_reads_through_our_backend_with_the_setup_hook(tmp_path):
+def test_a_ray_worker_reads_through_our_backend_with_the_setup_hook(jobs):
     """TQ builds a storage client in every process that calls tq.init(); Ray's worker_process_setup_hook
     (the one documented setting) registers the backend in fresh workers."""
-    out = run_job(
-        tmp_path, "MooncakeStoreObserved", section(telemetry={"enabled": False}), samples=32, read_in_worker=True
-    )
+    out = jobs.result("ray_worker")
     assert out["worker"] == {"client_type": "ObservedMooncakeClient", "mismatched_fields": []}
 
 
-def tq_e2e_files(tmp_path: Path) -> Path:
-    """TQ 0.1.11's own end-to-end tests for its Mooncake backend, copied out of the installed distribution."""
-    from importlib import metadata
-
-    folder = tmp_path / "e2e"
-    folder.mkdir()
-    wanted = {"test_kv_interface_e2e.py", "test_e2e_lifecycle_consistency.py"}
-    for file in metadata.files("transferqueue") or []:
-        if file.parts[:2] == ("tests", "e2e") and file.name in wanted:
-            (folder / file.name).write_bytes(Path(file.locate()).read_bytes())
-    assert {p.name for p in folder.iterdir()} == wanted
-    return folder
-
-
-def test_tqs_own_mooncake_e2e_tests_pass_on_our_client(tmp_path):
+def test_tqs_own_mooncake_e2e_tests_pass_on_our_client(jobs):
     """TQ's tests/e2e for ``TQ_TEST_BACKEND=MooncakeStore``, with the stock backend switched to our client by
     ``TQ_MOONCAKE_REPLACE_STOCK=1`` (and our bootstrap: nothing pkills the suite's other masters)."""
-    folder = tq_e2e_files(tmp_path)
-    telemetry_dir = tmp_path / "telemetry"
-    env = {
-        **os.environ,
-        "TQ_TEST_BACKEND": "MooncakeStore",
-        "TQ_MOONCAKE_REPLACE_STOCK": "1",
-        "TQ_MOONCAKE_TELEMETRY_DIR": str(telemetry_dir),
-        "TQ_MOONCAKE_METADATA_SERVER": f"{LOOPBACK}:{free_port()}",
-        "TQ_MOONCAKE_MASTER_SERVER": f"{LOOPBACK}:{free_port()}",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    args = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-p",
-        "tq_mooncake.transferqueue",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--timeout",
-        "300",
-        "-o",
-        "addopts=",
-        str(folder),
-    ]
-    with open(tmp_path / "e2e.log", "w") as log:
-        proc = subprocess.Popen(
-            args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            rc = proc.wait(timeout=420)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-    output = (tmp_path / "e2e.log").read_text()
+    rc, output = jobs.e2e_result()
     summary = [line for line in output.splitlines() if " passed" in line and " in " in line]
     assert rc == 0, output[-6000:]
     print(f"TQ e2e on tq-mooncake: {summary[-1] if summary else '?'}")
-    names = {span["name"] for span in spans(telemetry_dir)}
+    names = {span["name"] for span in spans(jobs.dir("e2e") / "telemetry")}
     assert {"mooncake.put", "mooncake.get", "mooncake.clear"} <= names  # our client served TQ's tests
