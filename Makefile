@@ -2,13 +2,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test chaos lint bench demo clean
+.PHONY: setup test test-fast chaos lint bench demo clean
 
 setup:
 	@bash scripts/setup.sh
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The pure tests (no Mooncake process, server or browser; the client on its in-memory store): for while you work.
+test-fast: setup
+	$(PY) -m pytest -m pure $(PYTEST_ARGS)
 
 # The chaos suite with its long variants (longer faults, more load); `make test` runs the short ones.
 chaos: setup

@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 LOOPBACK = "127.0.0.1"
+_SEGMENT = re.compile(r'^segment_total_capacity_bytes\{segment="([^"]+)"\}', re.MULTILINE)
 
 
 def free_port() -> int:
@@ -214,6 +216,16 @@ class MasterProcess(ChildProcess):
                 return resp.status == 200 and json.loads(resp.read() or b"{}").get("service_ready", True)
         except (OSError, ValueError):
             return False
+
+    def metrics_text(self) -> str:
+        """What the master serves on ``/metrics`` (Prometheus text; served even with metric reporting off)."""
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{self.metrics_port}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+    def mounted_segments(self) -> set[str]:
+        """The segments the master counts as mounted now (a storage process's name, ``host:port``); a process
+        that died or froze drops out of it ``client_ttl`` seconds after its last heartbeat."""
+        return set(_SEGMENT.findall(self.metrics_text()))
 
     def start(self, timeout: float = 30.0) -> MasterProcess:
         self._launch(self._args)

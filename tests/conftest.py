@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tq_mooncake.client import MooncakeBatchClient
-from tq_mooncake.cluster import MasterProcess, StorageNodeProcess
+from tq_mooncake.cluster import MasterProcess, StorageNodeProcess, start_all, stop_all
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -43,29 +44,45 @@ def start_master(tmp_path: Path) -> Iterator[Callable[..., MasterProcess]]:
         return master.start()
 
     yield start
-    for master in started:
-        master.stop()
+    stop_all(started)
 
 
 @pytest.fixture
-def start_storage_node(tmp_path: Path) -> Iterator[Callable[..., StorageNodeProcess]]:
-    """Start a storage process for a master: ``start_storage_node(master, segment="64MB")``; tests may kill it."""
+def start_storage_nodes(tmp_path: Path) -> Iterator[Callable[..., list[StorageNodeProcess]]]:
+    """Start storage processes for a master, side by side: ``start_storage_nodes(master, n, segment="64MB")``;
+    tests may kill them. All are stopped at teardown."""
     started: list[StorageNodeProcess] = []
 
-    def start(master: MasterProcess, segment: str = "64MB") -> StorageNodeProcess:
-        node = StorageNodeProcess(master, tmp_path, segment)
-        started.append(node)
-        return node.start()
+    def start(master: MasterProcess, n: int, segment: str = "64MB") -> list[StorageNodeProcess]:
+        nodes = [StorageNodeProcess(master, tmp_path, segment) for _ in range(n)]
+        started.extend(nodes)
+        start_all(nodes)
+        return nodes
 
     yield start
-    for node in started:
-        node.stop()
+    stop_all(started)
 
 
 @pytest.fixture
-def make_client() -> Iterator[Callable[..., MooncakeBatchClient]]:
-    """``make_client(master, wrap_store=None, clock=None, jitter=None, **config)``: a client closed at teardown."""
+def start_storage_node(
+    start_storage_nodes: Callable[..., list[StorageNodeProcess]],
+) -> Callable[..., StorageNodeProcess]:
+    """Start one storage process for a master: ``start_storage_node(master, segment="64MB")``."""
+    return lambda master, segment="64MB": start_storage_nodes(master, 1, segment)[0]
+
+
+@pytest.fixture
+def closed_at_teardown() -> Iterator[list[MooncakeBatchClient]]:
+    """A list of clients closed at the end of the test, side by side (Mooncake takes 1-2 s to close each)."""
     clients: list[MooncakeBatchClient] = []
+    yield clients
+    with ThreadPoolExecutor(max(1, len(clients))) as pool:
+        list(pool.map(lambda c: c.close(), clients))
+
+
+@pytest.fixture
+def make_client(closed_at_teardown: list[MooncakeBatchClient]) -> Callable[..., MooncakeBatchClient]:
+    """``make_client(master, wrap_store=None, clock=None, jitter=None, **config)``: a client closed at teardown."""
 
     def make(master: MasterProcess, *, wrap_store: Any = None, clock: Any = None, jitter: Any = None, **config: Any):
         kwargs: dict[str, Any] = {"wrap_store": wrap_store}
@@ -74,12 +91,10 @@ def make_client() -> Iterator[Callable[..., MooncakeBatchClient]]:
         if jitter is not None:
             kwargs["jitter"] = jitter
         client = MooncakeBatchClient(master.client_config(**config), **kwargs)
-        clients.append(client)
+        closed_at_teardown.append(client)
         return client
 
-    yield make
-    for client in clients:
-        client.close()
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ from tq_mooncake.client.observer import NOOP_OBSERVER
 from tq_mooncake.client.retry import Deadline, RetryBudget, RetryPolicy
 from tq_mooncake.testing import FakeClock, RecordingObserver
 
+pytestmark = pytest.mark.pure
+
 OK = 0
 TRANSFER_FAIL = int(ErrorCode.TRANSFER_FAIL)  # -800, retryable
 RPC_FAIL = int(ErrorCode.RPC_FAIL)  # -900, retryable

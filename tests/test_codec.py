@@ -26,6 +26,8 @@ from tq_mooncake.client.codec import (
     frame_crc,
 )
 
+pytestmark = pytest.mark.pure
+
 
 def roundtrip(value, allow_pickle: bool = False):
     return decode(encode(value, allow_pickle=allow_pickle), allow_pickle=allow_pickle)

@@ -21,6 +21,8 @@ from tq_mooncake.client.config import (
 )
 from tq_mooncake.client.retry import RetryPolicy
 
+pytestmark = pytest.mark.pure
+
 MiB = 1 << 20
 
 

@@ -14,6 +14,8 @@ from streamlit.testing.v1 import AppTest
 from tq_mooncake.cluster import free_port
 from tq_mooncake.dashboard import app as app_module
 
+pytestmark = pytest.mark.pure
+
 APP = str(Path(app_module.__file__))
 HOSTILE = "<script>window.__xss=1</script><img src=x onerror=alert(1)>"
 BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]

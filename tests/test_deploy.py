@@ -25,6 +25,8 @@ from tq_mooncake.dashboard.metrics import BUCKET, COUNT, WANTED
 from tq_mooncake.dashboard.settings import settings_from
 from tq_mooncake.telemetry import conventions as c
 
+pytestmark = pytest.mark.pure
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 COLLECTOR = ROOT / "deploy" / "otel-collector.yaml"

@@ -24,6 +24,8 @@ from tq_mooncake.client.codes import RETRYABLE_CODES, Verdict
 from tq_mooncake.client.errors import ERROR_FOR_OUTCOME
 from tq_mooncake.client.merge import OUTCOME_PRECEDENCE, combine_outcomes
 
+pytestmark = pytest.mark.pure
+
 ALL_OPS = [Operation.PUT, Operation.GET, Operation.CLEAR]
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.pure
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("client", "telemetry", "transferqueue", "cluster", "cli", "dashboard", "testing")
 

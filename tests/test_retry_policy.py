@@ -11,6 +11,8 @@ import pytest
 from tq_mooncake.client.retry import Deadline, RetryBudget, RetryPolicy, WindowedSum
 from tq_mooncake.testing import FakeClock
 
+pytestmark = pytest.mark.pure
+
 
 @pytest.fixture
 def clock() -> FakeClock:

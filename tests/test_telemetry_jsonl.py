@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import pytest
 from opentelemetry.exporter.otlp.json.common.trace_encoder import encode_spans as upstream_encode
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -16,6 +17,8 @@ from tq_mooncake.client import ErrorCode, Operation, Outcome
 from tq_mooncake.client.observer import OperationSummary
 from tq_mooncake.telemetry import OTelObserver
 from tq_mooncake.telemetry.jsonl import JsonLinesSpanExporter, encode_spans
+
+pytestmark = pytest.mark.pure
 
 
 def recorded_spans() -> list:

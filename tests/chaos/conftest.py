@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tq_mooncake.client import BatchOperationError, ClientClosedError, ErrorCode, MooncakeBatchClient
-from tq_mooncake.cluster import MasterProcess
+from tq_mooncake.cluster import MasterProcess, wait_until
 from tq_mooncake.testing import RecordingObserver
 
 # A retry window far beyond the chaos masters' client_ttl (2 s) + 1 s: a dead replica is dropped within it.
@@ -312,7 +312,8 @@ class Load:
         self.prefix = uuid.uuid4().hex[:8]
         self.stop = threading.Event()
         self.unexpected: list[BaseException] = []
-        self.puts_ok = 0
+        self.puts_made = 0  # put calls made
+        self.puts_ok = 0  # put calls that succeeded
         self._threads = [
             threading.Thread(target=self._run, args=(t, random.Random(seed * 1000 + t)), daemon=True)
             for t in range(threads)
@@ -336,9 +337,10 @@ class Load:
                 keys = [f"{self.prefix}-t{tid}-{n}-{i}@chaos" for i in range(self.batch)]
                 n += 1
                 values = [make_value(k, rng, self.tensor_bytes) for k in keys]
-                if checked_put(self.fig, self.client, self.ledger, keys, values):
-                    with self.fig.lock:
-                        self.puts_ok += 1
+                ok = checked_put(self.fig, self.client, self.ledger, keys, values)
+                with self.fig.lock:
+                    self.puts_made += 1
+                    self.puts_ok += ok
                 for _ in range(self.reads_per_put):
                     if self.stop.is_set():
                         break
@@ -350,14 +352,24 @@ class Load:
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.unexpected.append(exc)
 
-    def wait_for_puts(self, n: int, timeout: float = 60.0) -> None:
-        end = time.monotonic() + timeout
-        while self.puts_ok < n:
-            if time.monotonic() > end:
-                raise TimeoutError(f"the load made {self.puts_ok} of {n} puts in {timeout}s")
+    def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        """Poll ``predicate`` while the load runs; TimeoutError naming ``what`` after ``timeout`` s, and the load's
+        first unexpected exception as soon as there is one."""
+
+        def ready() -> bool:
             if self.unexpected:
                 raise self.unexpected[0]
-            time.sleep(0.05)
+            return predicate()
+
+        wait_until(ready, timeout, what)
+
+    def wait_for_puts(self, n: int, timeout: float = 60.0) -> None:
+        """Until ``n`` puts in all have succeeded."""
+        self.wait_for(lambda: self.puts_ok >= n, f"{n} successful puts (made {self.puts_ok})", timeout)
+
+    def wait_for_more_puts(self, n: int, timeout: float = 60.0) -> None:
+        """Until ``n`` more puts have succeeded from now on: a fixed amount of work, not a fixed time."""
+        self.wait_for_puts(self.puts_ok + n, timeout)
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -384,16 +396,13 @@ def chaos_long(request: pytest.FixtureRequest) -> bool:
 
 
 @pytest.fixture
-def chaos_client() -> Iterator[Callable[..., MooncakeBatchClient]]:
+def chaos_client(closed_at_teardown: list[MooncakeBatchClient]) -> Callable[..., MooncakeBatchClient]:
     """``chaos_client(master, fig, wrap_store=None, **config)``: a client whose retries are counted into
     ``fig``; closed at teardown."""
-    clients: list[MooncakeBatchClient] = []
 
     def make(master: MasterProcess, fig: ScenarioRow, *, wrap_store: Any = None, **config: Any) -> MooncakeBatchClient:
         client = MooncakeBatchClient(master.client_config(**config), observer=fig.observer, wrap_store=wrap_store)
-        clients.append(client)
+        closed_at_teardown.append(client)
         return client
 
-    yield make
-    for client in clients:
-        client.close()
+    return make

@@ -9,16 +9,14 @@ import time
 import pytest
 
 from tq_mooncake.client import ErrorCode, FaultInjectingStore, FaultRule
-from tq_mooncake.cluster import wait_until
 
 
 def test_fill_the_segments_until_no_available_handle(
-    start_master, start_storage_node, chaos, chaos_client, figures, chaos_long
+    start_master, start_storage_nodes, chaos, chaos_client, figures, chaos_long
 ):
     fig = figures("segments full (NO_AVAILABLE_HANDLE)")
     master = start_master(client_ttl=chaos.CLIENT_TTL)
-    for _ in range(2):
-        start_storage_node(master, "16MB")
+    start_storage_nodes(master, 2, "16MB")
     retry = {"max_attempts": 3, "initial_backoff_s": 0.01, "max_backoff_s": 0.05}
     client = chaos_client(master, fig, global_segment_size=0, retry=retry)  # hard_pin: true (the default)
     ledger = chaos.Ledger()
@@ -27,8 +25,10 @@ def test_fill_the_segments_until_no_available_handle(
         return fig.codes[ErrorCode.NO_AVAILABLE_HANDLE] > 0
 
     with chaos.Load(client, fig, ledger, threads=3, tensor_bytes=64 << 10) as load:
-        wait_until(lambda: full() or bool(load.unexpected), 120, "a put to find the store full")
-        time.sleep(5 if chaos_long else 1)  # keep knocking on a full store
+        load.wait_for(full, "a put to find the store full", 120)
+        refused = fig.codes[ErrorCode.NO_AVAILABLE_HANDLE]
+        knocks = 1000 if chaos_long else 100  # keep knocking on a full store
+        load.wait_for(lambda: fig.codes[ErrorCode.NO_AVAILABLE_HANDLE] >= refused + knocks, f"{knocks} more refusals")
     assert not load.unexpected, load.unexpected
     assert full()
     # Hard-pinned: a full store refuses new values; it never drops stored ones to make room.
@@ -63,20 +63,19 @@ def _rules(rate: float) -> list[FaultRule]:
 
 
 @pytest.mark.parametrize("rate", [0.01, 0.10, 0.50])
-def test_injected_error_codes_under_load(start_master, chaos, chaos_client, figures, chaos_long, rate):
+def test_injected_error_codes_under_load(shared_master, chaos, chaos_client, figures, chaos_long, rate):
     fig = figures(f"codes injected on {rate:.0%} of keys")
-    master = start_master()
     holder: dict[str, FaultInjectingStore] = {}
     client = chaos_client(
-        master,
+        shared_master,
         fig,
         retry={"max_attempts": 6, "initial_backoff_s": 0.005, "max_backoff_s": 0.05},
         wrap_store=lambda s: holder.setdefault("store", FaultInjectingStore(s, _rules(rate), seed=int(rate * 100))),
     )
     ledger = chaos.Ledger()
     with chaos.Load(client, fig, ledger, threads=4, seed=int(rate * 100)) as load:
-        load.wait_for_puts(5)
-        time.sleep(20 if chaos_long else 3)
+        calls = 2000 if chaos_long else 200
+        load.wait_for(lambda: load.puts_made >= calls, f"{calls} put calls", timeout=300)
     assert not load.unexpected, load.unexpected
     store = holder["store"]
     injected = sum(store.injected.values())

@@ -18,9 +18,9 @@ from tq_mooncake.cluster import wait_until
 THREADS = 16
 
 
-def test_close_while_many_threads_are_mid_call(start_master, chaos, chaos_client, figures, keyspace, chaos_long):
+def test_close_while_many_threads_are_mid_call(shared_master, chaos, chaos_client, figures, keyspace, chaos_long):
     fig = figures(f"{THREADS} threads, close() mid-flight")
-    master = start_master()
+    master = shared_master
     doomed = keyspace(THREADS)  # these keys always fail: calls holding them are retrying when close() comes
     holder: dict[str, FaultInjectingStore] = {}
     rules = [

@@ -4,25 +4,32 @@ master restarted. Every value returned is checked against what was written; ever
 from __future__ import annotations
 
 import signal
-import time
 
 from tq_mooncake.client import ErrorCode
 
 
-def _cluster(start_master, start_storage_node, nodes: int = 3, segment: str = "64MB"):
+def _cluster(start_master, start_storage_nodes, nodes: int = 3, segment: str = "64MB"):
     master = start_master(client_ttl=2)
-    return master, [start_storage_node(master, segment) for _ in range(nodes)]
+    return master, start_storage_nodes(master, nodes, segment)
 
 
-def test_kill_a_storage_process_under_load(start_master, start_storage_node, chaos, chaos_client, figures, chaos_long):
+def _wait_for_the_master_to_drop(load, master, node) -> None:
+    """Until the master no longer counts ``node``'s segment as mounted (``client_ttl`` after its last heartbeat:
+    from then on reads and writes go to the live segments), while the load runs."""
+    load.wait_for(lambda: node.name not in master.mounted_segments(), f"the master to drop {node.name}")
+
+
+def test_kill_a_storage_process_under_load(start_master, start_storage_nodes, chaos, chaos_client, figures, chaos_long):
     fig = figures("SIGKILL storage node (replica_num 2)")
-    master, nodes = _cluster(start_master, start_storage_node)
+    master, nodes = _cluster(start_master, start_storage_nodes)
     client = chaos_client(master, fig, global_segment_size=0, replica_num=2, retry=chaos.PATIENT_RETRY)
     ledger = chaos.Ledger()
     with chaos.Load(client, fig, ledger, threads=4) as load:
         load.wait_for_puts(10)
+        assert nodes[0].name in master.mounted_segments()
         nodes[0].kill()  # SIGKILL: its replicas answer TRANSFER_FAIL until the master drops it
-        time.sleep(chaos.CLIENT_TTL + 3 + (20 if chaos_long else 0))
+        _wait_for_the_master_to_drop(load, master, nodes[0])
+        load.wait_for_more_puts(400 if chaos_long else 20, timeout=300)  # and the load goes on past it
     assert not load.unexpected, load.unexpected
     lost = chaos.read_back(fig, client, ledger)
     assert fig.wrong == 0 and fig.unnamed == 0, fig.problems
@@ -31,20 +38,21 @@ def test_kill_a_storage_process_under_load(start_master, start_storage_node, cha
 
 
 def test_stop_a_storage_process_for_a_while_under_load(
-    start_master, start_storage_node, chaos, chaos_client, figures, chaos_long
+    start_master, start_storage_nodes, chaos, chaos_client, figures, chaos_long
 ):
-    stopped_s = chaos.CLIENT_TTL + 2 + (15 if chaos_long else 0)  # past client_ttl: the master drops it
-    fig = figures(f"SIGSTOP storage node {stopped_s} s, then SIGCONT")
-    master, nodes = _cluster(start_master, start_storage_node)
+    fig = figures("SIGSTOP storage node until dropped, then SIGCONT")
+    master, nodes = _cluster(start_master, start_storage_nodes)
     client = chaos_client(master, fig, global_segment_size=0, replica_num=2, retry=chaos.PATIENT_RETRY)
     ledger = chaos.Ledger()
     try:
         with chaos.Load(client, fig, ledger, threads=4) as load:
             load.wait_for_puts(10)
-            nodes[0].kill(signal.SIGSTOP)
-            time.sleep(stopped_s)
+            nodes[0].kill(signal.SIGSTOP)  # frozen: its heartbeats stop, so the master drops it after client_ttl
+            _wait_for_the_master_to_drop(load, master, nodes[0])
+            if chaos_long:
+                load.wait_for_more_puts(300, timeout=300)
             nodes[0].kill(signal.SIGCONT)
-            time.sleep(2)
+            load.wait_for_more_puts(20)  # the load goes on with the resumed process back
     finally:
         nodes[0].kill(signal.SIGCONT)
     assert not load.unexpected, load.unexpected
@@ -53,9 +61,9 @@ def test_stop_a_storage_process_for_a_while_under_load(
     assert lost == {}, f"keys lost although every key had a second replica: {list(lost)[:10]}"
 
 
-def test_restart_the_master_under_load(start_master, start_storage_node, chaos, chaos_client, figures, chaos_long):
+def test_restart_the_master_under_load(start_master, start_storage_nodes, chaos, chaos_client, figures, chaos_long):
     fig = figures("master restart")
-    master, nodes = _cluster(start_master, start_storage_node, nodes=2)
+    master, nodes = _cluster(start_master, start_storage_nodes, nodes=2)
     client = chaos_client(master, fig, global_segment_size=0, replica_num=2, retry=chaos.PATIENT_RETRY)
     before, after = chaos.Ledger(), chaos.Ledger()
     with chaos.Load(client, fig, before, threads=4) as load:
@@ -63,8 +71,7 @@ def test_restart_the_master_under_load(start_master, start_storage_node, chaos, 
     assert not load.unexpected, load.unexpected
     master.restart()
     with chaos.Load(client, fig, after, threads=4, seed=1) as load:
-        load.wait_for_puts(10, timeout=60)
-        time.sleep(2 + (15 if chaos_long else 0))
+        load.wait_for_puts(30 + (400 if chaos_long else 0), timeout=300)
     assert not load.unexpected, load.unexpected
     # Mooncake keeps object metadata in the master's memory: what was written before the restart is gone,
     # and says so, key by key.
