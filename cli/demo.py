@@ -1,13 +1,6 @@
-"""``tq-mooncake demo``: the whole product on one machine, with nothing to install by hand.
-
-Starts a ``mooncake_master`` on loopback (``--client_ttl=2``), two storage processes, the dashboard on
-http://127.0.0.1:8501, and runs a TransferQueue-shaped workload (``cli.workload``) through one client
-with ``replica_num: 2`` and telemetry written to the telemetry folder. Faults: error codes injected into the
-store at ``--fault-rate`` of keys on first attempts (retried away) and ``--exhaust-rate`` on every attempt
-(retries run out), and every ``--kill-every`` seconds one storage process is killed (SIGKILL) and a new one
-started. Prints what it started, progress, and a summary at the end; Ctrl-C (or ``--duration``, or
-``--batches``) stops every process it started, and nothing else.
-"""
+"""``tq-mooncake demo`` and ``tq-mooncake workload``: the faulty TransferQueue-shaped workload, with the whole
+cluster on this machine (``run``) or against a running one (``run_workload``). Their options and the demo's
+description are in ``options.py``, so that the command line is built without importing the client."""
 
 from __future__ import annotations
 
@@ -33,28 +26,6 @@ from .workload import Workload
 CLIENT_TTL_S = 2
 # Retries cover a killed node: the master drops it after client_ttl, then reads go to the other replica.
 RETRY = {"max_attempts": 15, "initial_backoff_s": 0.05, "max_backoff_s": 0.5, "deadline_s": 10}
-
-
-def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``demo`` and ``workload``."""
-    parser.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
-    parser.add_argument("--batches", type=int, default=None, help="stop after this many batches")
-    parser.add_argument("--fault-rate", type=float, default=0.002, help="share of keys failing a first attempt")
-    parser.add_argument("--exhaust-rate", type=float, default=0.0001, help="share of keys failing every attempt")
-    parser.add_argument("--batch-samples", type=int, default=32, help="samples per batch (7 fields each)")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sample")
-    parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_workload_arguments(parser)
-    parser.add_argument("--kill-every", type=float, default=120.0, help="seconds between storage-node kills (0: never)")
-    parser.add_argument("--segment", default="512MB", help="memory of each storage process")
-    parser.add_argument("--dashboard-port", type=int, default=8501, help="dashboard port on 127.0.0.1 (8501)")
-    parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
-    parser.add_argument(
-        "--telemetry-dir", help="where telemetry goes (default $TQ_MOONCAKE_TELEMETRY_DIR, else ./telemetry-data)"
-    )
 
 
 def _say(message: str) -> None:
@@ -213,17 +184,6 @@ def run(args: argparse.Namespace) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
     return _finish(telemetry, counter, workload, kills, started, "Every process the demo started is stopped.")
-
-
-def add_workload_only_arguments(parser: argparse.ArgumentParser) -> None:
-    add_workload_arguments(parser)
-    parser.add_argument("--master", default="127.0.0.1:50051", help="mooncake_master RPC address")
-    parser.add_argument("--metadata", default="P2PHANDSHAKE", help="metadata server (host:port, URL, P2PHANDSHAKE)")
-    parser.add_argument("--host", default="127.0.0.1", help="the address this client advertises")
-    parser.add_argument("--replica-num", type=int, default=2, help="replicas per key")
-    parser.add_argument(
-        "--service-name", help="telemetry service.name (default: $OTEL_SERVICE_NAME, else tq-mooncake-workload)"
-    )
 
 
 def run_workload(args: argparse.Namespace) -> int:

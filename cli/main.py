@@ -62,16 +62,15 @@ def _run_demo(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _demo(sub: Any) -> None:
-    from tq_mooncake.cli.demo import __doc__ as doc
-    from tq_mooncake.cli.demo import add_arguments
+    from tq_mooncake.cli.options import DEMO_DESCRIPTION, add_demo_arguments
 
     parser = sub.add_parser(
         "demo",
         help="the whole product on this machine: master, storage nodes, faulty workload, dashboard",
-        description=doc,
+        description=DEMO_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_arguments(parser)
+    add_demo_arguments(parser)
     parser.set_defaults(run=_run_demo)
 
 
@@ -82,7 +81,7 @@ def _run_workload(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _workload(sub: Any) -> None:
-    from tq_mooncake.cli.demo import add_workload_only_arguments
+    from tq_mooncake.cli.options import add_workload_only_arguments
 
     parser = sub.add_parser(
         "workload",

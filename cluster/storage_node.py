@@ -13,8 +13,6 @@ import argparse
 import signal
 import sys
 
-from tq_mooncake.client.config import ClientConfig, normalize_metadata_server, parse_size
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="")
     args = parser.parse_args(argv)
 
+    # Imported once the arguments are known: --help answers without loading the client (and torch).
+    from tq_mooncake.client.config import ClientConfig, normalize_metadata_server, parse_size
     from tq_mooncake.client.store import connect_store
 
     config = ClientConfig(

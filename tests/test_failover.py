@@ -9,10 +9,9 @@ from tq_mooncake.client import ErrorCode, FaultInjectingStore, RetriesExhaustedE
 CLIENT_TTL = 2  # seconds before the master drops a silent storage process
 
 
-def test_killed_storage_node_is_survived_by_retries(start_master, start_storage_node, make_client, keyspace):
+def test_killed_storage_node_is_survived_by_retries(start_master, start_storage_nodes, make_client, keyspace):
     master = start_master(client_ttl=CLIENT_TTL)
-    node_a = start_storage_node(master)
-    start_storage_node(master)
+    node_a, _ = start_storage_nodes(master, 2)
     # Pure clients (no segment of their own): every key has one replica in each storage process.
     recorder: dict[str, FaultInjectingStore] = {}
     retrying = make_client(

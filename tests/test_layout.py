@@ -110,3 +110,13 @@ def test_the_library_loads_no_tooling_and_the_dashboard_page_no_client():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_command_line_is_built_without_the_client():
+    """``tq-mooncake --help`` (and every verb's) answers at once: building the parser loads no torch."""
+    probe = (
+        "import sys; from tq_mooncake.cli.main import build_parser; build_parser(); "
+        "print('torch' in sys.modules, 'tq_mooncake.client' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"]

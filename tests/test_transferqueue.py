@@ -147,8 +147,9 @@ def section(**overrides: Any) -> dict[str, Any]:
 
 
 FAULTS = {"seed": 3, "rules": [{"code": "TRANSFER_FAIL", "fraction": 0.1, "attempts": [1]}]}
-# name -> (backend, its section, samples, read_in_worker); "telemetry" in a section is filled in per run.
-JOBS: dict[str, tuple[str, dict[str, Any], int, bool]] = {
+# The scenarios of tests/jobs/tq_roundtrip.py, in the order one process runs them (the first configures
+# telemetry for the process): name -> (backend, its section, samples, read_in_worker).
+SCENARIOS: dict[str, tuple[str, dict[str, Any], int, bool]] = {
     "faults": ("MooncakeStoreObserved", {"replica_num": 1, "fault_injection": FAULTS}, 300, False),
     "replace_stock": ("MooncakeStore", {"replace_stock": True, "telemetry": {"enabled": False}}, 64, False),
     "ray_worker": ("MooncakeStoreObserved", {"telemetry": {"enabled": False}}, 32, True),
@@ -169,9 +170,9 @@ def tq_e2e_files(folder: Path) -> Path:
 
 
 class Jobs:
-    """Every TQ process of this module, started together when the first test asks: the tests/jobs/tq_roundtrip.py
-    runs and TQ's own e2e suite. Each brings up its own Ray, TQ and master and mostly waits; side by side they
-    take little longer than the longest alone."""
+    """The TQ processes of this module, started together when the first test asks: one runs the scenarios of
+    tests/jobs/tq_roundtrip.py in one Ray session, the other TQ's own e2e suite. Each brings up its own Ray, TQ
+    and masters and mostly waits; side by side they take little longer than the longer alone."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -179,17 +180,42 @@ class Jobs:
 
     def start(self) -> None:
         env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-        for name, (backend, overrides, samples, in_worker) in JOBS.items():
-            work = self.dir(name)
-            work.mkdir()
-            telemetry = {"telemetry_dir": str(work / "telemetry"), "service_name": "tq-e2e"}
+        work = self.dir("scenarios")
+        work.mkdir()
+        telemetry = {"telemetry_dir": str(self.telemetry_dir), "service_name": "tq-e2e"}
+        scenarios = {}
+        for name, (backend, overrides, samples, in_worker) in SCENARIOS.items():
             sec = section(**{"telemetry": telemetry, **overrides})
             conf = {"controller": {"polling_mode": True}, "backend": {"storage_backend": backend, backend: sec}}
-            config = {**conf, "samples": samples, "read_in_worker": in_worker}
-            (work / "conf.json").write_text(json.dumps(config))
-            args = [sys.executable, str(JOB), str(work / "conf.json"), str(work / "out.json")]
-            self.runs[name] = Background(args, work / "job.log", env)
+            scenarios[name] = {"conf": conf, "samples": samples, "read_in_worker": in_worker}
+        (work / "conf.json").write_text(json.dumps(scenarios))
+        args = [sys.executable, str(JOB), str(work / "conf.json"), str(work / "out.json")]
+        self.runs["scenarios"] = Background(args, work / "job.log", env)
         self._start_e2e(env)
+
+    @property
+    def telemetry_dir(self) -> Path:
+        """Where the scenario that reports telemetry (``faults``) writes it."""
+        return self.dir("scenarios") / "telemetry"
+
+    def dir(self, name: str) -> Path:
+        return self.folder / name
+
+    def result(self, name: str) -> dict[str, Any]:
+        """What scenario ``name`` saw, once the scenarios process has ended (with 0, within 300 s)."""
+        if not self.runs:
+            self.start()
+        rc = self.runs["scenarios"].wait(timeout=300)
+        log = (self.dir("scenarios") / "job.log").read_text()
+        assert rc == 0, log[-4000:]
+        out = json.loads((self.dir("scenarios") / "out.json").read_text())
+        assert name in out, log[-4000:]
+        assert "error" not in out[name], out[name]["error"]
+        return out[name]
+
+    def kill(self) -> None:
+        for run in self.runs.values():
+            run.kill()
 
     def _start_e2e(self, env: dict[str, str]) -> None:
         work = self.dir("e2e")
@@ -213,21 +239,6 @@ class Jobs:
             self.start()
         rc = self.runs["e2e"].wait(timeout=420)
         return rc, (self.dir("e2e") / "e2e.log").read_text()
-
-    def dir(self, name: str) -> Path:
-        return self.folder / name
-
-    def result(self, name: str) -> dict[str, Any]:
-        """What job ``name`` wrote, once it has ended (it must end with 0 within 240 s)."""
-        if not self.runs:
-            self.start()
-        rc = self.runs[name].wait(timeout=240)
-        assert rc == 0, (self.dir(name) / "job.log").read_text()[-4000:]
-        return json.loads((self.dir(name) / "out.json").read_text())
-
-    def kill(self) -> None:
-        for run in self.runs.values():
-            run.kill()
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +295,7 @@ def counter_totals(folder: Path, name: str, by: str) -> Counter[str]:
 
 def test_tq_end_to_end_with_faults_retries_every_failure_and_reports_the_attempts(jobs):
     out = jobs.result("faults")
-    folder = jobs.dir("faults") / "telemetry"
+    folder = jobs.telemetry_dir
     assert out["client_type"] == "ObservedMooncakeClient"
     assert out["fields"] == ["ids", "logp", "obs", "response", "uid"]
     assert out["mismatched_fields"] == []

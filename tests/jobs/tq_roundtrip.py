@@ -1,15 +1,16 @@
-"""A TransferQueue job for tests/test_transferqueue.py, run as its own process (TQ, Ray and telemetry are
-set up once per process): ``python tq_roundtrip.py CONFIG_JSON OUT_JSON``.
+"""TransferQueue scenarios for tests/test_transferqueue.py, run as their own process (telemetry is set up once
+per process): ``python tq_roundtrip.py CONFIG_JSON OUT_JSON``.
 
-Starts a local Ray, ``tq.init(conf)`` with the backend the config names, puts a TensorDict of float32,
-bfloat16 and int64 tensors, a jagged field and a non-tensor field with ``kv_batch_put``, reads it back with
-``kv_batch_get``, compares every value, clears it, and writes what it saw to OUT_JSON.
+Starts a local Ray; for each scenario, ``tq.init(conf)`` with the backend the config names, puts a TensorDict
+of float32, bfloat16 and int64 tensors, a jagged field and a non-tensor field with ``kv_batch_put``, reads it
+back with ``kv_batch_get``, compares every value, clears it, ``tq.close()``; writes what each saw to OUT_JSON.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 import uuid
 from collections import Counter
 from typing import Any
@@ -70,16 +71,9 @@ def read_in_worker(keys: list[str], data: TensorDict) -> dict[str, Any]:
     return {"client_type": type(client).__name__, "mismatched_fields": compare(data, got)}
 
 
-def main(config_path: str, out_path: str) -> None:
-    conf: dict[str, Any] = json.loads(open(config_path).read())
-    samples = conf.pop("samples", 300)
-    in_worker = conf.pop("read_in_worker", False)
+def roundtrip(conf: dict[str, Any], samples: int, in_worker: bool) -> dict[str, Any]:
+    """One TQ session on ``conf``: put, get, compare (in a Ray worker too if asked), clear; what it saw."""
     out: dict[str, Any] = {}
-    # The one documented per-cluster setting: Ray imports (registers) the backend in every worker process.
-    runtime_env = {"worker_process_setup_hook": "tq_mooncake.transferqueue.register"} if in_worker else None
-    ray.init(
-        num_cpus=2, include_dashboard=False, namespace=f"tq-mooncake-{uuid.uuid4().hex[:8]}", runtime_env=runtime_env
-    )
     try:
         tq.init(OmegaConf.create(conf))
         storage_client = tq.get_client().storage_manager.storage_client
@@ -98,17 +92,38 @@ def main(config_path: str, out_path: str) -> None:
         injected = getattr(store, "injected", Counter())
         out["injected"] = {str(k): v for k, v in injected.items()}
         if hasattr(store, "calls"):
-            out["store_calls"] = Counter(call.operation for call in store.calls)
-            out["store_keys"] = dict(Counter(call.operation for call in store.calls for _ in call.keys))
+            out["store_calls"] = Counter(call.operation.value for call in store.calls)
+            out["store_keys"] = dict(Counter(call.operation.value for call in store.calls for _ in call.keys))
         from tq_mooncake import telemetry
 
         out["telemetry_flushed"] = telemetry.configure().force_flush()
     finally:
         tq.close()
-        ray.shutdown()
         tqm.stop_started_masters()
-    with open(out_path, "w") as f:
-        json.dump(out, f)
+    return out
+
+
+def main(config_path: str, out_path: str) -> None:
+    """CONFIG_JSON: ``{name: {"conf": TQ config, "samples": n, "read_in_worker": bool}}``, run in that order in
+    one Ray session (telemetry is configured by the first that asks, once per process). OUT_JSON gets
+    ``{name: what it saw}`` after each; a scenario that raises gets ``{"error": traceback}`` and the rest run."""
+    scenarios: dict[str, Any] = json.loads(open(config_path).read())
+    results: dict[str, Any] = {}
+    # The one documented per-cluster setting: Ray imports (registers) the backend in every worker process.
+    runtime_env = {"worker_process_setup_hook": "tq_mooncake.transferqueue.register"}
+    ray.init(
+        num_cpus=2, include_dashboard=False, namespace=f"tq-mooncake-{uuid.uuid4().hex[:8]}", runtime_env=runtime_env
+    )
+    try:
+        for name, scenario in scenarios.items():
+            try:
+                results[name] = roundtrip(scenario["conf"], scenario["samples"], scenario["read_in_worker"])
+            except Exception:
+                results[name] = {"error": traceback.format_exc()}
+            with open(out_path, "w") as f:
+                json.dump(results, f)
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":
