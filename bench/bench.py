@@ -104,7 +104,7 @@ def check(case: Case, want: Data, got: list[Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ paths
-class Path_:
+class DataPath:
     """One way of writing and reading a case: ``prepare`` (untimed), then timed ``put`` and ``get``."""
 
     name = ""
@@ -116,7 +116,7 @@ class Path_:
     def close(self) -> None: ...
 
 
-class RawPath(Path_):
+class RawPath(DataPath):
     name = "raw"
 
     def __init__(self, store: Any) -> None:
@@ -183,7 +183,7 @@ class RawPath(Path_):
         self.store.close()
 
 
-class OursPath(Path_):
+class OursPath(DataPath):
     def __init__(self, name: str, client: MooncakeBatchClient) -> None:
         self.name = name
         self.client = client
@@ -206,7 +206,7 @@ class OursPath(Path_):
         self.client.close()
 
 
-class StockPath(Path_):
+class StockPath(DataPath):
     name = "tq-stock"
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -285,7 +285,7 @@ def run_mode(metadata: str, cases: list[Case], args: argparse.Namespace, tmp: Pa
             if rc != 0:
                 raise RuntimeError(f"raw store setup failed: {rc}")
             observer, shutdown = sdk_observer(tmp / f"telemetry-{metadata}")
-            paths: list[Path_] = [
+            paths: list[DataPath] = [
                 RawPath(raw_store),
                 OursPath("ours-off", MooncakeBatchClient(config, observer=NOOP_OBSERVER)),
                 OursPath("ours-on", MooncakeBatchClient(config, observer=observer)),
@@ -306,7 +306,7 @@ def run_mode(metadata: str, cases: list[Case], args: argparse.Namespace, tmp: Pa
     return results
 
 
-def run_case(metadata: str, case: Case, paths: list[Path_], args: argparse.Namespace) -> Result:
+def run_case(metadata: str, case: Case, paths: list[DataPath], args: argparse.Namespace) -> Result:
     data = make_data(case, f"{metadata}-{case.name.replace(' ', '-')}")
     result = Result(metadata, case.name, case.total)
     for p in paths:

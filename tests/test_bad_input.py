@@ -29,6 +29,7 @@ def _nothing_written(client, keys):
         (["a", 7, "c"], [1, 2, 3], TypeError, "keys[1] must be a str, got int"),
         (["a", "\ud800"], [1, 2], ValueError, "is not valid UTF-8"),
         (["a", "b"], "xy", TypeError, "values must be a list (one entry per key), got str"),
+        (["a", "b"], None, TypeError, "values must be a list (one entry per key), got None"),
         (["a", "b"], [1, object()], TypeError, "cannot be stored without pickle"),
         (["a", "b"], [1, {1, 2}], TypeError, "set allow_pickle: true to allow it"),
     ],

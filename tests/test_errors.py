@@ -297,6 +297,12 @@ def test_error_classes_outcome_and_reason(cls, outcome, reason):
     assert isinstance(err, RuntimeError)
 
 
+def test_the_base_batch_error_names_no_outcome_and_cannot_be_raised_itself():
+    assert not hasattr(BatchOperationError, "outcome")
+    with pytest.raises(TypeError, match="raise one of its subclasses"):
+        BatchOperationError(Operation.GET, {"k": ErrorCode.RPC_TIMEOUT}, succeeded=0, attempts=1)
+
+
 def test_error_for_outcome_covers_exactly_the_failed_outcomes():
     assert set(ERROR_FOR_OUTCOME) == {o for o in Outcome if o.failed}
 
