@@ -33,4 +33,4 @@ demo: setup
 	$(VENV)/bin/tq-mooncake demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

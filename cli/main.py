@@ -44,8 +44,8 @@ def _storage_node(sub: Any) -> None:
     parser = sub.add_parser(
         "storage-node",
         help="a process lending a memory segment to the Mooncake cluster",
-        description="Run tq_mooncake.cluster.storage_node; its options follow (see `tq-mooncake storage-node -- "
-        "--help`): --master, --metadata, --host, --segment, --protocol, --device.",
+        description="Run tq_mooncake.cluster.storage_node with these options (`tq-mooncake storage-node --help` "
+        "lists them): --master, --metadata, --host, --segment, --protocol, --device.",
         add_help=False,
     )
     parser.add_argument("-h", "--help", action="store_true", help="show the storage node's options")
@@ -76,8 +76,13 @@ def _demo(sub: Any) -> None:
 
 def _run_workload(args: argparse.Namespace, rest: list[str]) -> int:
     from tq_mooncake.cli.demo import run_workload
+    from tq_mooncake.client import StoreSetupError
 
-    return run_workload(args)
+    try:
+        return run_workload(args)
+    except StoreSetupError as exc:  # an unreachable cluster is a message, not a traceback
+        print(f"tq-mooncake workload: {exc}", file=sys.stderr)
+        return 2
 
 
 def _workload(sub: Any) -> None:

@@ -17,10 +17,17 @@ started. Prints what it started, progress, and a summary at the end; Ctrl-C (or 
 """
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``demo`` and ``workload``."""
     parser.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
-    parser.add_argument("--batches", type=int, default=None, help="stop after this many batches")
+    parser.add_argument("--batches", type=_positive_int, default=None, help="stop after this many batches")
     parser.add_argument("--fault-rate", type=float, default=0.002, help="share of keys failing a first attempt")
     parser.add_argument("--exhaust-rate", type=float, default=0.0001, help="share of keys failing every attempt")
     parser.add_argument("--batch-samples", type=int, default=32, help="samples per batch (7 fields each)")

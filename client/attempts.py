@@ -31,14 +31,26 @@ class ChunkCall(Protocol):
 
 @dataclass
 class ChunkResult:
-    """How one chunk ended. ``failed`` maps chunk positions to their last code."""
+    """How one chunk ended (or, while it runs, how far it got). ``failed`` maps chunk positions that failed for
+    good to their last code; ``pending`` the positions waiting for a retry to their last code (empty once the
+    chunk has ended normally: they are then in ``failed`` or succeeded)."""
 
-    outcome: Outcome
-    attempts: int
+    outcome: Outcome = Outcome.SUCCESS
+    attempts: int = 0
     failed: dict[int, ErrorCode] = field(default_factory=dict)
     retried_ok: int = 0
     backoff_s: float = 0.0
     nbytes: int = 0
+    pending: dict[int, ErrorCode] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChunkAborted:
+    """A chunk stopped by an exception (the client closed, or the store call or the chunk's set-up raised):
+    the call raises ``error``. ``partial`` is how far the retry loop got (None if it never started)."""
+
+    error: BaseException
+    partial: ChunkResult | None = None
 
 
 class Retrier:
@@ -72,8 +84,12 @@ class Retrier:
         chunk: int,
         deadline: Deadline,
         scope: OperationScope,
+        result: ChunkResult | None = None,
     ) -> ChunkResult:
-        result = ChunkResult(outcome=Outcome.SUCCESS, attempts=0)
+        """Run ``call`` on the chunk's ``n_keys`` positions until every key succeeded or failed for good; returns
+        ``result`` (a new one if None), which is kept up to date while it runs, so that a caller still knows how
+        far the chunk got when this raises (``ClientClosedError``, or whatever the store call raised)."""
+        result = result if result is not None else ChunkResult()
         pending = list(range(n_keys))
         ever_failed: set[int] = set()
         backoff = 0.0
@@ -87,6 +103,7 @@ class Retrier:
                 codes, nbytes = call(pending)
             except BaseException:
                 attempt_scope.end(Counter({ErrorCode.INTERNAL_ERROR: len(pending)}), 0)
+                result.pending = dict.fromkeys(pending, ErrorCode.INTERNAL_ERROR)
                 raise
             if len(codes) != len(pending):  # a short or long result must not pass keys as done
                 codes = [ErrorCode.INTERNAL_ERROR] * len(pending)
@@ -108,12 +125,14 @@ class Retrier:
                     result.failed[pos] = ec
                     result.outcome = Outcome.NON_RETRYABLE
             result.nbytes += nbytes
+            result.pending = retry
             attempt_scope.end(failed_now, nbytes)
             if not retry:
                 break
             backoff, stop = self._next_backoff(result.attempts, deadline)
             if stop is not None:
                 result.failed.update(retry)
+                result.pending = {}
                 if result.outcome is not Outcome.NON_RETRYABLE:
                     result.outcome = stop
                 break

@@ -23,7 +23,7 @@ from tq_mooncake.telemetry import OTelObserver
 from tq_mooncake.telemetry.conventions import Operation
 
 from . import plans
-from .attempts import ChunkCall, ChunkResult, Retrier
+from .attempts import ChunkAborted, ChunkCall, ChunkResult, Retrier
 from .chunks import ClearChunk, GetChunk, PutChunk
 from .codes import ErrorClassifier
 from .config import ClientConfig
@@ -205,30 +205,27 @@ class MooncakeBatchClient:
         scope = self._observer.operation(operation, len(keys))
         deadline = self._retrier.policy.deadline(self._clock)
 
-        def run_one(index: int) -> ChunkResult:
+        def run_one(index: int) -> ChunkResult | ChunkAborted:
+            """How chunk ``index`` ended; an exception it raised is kept (raised by the call once every chunk is
+            done) with how far its retry loop got."""
             lo, hi = bounds[index]
             regs = Registrations(self._store, self._register)
+            partial: ChunkResult | None = None
             try:
-                return self._retrier.run_chunk(operation, make_chunk(lo, hi, regs), hi - lo, index, deadline, scope)
+                call = make_chunk(lo, hi, regs)
+                partial = ChunkResult()
+                return self._retrier.run_chunk(operation, call, hi - lo, index, deadline, scope, partial)
+            except BaseException as exc:
+                return ChunkAborted(exc, partial)
             finally:
                 regs.release()
 
         if len(bounds) <= 1:
-            ended = [_settle(lambda: run_one(0))] if bounds else []
+            ended = [run_one(0)] if bounds else []
         else:
             futures = [self._executor.submit(run_one, i) for i in range(len(bounds))]
-            concurrent.futures.wait(futures)
-            ended = [_settle(f.result) for f in futures]
+            ended = [f.result() for f in futures]
         result = merge(operation, keys, bounds, ended)
         scope.end(result.summary)
         if result.error is not None:
             raise result.error
-
-
-def _settle(result: Callable[[], ChunkResult]) -> ChunkResult | BaseException:
-    """What a chunk ended with: its result, or the exception it raised (raised again by the call once every
-    chunk is done)."""
-    try:
-        return result()
-    except BaseException as exc:
-        return exc

@@ -53,6 +53,10 @@ class BatchOperationError(MooncakeClientError, RuntimeError):
         self.attempts = attempts
         super().__init__(self._message())
 
+    def __reduce__(self) -> tuple[type[BatchOperationError], tuple[Operation, dict[str, ErrorCode], int, int]]:
+        """Pickled (and copied) by its arguments: the error crosses process boundaries (Ray) intact."""
+        return type(self), (self.operation, self.failed, self.succeeded, self.attempts)
+
     @property
     def codes(self) -> Counter[ErrorCode]:
         """How many failed keys ended with each code."""

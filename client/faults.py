@@ -58,10 +58,16 @@ class FaultRule:
             raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
         if int(self.code) >= 0:
             raise ValueError(f"an injected code must be negative, got {self.code}")
+        for name in ("keys", "attempts", "operations"):  # any collection (not a bare string) becomes a frozenset
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)):
+                raise ValueError(f"{name} must be a collection, got the string {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, frozenset(value))
         known = {o.value for o in Operation}
         unknown = sorted(str(o) for o in self.operations if o not in known)
-        if unknown:
-            raise ValueError(f"unknown operations {unknown}; known: {sorted(known)}")
+        if unknown or not self.operations:
+            raise ValueError(f"unknown or no operations {unknown}; known: {sorted(known)}")
         object.__setattr__(self, "operations", frozenset(Operation(o) for o in self.operations))
 
     @classmethod
@@ -80,14 +86,13 @@ class FaultRule:
                 code = ErrorCode[code]
             except KeyError:
                 raise ValueError(f"unknown error code name {code!r}") from None
-        kwargs: dict[str, Any] = {
-            "code": int(code),
-            "fraction": float(spec.get("fraction", 1.0)),
-            "sticky": bool(spec.get("sticky", False)),
-        }
+        sticky = spec.get("sticky", False)
+        if not isinstance(sticky, bool):
+            raise ValueError(f"sticky must be true or false, got {sticky!r}")
+        kwargs: dict[str, Any] = {"code": int(code), "fraction": float(spec.get("fraction", 1.0)), "sticky": sticky}
         for name in ("keys", "attempts", "operations"):
             if spec.get(name) is not None:
-                kwargs[name] = frozenset(spec[name])
+                kwargs[name] = spec[name]
         return cls(**kwargs)
 
 

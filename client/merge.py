@@ -1,7 +1,7 @@
 """Cutting a call into chunks, and merging how its chunks ended into how the call ended: pure functions.
 
-``merge`` turns the chunks' ``ChunkResult``s (or the exceptions chunks raised) into the call's
-``OperationSummary`` (what the observer is told) and the error the call raises, if any.
+``merge`` turns the chunks' ``ChunkResult``s (or ``ChunkAborted`` for chunks an exception stopped) into the
+call's ``OperationSummary`` (what the observer is told) and the error the call raises, if any.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from tq_mooncake.telemetry.conventions import Operation, Outcome
 
-from .attempts import ChunkResult
+from .attempts import ChunkAborted, ChunkResult
 from .codes import ErrorCode
 from .errors import ERROR_FOR_OUTCOME
 from .observer import OperationSummary
@@ -54,26 +54,34 @@ def merge(
     operation: Operation,
     keys: Sequence[str],
     bounds: Sequence[tuple[int, int]],
-    ended: Sequence[ChunkResult | BaseException],
+    ended: Sequence[ChunkResult | ChunkAborted],
 ) -> CallResult:
     """Merge how each chunk ``ended`` (``bounds[i]`` its keys) into the call's result.
 
-    A chunk that raised (the client closed under it, or an unexpected error) fails all its keys with
-    ``INTERNAL_ERROR`` and counts as ``NON_RETRYABLE``; the call then raises the first such exception.
-    Otherwise, if keys failed, it raises the ``BatchOperationError`` of the combined outcome, naming every
-    failed key with its last code, in key order.
+    A chunk that was aborted (the client closed under it, or an unexpected error) fails all its keys and
+    counts as ``NON_RETRYABLE``; the call then raises the first such exception. Otherwise, if keys failed, it
+    raises the ``BatchOperationError`` of the combined outcome, naming every failed key with its last code, in
+    key order. ``OperationSummary.codes`` counts the last code the retry loop saw for each failed key (an aborted
+    chunk's keys it never saw fail have none).
     """
-    raised = [e for e in ended if isinstance(e, BaseException)]
-    done = [r for r in ended if isinstance(r, ChunkResult)]
+    done: list[ChunkResult] = []
+    aborted: list[ChunkAborted] = []
     failed: dict[str, ErrorCode] = {}
-    for (lo, hi), res in zip(bounds, ended, strict=True):
-        if isinstance(res, ChunkResult):
-            for pos in sorted(res.failed):
-                failed[keys[lo + pos]] = res.failed[pos]
+    codes: Counter[ErrorCode] = Counter()
+    for (lo, hi), end in zip(bounds, ended, strict=True):
+        if isinstance(end, ChunkResult):
+            done.append(end)
+            for pos in sorted(end.failed):
+                failed[keys[lo + pos]] = end.failed[pos]
+            codes.update(end.failed.values())
         else:
+            aborted.append(end)
             for pos in range(lo, hi):
                 failed[keys[pos]] = ErrorCode.INTERNAL_ERROR
-    outcome = combine_outcomes([r.outcome for r in done] + [Outcome.NON_RETRYABLE] * len(raised))
+            if end.partial is not None:
+                codes.update(end.partial.failed.values())
+                codes.update(end.partial.pending.values())
+    outcome = combine_outcomes([r.outcome for r in done] + [Outcome.NON_RETRYABLE] * len(aborted))
     retried_ok = sum(r.retried_ok for r in done)
     summary = OperationSummary(
         outcome=outcome,
@@ -83,11 +91,11 @@ def merge(
         keys_failed=len(failed),
         retry_delay_s=sum(r.backoff_s for r in done),
         nbytes=sum(r.nbytes for r in done),
-        codes=Counter(failed.values()),
+        codes=codes,
     )
     error: BaseException | None = None
-    if raised:
-        error = raised[0]
+    if aborted:
+        error = aborted[0].error
     elif failed:
         attempts = max((r.attempts for r in done), default=0)
         error = ERROR_FOR_OUTCOME[outcome](operation, failed, len(keys) - len(failed), attempts)

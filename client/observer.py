@@ -42,10 +42,11 @@ class Observer(Protocol):
         """Start observing one call on ``batch_size`` keys."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class OperationSummary:
     """What one call did, for the operation span and metrics. ``codes`` is the retry loop's final word: each
-    failed key counted once, by the code it ended with."""
+    failed key counted once, by the last code the loop saw for it (keys of a chunk that an exception stopped
+    before the loop saw them fail have none). Observers report it as is; nothing re-classifies it."""
 
     outcome: Outcome
     attempts: int  # store calls made, over all chunks
@@ -54,7 +55,7 @@ class OperationSummary:
     keys_failed: int
     retry_delay_s: float  # backoff slept, summed over chunks
     nbytes: int
-    codes: Counter[ErrorCode] = field(default_factory=Counter)  # failed keys by final code
+    codes: Counter[ErrorCode] = field(default_factory=Counter)  # failed keys by their last code
 
 
 class _NoopAttempt:

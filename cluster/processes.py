@@ -117,11 +117,17 @@ class ChildProcess:
 
     def _wait_ready(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         """Poll ``ready`` until it holds; if the process exits first or ``timeout`` passes, stop it and raise."""
+        seen = [False]
+
+        def done() -> bool:
+            seen[0] = ready()
+            return seen[0] or not self.alive()
+
         try:
-            wait_until(lambda: ready() or not self.alive(), timeout, what)
-            if not ready():
+            wait_until(done, timeout, what)
+            if not seen[0]:
                 assert self.proc is not None
-                raise RuntimeError(f"{what} exited with {self.proc.poll()}:\n{self.log_tail()}")
+                raise RuntimeError(f"gave up waiting for {what}: it exited with {self.proc.poll()}:\n{self.log_tail()}")
         except BaseException:
             self.stop()
             raise
@@ -135,9 +141,13 @@ class ChildProcess:
 
 def start_all(processes: Sequence[ChildProcess], timeout: float = 60.0) -> None:
     """``start()`` every process side by side; if one fails, stop them all and raise its error."""
-    with concurrent.futures.ThreadPoolExecutor(max(1, len(processes))) as pool:
-        futures = [pool.submit(p.start, timeout) for p in processes]
-        errors = [f.exception() for f in futures]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(processes))) as pool:
+            futures = [pool.submit(p.start, timeout) for p in processes]
+            errors = [f.exception() for f in futures]
+    except BaseException:  # Ctrl-C while waiting: nothing started here is left running
+        stop_all(processes)
+        raise
     failed = [e for e in errors if e is not None]
     if failed:
         stop_all(processes)

@@ -15,9 +15,10 @@ def _raw(t: torch.Tensor) -> bytes:
 
 
 def same_value(a: Any, b: Any) -> bool:
-    """``a`` and ``b`` are the same value: tensors and arrays of the same dtype, shape and bytes (so NaNs
-    compare equal and -0.0 differs from 0.0), lists, tuples and dicts element by element, anything else of
-    the same type and equal."""
+    """``a`` and ``b`` are the same value: tensors and arrays of the same dtype, shape and bytes (so NaNs in
+    them compare equal and -0.0 differs from 0.0; object arrays element by element), lists, tuples and dicts
+    element by element, anything else of the same type and equal (so a float NaN is not the same as itself).
+    Dense tensors only (the client stores no others)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (
             isinstance(a, torch.Tensor)
@@ -27,13 +28,11 @@ def same_value(a: Any, b: Any) -> bool:
             and _raw(a) == _raw(b)
         )
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (
-            isinstance(a, np.ndarray)
-            and isinstance(b, np.ndarray)
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-            and a.tobytes() == b.tobytes()
-        )
+        if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape):
+            return False
+        if a.dtype.hasobject:  # the bytes would be pointers: compare the objects
+            return same_value(a.tolist(), b.tolist())
+        return a.tobytes() == b.tobytes()
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):

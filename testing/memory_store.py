@@ -2,9 +2,11 @@
 
 For tests of code on top of the client (and of the client's own logic) that need no Mooncake process:
 ``MooncakeBatchClient(config, store=InMemoryStore())``. It implements the calls the client makes, with the
-real binding's signatures and per-key codes (``-704`` for a missing key, ``-705`` for ``batch_put_from`` on
-an existing one, ``-600`` for a destination too small, ``-200`` when ``capacity`` is full), copying bytes
-from and into the caller's memory as the real one does. Wrap it in a
+real binding's signatures and per-key codes, as Mooncake 0.3.13 answers them: ``-704`` for a missing key,
+``-600`` for a destination too small or a size of 0, ``-200`` when ``capacity`` is full (an overwrite of a
+different size needs room for the new bytes before the old ones are freed; one of the same size is done in
+place), and ``batch_put_from`` on an existing key answers 0 and keeps the old value. It copies bytes from and
+into the caller's memory as the real one does. Wrap it in a
 ``FaultInjectingStore`` to fail chosen keys with chosen codes.
 
 It is not a model of Mooncake's transfers, replicas, leases or timing: failover, chaos and anything about the
@@ -50,14 +52,15 @@ class InMemoryStore:
         codes = []
         with self._lock:
             for key, ptr, size in zip(keys, ptrs, sizes, strict=True):
-                if not overwrite and key in self._data:
-                    codes.append(int(ErrorCode.OBJECT_ALREADY_EXISTS))
-                    continue
                 if size <= 0:
                     codes.append(int(ErrorCode.INVALID_PARAMS))
                     continue
-                freed = len(self._data.get(key, b""))
-                if self.capacity is not None and self._used() - freed + size > self.capacity:
+                old = self._data.get(key)
+                if old is not None and not overwrite:  # Mooncake's put of an existing key: success, no change
+                    codes.append(OK)
+                    continue
+                in_place = old is not None and len(old) == size
+                if self.capacity is not None and not in_place and self._used() + size > self.capacity:
                     codes.append(int(ErrorCode.NO_AVAILABLE_HANDLE))
                     continue
                 self._data[key] = ctypes.string_at(ptr, size)
@@ -70,7 +73,7 @@ class InMemoryStore:
         return self._write(keys, ptrs, sizes, overwrite=True)
 
     def batch_put_from(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int], config: Any = None):
-        """Insert each key (``OBJECT_ALREADY_EXISTS`` if present); per-key codes."""
+        """Insert each key; an existing key keeps its value (and answers 0, as Mooncake does); per-key codes."""
         return self._write(keys, ptrs, sizes, overwrite=False)
 
     def batch_get_into(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> list[int]:

@@ -4,23 +4,28 @@ and tests/chaos (under load)."""
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 import torch
 
 from tq_mooncake.client import (
+    ClientClosedError,
     DeadlineExceededError,
     ErrorCode,
     FaultInjectingStore,
     FaultRule,
     MooncakeBatchClient,
     NonRetryableError,
+    Operation,
     Outcome,
     RetriesExhaustedError,
     RetryBudgetExhaustedError,
 )
-from tq_mooncake.testing import InMemoryStore
+from tq_mooncake.cluster import wait_until
+from tq_mooncake.testing import InMemoryStore, RecordingObserver
 
 pytestmark = pytest.mark.pure
 
@@ -193,3 +198,86 @@ def test_a_sticky_fraction_fails_the_same_keys_every_time_and_a_removed_key_star
     store.calls.clear()
     client.put(keys, [b"w"] * len(keys))  # removed keys start a new life: their first put fails again
     assert [len(c.injected) for c in store.calls_for("put")] == [len(keys), 0]
+
+
+class RaisingOnSecondRead:
+    """A store whose second ``batch_get_into`` raises (a binding that blew up mid-call)."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.reads = 0
+
+    def batch_get_into(self, *args):
+        self.reads += 1
+        if self.reads == 2:
+            raise RuntimeError("the binding blew up")
+        return self._store.batch_get_into(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_a_call_stopped_by_an_exception_reports_the_last_codes_it_saw(keyspace):
+    keys = keyspace(4)
+    recorder = RecordingObserver()
+    rules = [FaultRule(code=ErrorCode.TRANSFER_FAIL, keys=frozenset({keys[3]}), attempts=frozenset({1}))]
+    client = MooncakeBatchClient(
+        {"retry": FAST},
+        store=InMemoryStore(),
+        wrap_store=lambda s: RaisingOnSecondRead(FaultInjectingStore(s, rules)),
+        observer=recorder,
+    )
+    with client:
+        client.put(keys[3:], ["written"])
+        with pytest.raises(RuntimeError, match="blew up"):  # the exception itself, not a BatchOperationError
+            client.get(keys)  # 3 keys missing (final), 1 fails once, then the retry's store call raises
+    summary = recorder.operations[-1].summary
+    assert summary.outcome is Outcome.NON_RETRYABLE and summary.keys_failed == 4
+    assert summary.codes == Counter({ErrorCode.OBJECT_NOT_FOUND: 3, ErrorCode.INTERNAL_ERROR: 1})
+
+
+def test_a_call_closed_during_its_backoff_reports_the_codes_that_were_being_retried(keyspace):
+    keys = keyspace(3)
+    recorder = RecordingObserver()
+    rules = [FaultRule(code=ErrorCode.TRANSFER_FAIL, keys=frozenset(keys[:2]))]
+    client = MooncakeBatchClient(
+        {"retry": {"initial_backoff_s": 30.0, "max_backoff_s": 30.0}},  # the default sleep wakes on close()
+        store=InMemoryStore(),
+        wrap_store=lambda s: FaultInjectingStore(s, rules),
+        observer=recorder,
+        jitter=lambda: 0.5,
+    )
+    errors: list[BaseException] = []
+
+    def put() -> None:
+        try:
+            client.put(keys, ["a", "b", "c"])
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    worker = threading.Thread(target=put)
+    worker.start()
+    wait_until(lambda: any(a.ended for o in recorder.operations for a in o.attempts), 10, "the first attempt")
+    client.close()
+    worker.join(10)
+    assert not worker.is_alive() and len(errors) == 1 and isinstance(errors[0], ClientClosedError)
+    summary = recorder.operations[-1].summary
+    assert summary.keys_failed == 3 and summary.codes == Counter({ErrorCode.TRANSFER_FAIL: 2})
+
+
+def test_fault_rules_take_any_collection_and_refuse_what_could_only_be_a_mistake():
+    rule = FaultRule(ErrorCode.TRANSFER_FAIL, keys=["a"], attempts=[1], operations=(o for o in ["get", Operation.PUT]))
+    assert rule.operations == {Operation.GET, Operation.PUT} and rule.keys == {"a"} and rule.attempts == {1}
+    assert hash(rule) == hash(
+        FaultRule.from_dict({"code": "TRANSFER_FAIL", "keys": ["a"], "attempts": [1], "operations": ["put", "get"]})
+    )
+    for bad, message in [
+        ({"operations": "get"}, "operations must be a collection"),
+        ({"keys": "abc"}, "keys must be a collection"),
+        ({"operations": []}, "unknown or no operations"),
+        ({"operations": ["pull"]}, r"unknown or no operations \['pull'\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            FaultRule(ErrorCode.TRANSFER_FAIL, **bad)
+    with pytest.raises(ValueError, match="sticky must be true or false"):
+        FaultRule.from_dict({"code": -800, "sticky": "false"})

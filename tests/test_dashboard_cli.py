@@ -46,3 +46,10 @@ def test_unknown_options_are_refused():
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         cli.main(["no-such-verb"])
+
+
+def test_a_batch_count_below_one_is_refused():
+    for value in ("0", "-3", "x"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["demo", "--batches", value, "--no-dashboard"])
+        assert exc.value.code == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from collections import Counter
 
 import pytest
@@ -295,6 +297,17 @@ def test_error_classes_outcome_and_reason(cls, outcome, reason):
     assert isinstance(err, BatchOperationError)
     assert isinstance(err, MooncakeClientError)
     assert isinstance(err, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    "cls", [RetriesExhaustedError, NonRetryableError, RetryBudgetExhaustedError, DeadlineExceededError]
+)
+def test_batch_errors_survive_pickling_and_copying(cls):
+    """They cross process boundaries (a TQ client in a Ray actor raises them to its caller)."""
+    err = cls(Operation.GET, {"k1": ErrorCode.RPC_TIMEOUT, "k2": ErrorCode.TRANSFER_FAIL}, succeeded=3, attempts=2)
+    for back in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
+        assert type(back) is cls and str(back) == str(err)
+        assert (back.operation, back.failed, back.succeeded, back.attempts) == (Operation.GET, err.failed, 3, 2)
 
 
 def test_the_base_batch_error_names_no_outcome_and_cannot_be_raised_itself():

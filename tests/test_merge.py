@@ -15,7 +15,7 @@ from tq_mooncake.client import (
     Outcome,
     RetriesExhaustedError,
 )
-from tq_mooncake.client.attempts import ChunkResult
+from tq_mooncake.client.attempts import ChunkAborted, ChunkResult
 from tq_mooncake.client.merge import chunk_bounds, merge
 
 pytestmark = pytest.mark.pure
@@ -79,14 +79,28 @@ def test_a_non_retryable_chunk_makes_the_call_non_retryable():
     assert result.error.failed == {"k0": ErrorCode.TRANSFER_FAIL, "k6": ErrorCode.OBJECT_NOT_FOUND}
 
 
-def test_a_chunk_that_raised_fails_its_keys_and_its_exception_is_raised():
+def test_an_aborted_chunk_fails_its_keys_and_its_exception_is_raised():
     closed = ClientClosedError("client closed during get")
-    ended = [ChunkResult(Outcome.EXHAUSTED, 4, failed={0: ErrorCode.TRANSFER_FAIL}), closed]
+    # the second chunk had 1 key failed for good and 2 awaiting a retry when the client closed
+    partial = ChunkResult(
+        Outcome.NON_RETRYABLE,
+        2,
+        failed={0: ErrorCode.OBJECT_NOT_FOUND},
+        pending={1: ErrorCode.RPC_TIMEOUT, 3: ErrorCode.RPC_TIMEOUT},
+    )
+    ended = [ChunkResult(Outcome.EXHAUSTED, 4, failed={0: ErrorCode.TRANSFER_FAIL}), ChunkAborted(closed, partial)]
     result = merge(Operation.GET, KEYS[:8], BOUNDS[:2], ended)
     assert result.error is closed
     s = result.summary
     assert s.outcome is Outcome.NON_RETRYABLE and s.keys_failed == 5 and s.attempts == 4
-    assert s.codes == Counter({ErrorCode.INTERNAL_ERROR: 4, ErrorCode.TRANSFER_FAIL: 1})
+    # the last code the retry loop saw for each key that failed; keys it never saw fail have none
+    assert s.codes == Counter({ErrorCode.TRANSFER_FAIL: 1, ErrorCode.RPC_TIMEOUT: 2, ErrorCode.OBJECT_NOT_FOUND: 1})
+
+
+def test_a_chunk_stopped_before_its_retry_loop_started_reports_no_code():
+    boom = RuntimeError("register_buffer failed")
+    result = merge(Operation.PUT, KEYS[:4], BOUNDS[:1], [ChunkAborted(boom)])
+    assert result.error is boom and result.summary.keys_failed == 4 and result.summary.codes == Counter()
 
 
 def test_an_empty_call_is_a_success():

@@ -33,7 +33,7 @@ def test_the_store_copies_bytes_in_and_out_of_caller_memory_with_per_key_codes()
     assert codes == [5, int(ErrorCode.INVALID_PARAMS), int(ErrorCode.OBJECT_NOT_FOUND)]
     assert dest[:5].tobytes() == b"hello"
     assert store.get_size("b") == 6 and store.get_size("missing") == int(ErrorCode.OBJECT_NOT_FOUND)
-    assert store.batch_put_from(["a"], [b.ctypes.data], [6], None) == [int(ErrorCode.OBJECT_ALREADY_EXISTS)]
+    assert store.batch_put_from(["a"], [b.ctypes.data], [6], None) == [0]  # Mooncake: success, old value kept
     assert store.raw("a") == b"hello"
     assert store.batch_remove(["a", "a"], True) == [0, int(ErrorCode.OBJECT_NOT_FOUND)]
     assert store.keys() == ["b"]
@@ -43,7 +43,10 @@ def test_a_full_store_refuses_writes_until_cleared_and_a_closed_one_raises():
     store = InMemoryStore(capacity=10)
     six = buf(b"x" * 6)
     assert store.batch_upsert_from(["a", "b"], [six.ctypes.data] * 2, [6, 6]) == [0, int(ErrorCode.NO_AVAILABLE_HANDLE)]
-    assert store.batch_upsert_from(["a"], [six.ctypes.data], [6]) == [0]  # an overwrite frees what it replaces
+    assert store.batch_upsert_from(["a"], [six.ctypes.data], [6]) == [0]  # the same size: overwritten in place
+    # another size needs room for the new bytes before the old ones are freed (6 + 5 > 10)
+    assert store.batch_upsert_from(["a"], [six.ctypes.data], [5]) == [int(ErrorCode.NO_AVAILABLE_HANDLE)]
+    assert store.batch_upsert_from(["a"], [six.ctypes.data], [0]) == [int(ErrorCode.INVALID_PARAMS)]
     store.batch_remove(["a"])
     assert store.batch_upsert_from(["b"], [six.ctypes.data], [6]) == [0]
     assert store.register_buffer(six.ctypes.data, 6) == 0 and store.registered == {six.ctypes.data: 6}
@@ -133,3 +136,6 @@ def test_same_value_is_exact():
     assert same_value({"a": (1, [torch.ones(2)])}, {"a": (1, [torch.ones(2)])})
     assert not same_value((1, 2), [1, 2]) and not same_value(1, 1.0) and not same_value(np.arange(2), [0, 1])
     assert not same_value([0, 1], np.arange(2))
+    objects = np.array([{"a": 1}, "x"], dtype=object)
+    assert same_value(objects, np.array([{"a": 1}, "x"], dtype=object))  # the objects, not their addresses
+    assert not same_value(objects, np.array([{"a": 2}, "x"], dtype=object))
