@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_close_ends_calls_in_flight_with_a_clear_error(shared_master, keyspace):
     keys = keyspace(5)
+    # Retries that never run out on their own (attempts, deadline or budget): only close() can end the call.
+    retry = {"max_attempts": 10_000, "initial_backoff_s": 0.01, "max_backoff_s": 0.02, "budget_min_per_s": 10_000}
     client = MooncakeBatchClient(
-        shared_master.client_config(retry={"max_attempts": 10_000, "initial_backoff_s": 0.01, "max_backoff_s": 0.02}),
+        shared_master.client_config(retry=retry),
         wrap_store=lambda s: FaultInjectingStore(s, [FaultRule(code=ErrorCode.TRANSFER_FAIL, keys=frozenset(keys))]),
     )
     errors: list[BaseException] = []
