@@ -10,10 +10,6 @@ import torch
 from tq_mooncake.client.codec import tensor_bytes
 
 
-def _raw(t: torch.Tensor) -> bytes:
-    return bytes(tensor_bytes(t)) if t.numel() else b""
-
-
 def same_value(a: Any, b: Any) -> bool:
     """``a`` and ``b`` are the same value: tensors and arrays of the same dtype, shape and bytes (so NaNs in
     them compare equal and -0.0 differs from 0.0; object arrays element by element), lists, tuples and dicts
@@ -25,7 +21,7 @@ def same_value(a: Any, b: Any) -> bool:
             and isinstance(b, torch.Tensor)
             and a.dtype == b.dtype
             and a.shape == b.shape
-            and _raw(a) == _raw(b)
+            and bytes(tensor_bytes(a)) == bytes(tensor_bytes(b))
         )
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape):
