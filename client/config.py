@@ -4,49 +4,161 @@ The client's defaults live here, except the retry section's, which are those of 
 ``RetryBudget`` (``retry.py``), defined once there. Keys the client does not know at the top level are
 ignored (TQ passes its whole backend section, with keys such as ``client_name`` or ``auto_init``); unknown
 keys inside ``retry`` are an error, since they can only be typos.
+
+Every value is checked here, before anything reaches Mooncake: a bad value is a ``ValueError`` naming the
+key and what it accepts (a config that is not a mapping at all: ``TypeError``). Addresses are checked for
+their form only; whether the right server answers on them is ``setup_probe``'s job at connect time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import decimal
+import ipaddress
 import os
 import re
 import socket
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .retry import Clock, RetryBudget, RetryPolicy
 
 GiB = 1 << 30
+MAX_SIZE = 1 << 50  # 1 PiB: no size of this client is larger; anything above is a typo
+MAX_LOCAL_BUFFER_SIZE = 1 << 40  # Mooncake's own limit for local_buffer_size (1 TiB)
+MAX_SETUP_TIMEOUT_S = 3600.0
+MAX_WORKERS = 256
+MAX_REPLICAS = 64  # the master reserves replica_num slots per key: a huge count must never reach it
+PROTOCOLS = ("tcp", "rdma")
+# The metadata plugins of the installed wheel (mooncake-transfer-engine-non-cuda 0.3.13.post1, probed in
+# subprocesses): http and https (USE_HTTP) and etcd (USE_ETCD). Any other scheme, redis:// included (no
+# USE_REDIS), makes Mooncake LOG(FATAL), i.e. abort the process, inside setup().
+METADATA_SCHEMES = ("http", "https", "etcd")
+METADATA_FORMS = (
+    "'P2PHANDSHAKE', 'host:port' (becomes http://host:port/metadata), 'http(s)://host[:port]/path' "
+    "or 'etcd://host:port[,host:port...]'"
+)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_HOST = re.compile(r"^[A-Za-z0-9_.\-]+$|^\[[0-9A-Fa-f:.]+\]$")  # a name, an IPv4 address, or [IPv6]
 
 
 def parse_size(name: str, value: Any) -> int:
-    """Bytes from an int or a string such as ``"512MB"``, ``"4 GiB"`` (binary units)."""
+    """Bytes from an int or a string such as ``"512MB"``, ``"4 GiB"`` (binary units; fractions of a byte
+    are dropped); ValueError naming ``name`` for anything else, negative, or above ``MAX_SIZE``."""
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be a size in bytes, got {value!r}")
+        raise ValueError(f"{name} must be a size in bytes, got {_short(value)}")
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and (m := _SIZE.match(value)):
-        size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()[:1]])
+        size = int(decimal.Decimal(m.group(1)) * _UNITS[(m.group(2) or "").lower()[:1]])
     else:
-        raise ValueError(f"{name} must be a size in bytes (int or e.g. '512MB'), got {value!r}")
+        raise ValueError(f"{name} must be a size in bytes (int or e.g. '512MB'), got {_short(value)}")
     if size < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if size > MAX_SIZE:
+        raise ValueError(f"{name} must be at most {MAX_SIZE} bytes (1 PiB), got {_short(value)}")
     return size
 
 
 def normalize_metadata_server(value: str) -> str:
-    """TQ's rule: ``P2PHANDSHAKE`` as is; ``etcd://``/``redis://`` as is; else an ``http://.../metadata`` URL."""
+    """TQ's rule: ``P2PHANDSHAKE`` (any case) as is; ``etcd://...`` as is; ``host:port`` or an http(s) URL
+    becomes an ``http(s)://.../metadata`` URL. Other ``scheme://`` values are left as they are, for
+    ``check_metadata_server`` to refuse."""
     if value.upper() == "P2PHANDSHAKE":
         return "P2PHANDSHAKE"
-    if value.startswith(("etcd://", "redis://")):
+    if "://" in value and not value.startswith(("http://", "https://")):
         return value
     url = value if value.startswith(("http://", "https://")) else f"http://{value}"
     return url if url.rstrip("/").endswith("/metadata") else url.rstrip("/") + "/metadata"
+
+
+def split_host_port(address: str) -> tuple[str, str] | None:
+    """``(host, port)`` strings of ``host:port`` or ``[v6]:port`` (brackets dropped); None without a ``:``."""
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        return None
+    return (host[1:-1] if host.startswith("[") and host.endswith("]") else host), port
+
+
+def parse_host_port(name: str, address: str) -> tuple[str, int]:
+    """``(host, port)`` of ``host:port`` (IPv6 as ``[addr]:port``); ValueError naming ``name`` for any other
+    form: no port, an empty host, a port outside 1..65535, spaces or a scheme."""
+    hint = f"{name} must be 'host:port' with a port from 1 to 65535 (IPv6 as '[addr]:port'), got {_short(address)}"
+    parts = split_host_port(address)
+    if parts is None or "://" in address:
+        raise ValueError(hint)
+    host, port = parts
+    bracketed = address.startswith("[")
+    if not host or not _HOST.match(f"[{host}]" if bracketed else host):
+        raise ValueError(hint)
+    return host, _port(port, hint)
+
+
+def _port(text: str, hint: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        raise ValueError(hint)
+    return int(text)
+
+
+def check_local_hostname(value: str) -> None:
+    """ValueError unless ``value`` is a host name or address, optionally with ``:port`` (``[v6]:port``).
+    Mooncake takes anything here, a space or a scheme included, and advertises it as this node's address."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(value)
+        return
+    if value and _HOST.match(value) and not value.startswith("["):
+        return
+    try:
+        parse_host_port("local_hostname", value)
+    except ValueError:
+        raise ValueError(
+            "local_hostname must be a host name or address, optionally with ':port' (1 to 65535), "
+            f"or '' for this host's address, got {_short(value)}"
+        ) from None
+
+
+def check_metadata_server(value: str) -> None:
+    """ValueError naming the accepted forms (``METADATA_FORMS``) unless ``value`` (normalised) is one of them
+    and its scheme is one this Mooncake build has a plugin for (``METADATA_SCHEMES``)."""
+    if value == "P2PHANDSHAKE":
+        return
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in METADATA_SCHEMES:
+        extra = f"; this Mooncake build has no {scheme!r} metadata plugin (it would abort the process)"
+        raise ValueError(f"metadata_server must be {METADATA_FORMS}, got {_short(value)}" + (extra if scheme else ""))
+    if scheme == "etcd":
+        etcd_endpoints(value)
+    else:
+        http_endpoint(value)
+
+
+def http_endpoint(url: str) -> tuple[str, int]:
+    """``(host, port)`` of an http(s) metadata URL (port 80/443 when not given); ValueError if malformed."""
+    hint = f"metadata_server must be an http(s) URL with a host and a port from 1 to 65535, got {_short(url)}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(hint) from None
+    if not parts.hostname or port == 0 or parts.username is not None or " " in url:
+        raise ValueError(hint)
+    return parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+def etcd_endpoints(value: str) -> list[tuple[str, int]]:
+    """The ``(host, port)`` endpoints of ``etcd://host:port[,host:port...]`` (``,`` or ``;`` between them,
+    as Mooncake's etcd wrapper splits them); ValueError if there is none or one is malformed."""
+    rest = value.split("://", 1)[1]
+    found = [e.strip() for e in rest.replace(";", ",").split(",") if e.strip()]
+    if not found:
+        raise ValueError(f"metadata_server must name at least one etcd endpoint host:port, got {_short(value)}")
+    return [parse_host_port("every etcd endpoint of metadata_server", e) for e in found]
 
 
 _POLICY = RetryPolicy()
@@ -66,6 +178,10 @@ class RetryConfig:
     budget_min_per_s: float = RetryBudget.DEFAULT_MIN_PER_S
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "max_attempts" and _is_int(value) and abs(value) > sys.float_info.max:
+                raise ValueError(f"retry.{f.name} must be a finite number, got {_short(value)}")
         self.policy()  # validates the policy fields
         self.budget()  # validates the budget fields
 
@@ -86,17 +202,23 @@ class RetryConfig:
     def from_dict(cls, section: Mapping[str, Any] | None) -> RetryConfig:
         section = dict(section or {})
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - known)
+        unknown = sorted((k for k in section if k not in known), key=str)
         if unknown:
             raise ValueError(f"unknown retry config key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**section)
 
 
 def host_port(address: str) -> tuple[str, int] | None:
-    """``(host, port)`` of a plain ``host:port`` or ``http://host:port/...`` address; None for other forms."""
+    """``(host, port)`` of a plain ``host:port`` or ``http://host:port/...`` address; None for other forms
+    (no host, or no port from 1 to 65535)."""
     rest = address.split("://", 1)[1] if "://" in address else address
-    host, _, port = rest.split("/", 1)[0].rpartition(":")
-    return (host.strip("[]"), int(port)) if host and port.isdigit() else None
+    parts = split_host_port(rest.split("/", 1)[0])
+    if parts is None or not parts[0]:
+        return None
+    try:
+        return parts[0], _port(parts[1], "")
+    except ValueError:
+        return None
 
 
 def default_max_workers(cpus: int | None = None) -> int:
@@ -106,11 +228,24 @@ def default_max_workers(cpus: int | None = None) -> int:
     return max(1, min(4, cpus // 4))
 
 
+_STRINGS = ("local_hostname", "metadata_server", "master_server_address", "protocol", "device_name")
+# name, lowest, highest (None: no upper bound)
+_COUNTS = (
+    ("replica_num", 1, MAX_REPLICAS),
+    ("batch_size", 1, None),
+    ("max_workers", 1, MAX_WORKERS),
+    ("max_value_bytes", 1, MAX_SIZE),
+)
+_SIZES = (("global_segment_size", MAX_SIZE), ("local_buffer_size", MAX_LOCAL_BUFFER_SIZE))
+
+
 @dataclass(frozen=True)
 class ClientConfig:
-    """Everything ``MooncakeBatchClient`` needs, validated.
+    """Everything ``MooncakeBatchClient`` needs, validated on construction (ValueError naming the key and
+    what it accepts; ``retry`` that is not a ``RetryConfig``: TypeError).
 
     ``local_hostname``: missing means ``127.0.0.1``; ``""`` means this host's address (TQ's behaviour).
+    ``metadata_server`` is taken as given here (``from_dict`` normalises TQ's forms first).
     """
 
     local_hostname: str = "127.0.0.1"
@@ -125,39 +260,53 @@ class ClientConfig:
     batch_size: int = 400
     max_workers: int = field(default_factory=default_max_workers)
     allow_pickle: bool = False
+    tensor_checksum: bool = False
     max_value_bytes: int = 1 * GiB
     setup_timeout_s: float = 5.0
     retry: RetryConfig = field(default_factory=RetryConfig)
 
     def __post_init__(self) -> None:
-        for name in ("local_hostname", "metadata_server", "master_server_address", "protocol", "device_name"):
+        for name in _STRINGS:
             if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
-        if not self.master_server_address:
-            raise ValueError("master_server_address must be 'host:port', got ''")
-        for name, low in (("replica_num", 1), ("batch_size", 1), ("max_workers", 1), ("max_value_bytes", 1)):
+                raise ValueError(f"{name} must be a string, got {_short(getattr(self, name))}")
+        check_local_hostname(self.local_hostname)
+        parse_host_port("master_server_address", self.master_server_address)
+        check_metadata_server(self.metadata_server)
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(map(repr, PROTOCOLS))}, got {_short(self.protocol)}")
+        for name, low, high in _COUNTS:
+            _check_count(name, getattr(self, name), low, high)
+        for name, high in _SIZES:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(self.setup_timeout_s, bool) or not isinstance(self.setup_timeout_s, (int, float)):
-            raise ValueError(f"setup_timeout_s must be a number of seconds, got {self.setup_timeout_s!r}")
-        if not self.setup_timeout_s > 0:
-            raise ValueError(f"setup_timeout_s must be > 0, got {self.setup_timeout_s!r}")
-        for name in ("hard_pin", "allow_pickle"):
+            if not _is_int(value) or not 0 <= value <= high:
+                raise ValueError(f"{name} must be a size in bytes from 0 to {high}, got {_short(value)}")
+        _check_setup_timeout(self.setup_timeout_s)
+        for name in ("hard_pin", "allow_pickle", "tensor_checksum"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be true or false, got {_short(getattr(self, name))}")
+        if not isinstance(self.retry, RetryConfig):
+            raise TypeError(f"retry must be a RetryConfig (from_dict parses a mapping), got {_short(self.retry)}")
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any] | None) -> ClientConfig:
-        """Parse TQ's Mooncake section (a dict or an OmegaConf ``DictConfig``)."""
-        raw = {k: config[k] for k in config} if config is not None else {}
+        """Parse TQ's Mooncake section (a dict or an OmegaConf ``DictConfig``); TypeError if it is not a
+        mapping, ValueError for a bad value."""
+        raw = _items(config) if config is not None else {}
+        if raw is None:
+            raise TypeError(
+                "the client config must be a mapping (TQ's Mooncake section: a dict or an OmegaConf DictConfig) "
+                f"or a ClientConfig, got {type(config).__name__} {_short(config)}"
+            )
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name not in raw or raw[f.name] is None:
                 continue
             value = raw[f.name]
             if f.name == "retry":
-                value = RetryConfig.from_dict(value if isinstance(value, Mapping) else _mapping(value, "retry"))
+                section = _items(value)
+                if section is None:
+                    raise ValueError(f"retry must be a mapping, got {_short(value)}")
+                value = RetryConfig.from_dict(section)
             elif f.name in ("global_segment_size", "local_buffer_size", "max_value_bytes"):
                 value = parse_size(f.name, value)
             kwargs[f.name] = value
@@ -168,10 +317,42 @@ class ClientConfig:
         return cls(**kwargs)
 
 
-def _mapping(value: Any, name: str) -> Mapping[str, Any]:
-    if hasattr(value, "items"):
+def _check_count(name: str, value: Any, low: int, high: int | None) -> None:
+    if _is_int(value) and value >= low and (high is None or value <= high):
+        return
+    accepted = f">= {low}" if high is None else f"from {low} to {high}"
+    raise ValueError(f"{name} must be an integer {accepted}, got {_short(value)}")
+
+
+def _check_setup_timeout(value: Any) -> None:
+    # The chained comparison also refuses NaN and infinity, and compares huge ints exactly (no overflow).
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_SETUP_TIMEOUT_S:
+        return
+    raise ValueError(
+        f"setup_timeout_s must be a number of seconds > 0 and <= {MAX_SETUP_TIMEOUT_S:g}, got {_short(value)}"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _items(value: Any) -> dict[Any, Any] | None:
+    """A plain dict of a mapping (or of anything with ``items()``); None for anything else."""
+    if isinstance(value, Mapping):
+        return {k: value[k] for k in value}
+    if hasattr(value, "items") and not isinstance(value, (str, bytes)):
         return dict(value.items())
-    raise ValueError(f"{name} must be a mapping, got {value!r}")
+    return None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a value in a message may be a huge string or int)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for str(): Python refuses to print it
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _this_host_address() -> str:

@@ -1,7 +1,8 @@
 """The connection to Mooncake: a set-up ``MooncakeDistributedStore``, and memory registered with it.
 
-``connect_store`` fails fast with the addresses it tried (Mooncake alone retries an unreachable master for
-about 90 s). Its one process-wide side effect: on a loopback-only set-up with a metadata server, it sets
+``connect_store`` fails within ``setup_timeout_s`` naming the addresses it tried, whatever answers on them
+(``setup_probe`` asks each peer first; Mooncake alone retries a wrong or silent peer for minutes). Its one
+process-wide side effect: on a loopback-only set-up with a metadata server, it sets
 ``MC_TCP_BIND_ADDRESS=127.0.0.1`` unless already set, because the transfer engine otherwise advertises the
 first non-loopback interface, which such a machine does not have.
 """
@@ -13,11 +14,13 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 from .codes import ErrorCode
 from .config import ClientConfig, host_port
 from .errors import StoreSetupError
+from .setup_probe import first_problem, setup_checks
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ def _is_loopback(host: str) -> bool:
 
 def unreachable(what: str, address: str, timeout: float) -> str | None:
     """Why ``address`` does not accept a TCP connection within ``timeout`` s (None if it does or is not
-    a plain address). Mooncake's own setup retries an unreachable master for about 90 s."""
+    a plain address). Accepting a connection is not proof of a master: ``setup_probe`` asks for that."""
     hp = host_port(address)
     if hp is None:
         return None
@@ -44,12 +47,7 @@ def unreachable(what: str, address: str, timeout: float) -> str | None:
     return None
 
 
-def connect_store(config: ClientConfig) -> Any:
-    """A set-up ``MooncakeDistributedStore`` for ``config``; StoreSetupError (naming the addresses) if not.
-
-    The master (and an HTTP metadata server) are probed with a TCP connect first, so an unreachable one
-    fails within ``setup_timeout_s`` instead of Mooncake's 90 s of internal retries.
-    """
+def _store_class() -> Any:
     try:
         from mooncake.store import MooncakeDistributedStore
     except ImportError as exc:
@@ -57,24 +55,51 @@ def connect_store(config: ClientConfig) -> Any:
             "mooncake.store is not importable: install tq-mooncake[cpu] (mooncake-transfer-engine-non-cuda) "
             "or tq-mooncake[cuda], and Debian's libibverbs1 and librdmacm1"
         ) from exc
+    return MooncakeDistributedStore
+
+
+def _bind_loopback(config: ClientConfig) -> None:
     if (
         config.metadata_server != "P2PHANDSHAKE"
         and _is_loopback(config.local_hostname)
         and "MC_TCP_BIND_ADDRESS" not in os.environ
     ):
         os.environ["MC_TCP_BIND_ADDRESS"] = "127.0.0.1"
-    where = (
+
+
+def describe(config: ClientConfig) -> str:
+    """The addresses a set-up of ``config`` tries, for messages."""
+    return (
         f"master {config.master_server_address!r}, metadata server {config.metadata_server!r}, "
         f"local hostname {config.local_hostname!r}, protocol {config.protocol!r}"
     )
-    probes = [("master", config.master_server_address)]
-    if config.metadata_server.startswith("http"):
-        probes.append(("metadata server", config.metadata_server))
-    for what, address in probes:
-        problem = unreachable(what, address, config.setup_timeout_s)
-        if problem:
-            raise StoreSetupError(f"Mooncake store setup failed: {problem} ({where})")
-    store = MooncakeDistributedStore()
+
+
+def connect_store(config: ClientConfig) -> Any:
+    """A set-up ``MooncakeDistributedStore`` for ``config``; StoreSetupError naming the addresses if not.
+
+    Contract: with a wrong, closed, silent or garbling peer at any configured address, StoreSetupError
+    comes within ``setup_timeout_s`` (counted from after importing ``mooncake.store``), before Mooncake is
+    touched: ``setup_probe`` asks the master for a coro_rpc answer and the metadata server (http(s) or
+    etcd) for an HTTP or HTTP/2 answer under one deadline. Malformed addresses and metadata schemes this
+    build has no plugin for never get here (``ClientConfig`` refuses them).
+
+    What is left unbounded: Mooncake's ``setup()`` itself, once every peer has answered. The 0.3.13 binding
+    holds the GIL for the whole call (measured: a thread running it blocks every other Python thread), so
+    no thread, timer or signal here can end it early; a peer that answers the probe and then stalls is
+    bounded only by Mooncake (20 attempts, each up to coro_rpc's 30 s request timeout, curl's 3 s or etcd's
+    5 s dial). Such a late set-up is still returned if it succeeded (with a warning), and a late failure
+    says how long it took. Nothing is left behind: a failed store is closed.
+    """
+    store_class = _store_class()
+    start = time.monotonic()
+    deadline = start + config.setup_timeout_s
+    _bind_loopback(config)
+    where = describe(config)
+    problem = first_problem(setup_checks(config), deadline)
+    if problem:
+        raise StoreSetupError(f"Mooncake store setup failed: {problem} ({where})")
+    store = store_class()
     try:
         rc = store.setup(
             config.local_hostname,
@@ -87,11 +112,19 @@ def connect_store(config: ClientConfig) -> Any:
         )
     except Exception as exc:
         raise StoreSetupError(f"Mooncake store setup raised {exc!r} ({where})") from exc
+    late = _lateness(start, deadline, config.setup_timeout_s)
     if rc != 0:
         with contextlib.suppress(Exception):
             store.close()
-        raise StoreSetupError(f"Mooncake store setup failed with {ErrorCode.of(rc).describe()} ({where})")
+        raise StoreSetupError(f"Mooncake store setup failed with {ErrorCode.of(rc).describe()}{late} ({where})")
+    if late:
+        logger.warning("Mooncake store setup succeeded%s (%s)", late, where)
     return store
+
+
+def _lateness(start: float, deadline: float, timeout: float) -> str:
+    now = time.monotonic()
+    return f" after {now - start:.1f} s, past setup_timeout_s={timeout:g}" if now > deadline else ""
 
 
 def replicate_config(config: ClientConfig) -> Any:

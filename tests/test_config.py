@@ -12,11 +12,18 @@ from typing import Any
 import pytest
 
 from tq_mooncake.client.config import (
+    MAX_LOCAL_BUFFER_SIZE,
+    MAX_SIZE,
+    METADATA_SCHEMES,
     ClientConfig,
     GiB,
     RetryConfig,
     default_max_workers,
+    etcd_endpoints,
+    host_port,
+    http_endpoint,
     normalize_metadata_server,
+    parse_host_port,
     parse_size,
 )
 from tq_mooncake.client.retry import RetryPolicy
@@ -215,8 +222,34 @@ def test_negative_size_raises_with_the_key_name():
 
 
 def test_zero_max_value_bytes_is_refused():
-    with pytest.raises(ValueError, match="^max_value_bytes must be an integer >= 1"):
+    with pytest.raises(ValueError, match="^max_value_bytes must be an integer from 1 to"):
         ClientConfig.from_dict({"max_value_bytes": "0MB"})
+
+
+@pytest.mark.parametrize("key", ["global_segment_size", "local_buffer_size", "max_value_bytes"])
+@pytest.mark.parametrize("value", ["9" * 400, "99999999TB", "1" + "0" * 5000, MAX_SIZE + 1, 10**400, "2048 TB"])
+def test_absurd_sizes_are_a_value_error_naming_the_limit(key, value):
+    with pytest.raises(ValueError, match=f"^{key} must be at most {MAX_SIZE} bytes"):
+        ClientConfig.from_dict({key: value})
+
+
+def test_the_largest_size_is_accepted_and_local_buffer_size_has_mooncakes_limit():
+    assert ClientConfig.from_dict({"global_segment_size": "1024TB"}).global_segment_size == MAX_SIZE
+    assert ClientConfig.from_dict({"local_buffer_size": "1TB"}).local_buffer_size == MAX_LOCAL_BUFFER_SIZE
+    with pytest.raises(ValueError, match=f"^local_buffer_size must be a size in bytes from 0 to {1 << 40}, got"):
+        ClientConfig.from_dict({"local_buffer_size": "2TB"})
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "4GB", None, 10**400])
+def test_sizes_given_to_the_dataclass_directly_are_checked_too(value):
+    with pytest.raises(ValueError, match="^global_segment_size must be a size in bytes from 0 to"):
+        ClientConfig(global_segment_size=value)
+
+
+def test_an_error_message_never_prints_a_huge_value_whole():
+    with pytest.raises(ValueError) as info:
+        ClientConfig.from_dict({"local_buffer_size": "9" * 100_000})
+    assert len(str(info.value)) < 200
 
 
 # --------------------------------------------------------------------------------------- metadata server
@@ -252,6 +285,86 @@ def test_host_port_becomes_metadata_url(value, expected):
 )
 def test_full_urls_are_unchanged(value):
     assert normalize_metadata_server(value) == value
+
+
+@pytest.mark.parametrize("value", ["redis://10.0.0.1:6379", "consul://h:1", "REDIS://h:1", "zk://h:1", "HTTP://h:1"])
+def test_other_schemes_are_left_for_validation_to_refuse(value):
+    assert normalize_metadata_server(value) == value
+
+
+def test_the_accepted_schemes_are_the_wheels_metadata_plugins():
+    assert METADATA_SCHEMES == ("http", "https", "etcd")  # tests/test_setup.py checks them against the wheel
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["redis://10.0.0.1:6379", "redis://h:6379/0", "REDIS://h:6379", "consul://h:8500", "zk://h:2181", "HTTP://h:1"],
+)
+def test_unsupported_metadata_schemes_are_a_value_error_naming_the_accepted_forms(value):
+    with pytest.raises(
+        ValueError, match=r"^metadata_server must be 'P2PHANDSHAKE', 'host:port' .*'etcd://host:port"
+    ) as info:
+        ClientConfig.from_dict({"metadata_server": value})
+    assert "metadata plugin (it would abort the process)" in str(info.value)
+    assert value.split("://")[0] in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "etcd://",
+        "etcd://,;",
+        "etcd://h",
+        "etcd://h:0",
+        "etcd://h:2379,h",
+        "etcd://:2379",
+        "http://:8080/metadata",
+        "http://h:0/metadata",
+        "http://h:99999/metadata",
+        "http://h:port/metadata",
+        "http://user@h:80/metadata",
+        "127.0.0.1:0",
+        ":8080",
+    ],
+)
+def test_malformed_metadata_addresses_are_a_value_error(value):
+    with pytest.raises(ValueError, match="^(metadata_server|every etcd endpoint of metadata_server) must"):
+        ClientConfig.from_dict({"metadata_server": value})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("etcd://10.0.0.1:2379", [("10.0.0.1", 2379)]),
+        ("etcd://a:2379,b:2379", [("a", 2379), ("b", 2379)]),
+        ("etcd://a:1; b:2 ,", [("a", 1), ("b", 2)]),
+        ("etcd://[::1]:2379", [("::1", 2379)]),
+    ],
+)
+def test_etcd_endpoints_are_split_as_mooncake_splits_them(value, expected):
+    assert etcd_endpoints(value) == expected
+    assert ClientConfig.from_dict({"metadata_server": value}).metadata_server == value
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://h:8080/metadata", ("h", 8080)),
+        ("http://h/metadata", ("h", 80)),
+        ("https://h/metadata", ("h", 443)),
+        ("http://[::1]:8080/metadata", ("::1", 8080)),
+    ],
+)
+def test_http_endpoint_defaults_the_port_by_scheme(url, expected):
+    assert http_endpoint(url) == expected
+
+
+def test_the_dataclass_takes_metadata_server_as_given():
+    """Normalisation is from_dict's (TQ's forms); a bare host:port given to the dataclass is refused."""
+    with pytest.raises(ValueError, match="^metadata_server must be"):
+        ClientConfig(metadata_server="127.0.0.1:8080")
+    assert ClientConfig(metadata_server="http://127.0.0.1:8080/metadata").metadata_server.endswith("/metadata")
 
 
 def test_from_dict_normalizes_metadata_server():
@@ -300,8 +413,20 @@ def test_explicit_local_hostname_is_kept(monkeypatch):
 @pytest.mark.parametrize("key", ["replica_num", "batch_size", "max_workers"])
 @pytest.mark.parametrize("value", [0, -1, "2", 2.0, True, [1]])
 def test_bad_counts_raise_with_the_key_name(key, value):
-    with pytest.raises(ValueError, match=f"^{key} must be an integer >= 1, got "):
+    with pytest.raises(ValueError, match=rf"^{key} must be an integer (>= 1|from 1 to \d+), got "):
         ClientConfig.from_dict({key: value})
+
+
+@pytest.mark.parametrize(("key", "high"), [("replica_num", 64), ("max_workers", 256)])
+def test_counts_have_an_upper_bound(key, high):
+    assert getattr(ClientConfig.from_dict({key: high}), key) == high
+    for value in (high + 1, 10**9, 10**400):
+        with pytest.raises(ValueError, match=f"^{key} must be an integer from 1 to {high}, got "):
+            ClientConfig.from_dict({key: value})
+
+
+def test_a_huge_batch_size_is_fine():
+    assert ClientConfig.from_dict({"batch_size": 10**12}).batch_size == 10**12
 
 
 @pytest.mark.parametrize("key", ["local_hostname", "master_server_address", "protocol", "device_name"])
@@ -315,10 +440,109 @@ def test_empty_master_address_raises():
         ClientConfig.from_dict({"master_server_address": ""})
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "127.0.0.1",
+        "localhost",
+        ":50051",
+        "127.0.0.1:",
+        "127.0.0.1:0",
+        "127.0.0.1:65536",
+        "127.0.0.1:99999999999999999999",
+        "127.0.0.1:-1",
+        "127.0.0.1:abc",
+        "127.0.0.1:\uff15",  # a fullwidth digit: str.isdigit() says yes, a port it is not
+        "::1:50051",  # IPv6 needs brackets
+        "[::1]",
+        "[]:50051",
+        " 127.0.0.1:50051",
+        "127.0.0.1 :50051",
+        "host name:50051",
+        "http://127.0.0.1:50051",
+        "etcd://127.0.0.1:2379",
+        "127.0.0.1:50051/x",
+    ],
+)
+def test_bad_master_address_forms_are_a_value_error(value):
+    with pytest.raises(ValueError, match=r"^master_server_address must be 'host:port' with a port from 1 to 65535"):
+        ClientConfig.from_dict({"master_server_address": value})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:50051", ("127.0.0.1", 50051)),
+        ("localhost:1", ("localhost", 1)),
+        ("mooncake-master:65535", ("mooncake-master", 65535)),
+        ("my_host.example.com:8080", ("my_host.example.com", 8080)),
+        ("[::1]:50051", ("::1", 50051)),
+    ],
+)
+def test_good_master_addresses_parse(value, expected):
+    assert parse_host_port("master_server_address", value) == expected
+    assert ClientConfig.from_dict({"master_server_address": value}).master_server_address == value
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("127.0.0.1:50051", ("127.0.0.1", 50051)),
+        ("http://h:8080/metadata", ("h", 8080)),
+        ("[::1]:1", ("::1", 1)),
+        ("127.0.0.1", None),
+        ("127.0.0.1:0", None),
+        ("127.0.0.1:65536", None),
+        ("h:\u00b2", None),  # superscript two: isdigit() but int() refuses it
+        (":1", None),
+        ("P2PHANDSHAKE", None),
+    ],
+)
+def test_host_port_is_none_for_anything_but_a_usable_address(address, expected):
+    assert host_port(address) == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["127.0.0.1", "node-3", "node-3.example.com", "10.0.0.5:12345", "::1", "[::1]:12345", "fe80::1"]
+)
+def test_local_hostname_is_a_host_or_address_with_an_optional_port(value):
+    assert ClientConfig.from_dict({"local_hostname": value}).local_hostname == value
+
+
+@pytest.mark.parametrize("value", ["a b", "http://x", "127.0.0.1:0", "127.0.0.1:99999", "h:", ":1", "[::1]", "h/x"])
+def test_local_hostname_of_any_other_form_is_a_value_error(value):
+    """Mooncake would set up with any of these (measured: rc 0) and advertise an address no peer can reach."""
+    with pytest.raises(ValueError, match="^local_hostname must be a host name or address, optionally with ':port'"):
+        ClientConfig.from_dict({"local_hostname": value})
+
+
+def test_an_empty_local_hostname_given_to_the_dataclass_is_refused():
+    with pytest.raises(ValueError, match="^local_hostname must be"):
+        ClientConfig(local_hostname="")
+
+
+@pytest.mark.parametrize("value", ["TCP", "efa", "", "udp", "rdma ", "ascend"])
+def test_protocol_must_be_tcp_or_rdma(value):
+    """Mooncake compares protocols exactly: its setup() with "TCP" took 22.6 s to fail (measured)."""
+    with pytest.raises(ValueError, match=r"^protocol must be one of 'tcp', 'rdma', got "):
+        ClientConfig.from_dict({"protocol": value})
+
+
 @pytest.mark.parametrize("value", [0, -1.0, "5", True])
 def test_bad_setup_timeout_raises(value):
     with pytest.raises(ValueError, match="^setup_timeout_s must be"):
         ClientConfig.from_dict({"setup_timeout_s": value})
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 3600.001, 1e308, 10**400, -(10**400)])
+def test_infinite_nan_and_absurd_setup_timeouts_name_the_range(value):
+    with pytest.raises(ValueError, match=r"^setup_timeout_s must be a number of seconds > 0 and <= 3600, got "):
+        ClientConfig.from_dict({"setup_timeout_s": value})
+
+
+@pytest.mark.parametrize("value", [1e-3, 1, 3600, 3600.0])
+def test_setup_timeouts_in_range_are_kept(value):
+    assert ClientConfig.from_dict({"setup_timeout_s": value}).setup_timeout_s == value
 
 
 @pytest.mark.parametrize("key", ["hard_pin", "allow_pickle"])
@@ -348,6 +572,46 @@ def test_bad_retry_values_raise_with_the_key_name(retry, message):
 def test_retry_that_is_not_a_mapping_raises():
     with pytest.raises(ValueError, match="^retry must be a mapping, got 5$"):
         ClientConfig.from_dict({"retry": 5})
+
+
+@pytest.mark.parametrize("value", ["max_attempts=3", [("max_attempts", 3)], [1, 2], b"x", 1.5, True])
+def test_retry_of_any_other_type_is_a_value_error(value):
+    with pytest.raises(ValueError, match="^retry must be a mapping, got "):
+        ClientConfig.from_dict({"retry": value})
+
+
+def test_retry_keys_that_are_not_strings_are_unknown_keys():
+    with pytest.raises(ValueError, match=r"^unknown retry config key\(s\) \[1, 'x'\]"):
+        ClientConfig.from_dict({"retry": {1: 2, "x": 3}})
+
+
+@pytest.mark.parametrize("key", ["deadline_s", "initial_backoff_s", "max_backoff_s", "multiplier", "budget_ratio"])
+def test_retry_numbers_too_large_for_a_float_are_a_value_error(key):
+    with pytest.raises(ValueError, match=rf"^retry\.{key} must be a finite number"):
+        ClientConfig.from_dict({"retry": {key: 10**400}})
+
+
+@pytest.mark.parametrize("key", ["deadline_s", "multiplier", "budget_min_per_s"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "1"])
+def test_retry_infinities_nans_and_strings_are_a_value_error(key, value):
+    with pytest.raises(ValueError, match=rf"^retry\.{key} must be a finite number"):
+        ClientConfig.from_dict({"retry": {key: value}})
+
+
+def test_retry_given_to_the_dataclass_must_be_a_retry_config():
+    with pytest.raises(TypeError, match="^retry must be a RetryConfig"):
+        ClientConfig(retry={"max_attempts": 2})  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------ the config itself
+@pytest.mark.parametrize("config", [[], [("batch_size", 1)], "batch_size=1", b"x", 5, 1.5, True, object()])
+def test_a_config_that_is_not_a_mapping_is_a_type_error(config):
+    with pytest.raises(TypeError, match=r"^the client config must be a mapping .* or a ClientConfig, got "):
+        ClientConfig.from_dict(config)  # type: ignore[arg-type]
+
+
+def test_a_config_with_only_items_works():
+    assert ClientConfig.from_dict(ItemsOnly({"batch_size": 3})).batch_size == 3  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------ non-dict mappings
