@@ -71,38 +71,46 @@ class PutItem(NamedTuple):
     holder: Any
 
 
-def _raw_tensor(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when it is a contiguous CPU tensor (the common case: no copy), else a contiguous CPU copy."""
-    if t.is_cpu and t.is_contiguous():
-        return t
-    t = t.detach()
-    if not t.is_cpu:
-        t = t.cpu()
-    return t if t.is_contiguous() else t.contiguous()
+def _raw_tensor(key: str, t: torch.Tensor, max_value_bytes: int) -> PutItem:
+    """``t`` written as its raw bytes from its own memory when it is a contiguous CPU tensor (no copy), else from
+    a contiguous CPU copy (lazy conjugate and negative views resolved). The size is checked before copying."""
+    size = t.numel() * t.element_size()
+    _check_size(key, size, max_value_bytes)
+    try:
+        t = codec.dense_cpu(t)
+    except codec.UnencodableValueError as exc:
+        raise TypeError(f"value for key {key!r}: {exc}") from None
+    meta = {"nbytes": size, "dtype": codec.dtype_name(t.dtype), "shape": list(t.shape)}
+    return PutItem(t.data_ptr(), size, meta, t)
 
 
 def prepare_put(key: str, value: Any, allow_pickle: bool, max_value_bytes: int) -> PutItem:
-    """How ``value`` is written under ``key``. Raises TypeError/ValueError for values that cannot be."""
-    if isinstance(value, torch.Tensor) and value.numel() > 0:
-        if value.is_sparse or value.layout != torch.strided:
-            raise TypeError(f"value for key {key!r}: only strided (dense) tensors are supported, got {value.layout}")
-        t = _raw_tensor(value)
-        size = t.numel() * t.element_size()
-        _check_size(key, size, max_value_bytes)
-        meta = {"nbytes": size, "dtype": codec.dtype_name(t.dtype), "shape": list(t.shape)}
-        return PutItem(t.data_ptr(), size, meta, t)
+    """How ``value`` is written under ``key``: a storable tensor with at least one element as its raw bytes
+    (``codec.is_raw_tensor``), anything else as a codec frame.
+
+    Raises:
+        TypeError: the value cannot be stored (``codec.encode``: e.g. nested past ``codec.MAX_DEPTH``, a sparse
+            or quantized tensor, a numpy subclass) without pickle, or with it when pickle fails too.
+        ValueError: the stored value would be larger than ``max_value_bytes``.
+    """
+    if codec.is_raw_tensor(value):
+        return _raw_tensor(key, value, max_value_bytes)
     try:
         frame = codec.encode(value, allow_pickle=allow_pickle)
     except codec.UnencodableValueError as exc:
-        raise TypeError(f"value for key {key!r}: {exc} (set allow_pickle: true to allow it)") from None
+        hint = "" if allow_pickle else " (set allow_pickle: true to allow it)"
+        raise TypeError(f"value for key {key!r}: {exc}{hint}") from None
     _check_size(key, len(frame), max_value_bytes)
     holder = np.frombuffer(frame, dtype=np.uint8)
     return PutItem(holder.ctypes.data, len(frame), {"nbytes": len(frame), "crc32": codec.frame_crc(frame)}, holder)
 
 
-def _check_size(key: str, size: int, max_value_bytes: int) -> None:
+def _check_size(key: str, size: int, max_value_bytes: int, what: str | None = None) -> None:
+    """ValueError naming ``key`` when ``size`` bytes (``what`` says of what; default the value) are more than
+    ``max_value_bytes``."""
     if size > max_value_bytes:
-        raise ValueError(f"value for key {key!r} is {size} bytes, more than max_value_bytes={max_value_bytes}")
+        what = what or f"value for key {key!r} is"
+        raise ValueError(f"{what} {size} bytes, more than max_value_bytes={max_value_bytes}")
 
 
 # ------------------------------------------------------------------------------------------------ get
@@ -121,29 +129,42 @@ class ReadPlan(NamedTuple):
     crc: int | None = None
 
 
+_MAX_DIM = 2**63 - 1  # torch's sizes are int64
+
+
 def _shape(key: str, shape: Any) -> tuple[int, ...]:
+    """``shape`` as a tuple of dimensions; TypeError/ValueError naming ``key`` unless it is a sequence of ints
+    in ``0..2**63-1``."""
     if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)):
         raise TypeError(f"shape for key {key!r} must be a sequence of ints, got {shape!r}")
     dims = tuple(shape)
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
-        raise ValueError(f"shape for key {key!r} must hold non-negative ints, got {shape!r}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in dims):
+        raise ValueError(f"shape for key {key!r} must hold non-negative ints (below 2**63), got {shape!r}")
     return dims
 
 
-def plan_get(key: str, shape: Any, dtype: Any, meta: Any) -> ReadPlan:
-    """The read plan for ``key`` from what the caller passed; ValueError/TypeError where they disagree."""
-    want_dtype = codec.torch_dtype(dtype) if dtype is not None else None
-    # A shape matters only for a tensor (a dtype asked for, or one in the metadata): TQ passes shapes for
-    # non-tensor fields too.
+def plan_get(key: str, shape: Any, dtype: Any, meta: Any, *, max_value_bytes: int) -> ReadPlan:
+    """The read plan for ``key`` from what the caller passed; ValueError/TypeError naming the key where they
+    disagree, or where the value they describe is larger than ``max_value_bytes`` (nothing is allocated).
+
+    Without a dtype (none asked for, none in the metadata) the key is read as a frame whatever ``shape`` says
+    (TQ passes shapes for non-tensor fields too): a value stored as a raw tensor then fails with CORRUPT_VALUE,
+    since its bytes carry no header to read it by.
+    """
+    try:
+        want_dtype = codec.torch_dtype(dtype) if dtype is not None else None
+    except ValueError as exc:
+        raise ValueError(f"dtype for key {key!r}: {exc}") from None
     is_tensor = want_dtype is not None or (isinstance(meta, Mapping) and "dtype" in meta)
     want_shape = _shape(key, shape) if shape is not None and is_tensor else None
     if meta is not None:
-        return _plan_from_meta(key, meta, want_dtype, want_shape)
+        return _plan_from_meta(key, meta, want_dtype, want_shape, max_value_bytes)
     if want_dtype is None:
         return ReadPlan(ReadKind.FRAME, None)
     if want_shape is None:
         raise ValueError(f"key {key!r} has a dtype but no shape (pass shapes, or the metadata put returned)")
     size = math.prod(want_shape) * want_dtype.itemsize
+    _check_size(key, size, max_value_bytes, f"shape {list(want_shape)} of {want_dtype} for key {key!r} is")
     if size == 0:  # zero-byte tensors are stored as frames
         return ReadPlan(ReadKind.FRAME, None, want_dtype, want_shape)
     return ReadPlan(ReadKind.TENSOR, size, want_dtype, want_shape)
@@ -164,7 +185,7 @@ def _stored_tensor(dtype: Any, shape: tuple[Any, ...], size: int) -> ReadPlan | 
 
 
 def _plan_from_meta(
-    key: str, meta: Any, want_dtype: torch.dtype | None, want_shape: tuple[int, ...] | None
+    key: str, meta: Any, want_dtype: torch.dtype | None, want_shape: tuple[int, ...] | None, max_value_bytes: int
 ) -> ReadPlan:
     bad = f"custom_backend_meta for key {key!r} is not metadata returned by put: {meta!r}"
     if type(meta) is not dict and not isinstance(meta, Mapping):
@@ -172,6 +193,7 @@ def _plan_from_meta(
     size = meta.get("nbytes")
     if type(size) is not int or size < 1:
         raise ValueError(bad)
+    _check_size(key, size, max_value_bytes, f"custom_backend_meta for key {key!r} says")
     if "dtype" in meta:
         shape = meta.get("shape")
         try:
@@ -199,20 +221,28 @@ def _plan_from_meta(
 
 
 def allocate(plan: ReadPlan, size: int) -> tuple[int, Any]:
-    """A destination of ``size`` bytes for ``plan``: (pointer, holder)."""
+    """A destination for a stored object of ``size`` bytes (payload and trailer) read for ``plan``: (pointer,
+    holder). The holder is one uint8 block: a torch tensor for a raw tensor (the value handed back is a view of
+    its first bytes, so its storage is the block), a numpy array for a frame."""
     if plan.kind is ReadKind.TENSOR:
-        assert plan.dtype is not None and plan.shape is not None
-        t = torch.empty(plan.shape, dtype=plan.dtype)
-        return t.data_ptr(), t
+        block = torch.empty(size, dtype=torch.uint8)
+        return block.data_ptr(), block
     buf = np.empty(size, dtype=np.uint8)
     return buf.ctypes.data, buf
 
 
-def finish(plan: ReadPlan, holder: Any, allow_pickle: bool) -> Any:
-    """The value read into ``holder``. Raises ``codec.CodecError`` when it is not a valid value."""
+def block_view(holder: Any) -> memoryview:
+    """The bytes of a destination ``allocate`` returned."""
+    return memoryview(holder.numpy() if isinstance(holder, torch.Tensor) else holder)
+
+
+def finish(plan: ReadPlan, holder: Any, payload_size: int, allow_pickle: bool) -> Any:
+    """The value in the first ``payload_size`` bytes of ``holder`` (a block from ``allocate`` whose trailer was
+    checked). Raises ``codec.CodecError`` when it is not a valid value."""
     if plan.kind is ReadKind.TENSOR:
-        return holder
-    value = codec.decode(memoryview(holder), allow_pickle=allow_pickle, expected_crc=plan.crc)
+        assert plan.dtype is not None and plan.shape is not None
+        return holder[:payload_size].view(plan.dtype).view(plan.shape)
+    value = codec.decode(memoryview(holder)[:payload_size], allow_pickle=allow_pickle, expected_crc=plan.crc)
     if plan.dtype is not None:
         if not isinstance(value, torch.Tensor):
             raise codec.CodecError(

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import math
 import pickle
+import re
 import struct
+import warnings
 import zlib
 
 import numpy as np
 import pytest
 import torch
 
-from tq_mooncake.client import ErrorCode, codec
+from tq_mooncake.client import ErrorCode, codec, plans
 from tq_mooncake.client.codec import (
     HEADER,
     HEADER_SIZE,
@@ -25,6 +28,7 @@ from tq_mooncake.client.codec import (
     encode,
     frame_crc,
 )
+from tq_mooncake.testing import same_value
 
 pytestmark = pytest.mark.pure
 
@@ -315,6 +319,19 @@ def test_non_contiguous_tensor_roundtrip():
         assert got.is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int4])
+def test_contiguous_tensor_with_odd_strides_on_size_one_dims_roundtrips(dtype):
+    base = codec.tensor_from_bytes(bytes(range(8 * dtype.itemsize)), dtype, [8])
+    for t in (base.as_strided((2, 1), (1, 7)), base.as_strided((1, 1), (3, 2)), base.as_strided((1, 3, 1), (9, 1, 5))):
+        assert t.is_contiguous() and t.stride(-1) != 1
+        for value in (t, {"t": t}):
+            assert same_value(roundtrip(value), value)
+        meta, stored = raw_put_bytes(t)
+        assert (
+            stored == bytes(codec.tensor_bytes(t)) == bytes(codec.tensor_bytes(t.clone() if dtype != torch.int4 else t))
+        )
+
+
 def test_tensor_requiring_grad_roundtrips_as_plain_tensor():
     tensor = torch.ones(3, requires_grad=True)
     got = roundtrip(tensor)
@@ -389,19 +406,19 @@ def test_flipped_payload_byte_is_checksum_mismatch(good_frame):
     for pos in (HEADER_SIZE, len(good_frame) // 2, len(good_frame) - 1):
         corrupted = bytearray(good_frame)
         corrupted[pos] ^= 0x01
-        assert decode_error(bytes(corrupted)).code is ErrorCode.CHECKSUM_MISMATCH
+        assert decode_error(bytes(corrupted)).code is ErrorCode.PAYLOAD_CHECKSUM_MISMATCH
 
 
 def test_flipped_codec_byte_is_checksum_mismatch(good_frame):
     corrupted = bytearray(good_frame)
     corrupted[5] = Codec.BYTES
-    assert decode_error(bytes(corrupted)).code is ErrorCode.CHECKSUM_MISMATCH
+    assert decode_error(bytes(corrupted)).code is ErrorCode.PAYLOAD_CHECKSUM_MISMATCH
 
 
 def test_flipped_crc_is_checksum_mismatch(good_frame):
     corrupted = bytearray(good_frame)
     corrupted[HEADER_SIZE - 1] ^= 0x80
-    assert decode_error(bytes(corrupted)).code is ErrorCode.CHECKSUM_MISMATCH
+    assert decode_error(bytes(corrupted)).code is ErrorCode.PAYLOAD_CHECKSUM_MISMATCH
 
 
 def test_bad_magic_is_corrupt(good_frame):
@@ -559,7 +576,7 @@ def test_pickle_frame_refused_without_allow_pickle():
 def test_pickle_frame_checked_before_refusal():
     corrupted = bytearray(encode({1, 2}, allow_pickle=True))
     corrupted[-1] ^= 0xFF
-    assert decode_error(bytes(corrupted)).code is ErrorCode.CHECKSUM_MISMATCH
+    assert decode_error(bytes(corrupted)).code is ErrorCode.PAYLOAD_CHECKSUM_MISMATCH
 
 
 def test_pickle_bomb_is_live_when_pickle_is_allowed():
@@ -594,3 +611,431 @@ def test_codec_module_exposes_dtype_helpers():
     assert codec.torch_dtype(torch.int8) is torch.int8
     with pytest.raises(ValueError, match="unsupported dtype"):
         codec.torch_dtype("float128")
+
+
+# ---------------------------------------------------------------------------------------- nesting depth
+def nest(kind: str, depth: int, inner=None):
+    """``inner`` in ``depth`` containers of ``kind`` (list, tuple, dict, key: a dict keyed by a tuple, mixed)."""
+    value = inner
+    for level in range(depth):
+        k = "list tuple dict".split()[level % 3] if kind == "mixed" else kind
+        value = {"list": lambda v: [v], "tuple": lambda v: (v,), "dict": lambda v: {"k": v}, "key": lambda v: (v,)}[k](
+            value
+        )
+    return {value: 1} if kind == "key" else value
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "dict", "mixed"])
+def test_values_nested_to_max_depth_roundtrip(kind):
+    assert codec.MAX_DEPTH == 64
+    value = nest(kind, codec.MAX_DEPTH, 7)
+    assert roundtrip(value) == value
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "dict", "mixed", "key"])
+@pytest.mark.parametrize("depth", [codec.MAX_DEPTH + 1, 200, 400, 20_000])
+def test_values_nested_deeper_are_refused_before_recursing(kind, depth):
+    value = nest(kind, depth)
+    with pytest.raises(codec.NestingTooDeepError, match=r"more than MAX_DEPTH=64 deep") as info:
+        encode(value)
+    assert isinstance(info.value, TypeError) and info.value.__cause__ is None  # refused, not a RecursionError
+
+
+def test_values_nested_deeper_are_pickled_when_pickle_is_allowed():
+    value = nest("tuple", 300, "leaf")
+    frame = encode(value, allow_pickle=True)
+    assert header_codec(frame) == Codec.PICKLE
+    assert decode(frame, allow_pickle=True) == value
+
+
+def test_cyclic_values_are_refused_at_once_or_pickled():
+    cycle: list = [1]
+    cycle.append(cycle)
+    wide: list = []
+    wide.extend([wide] * 1000)  # a naive walk would visit 1000**64 members
+    for value in (cycle, wide):
+        with pytest.raises(codec.NestingTooDeepError):
+            encode(value)
+    got = roundtrip(cycle, allow_pickle=True)
+    assert got[0] == 1 and got[1] is got
+
+
+def shared(depth: int) -> list:
+    """``depth`` lists, each holding the next twice: 2**depth paths through ``depth`` distinct containers."""
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value, value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("value", "depth"),
+    [
+        (1, 0),
+        ([], 1),
+        ([1, "x"], 1),
+        ([[]], 2),
+        ({"a": [1, (2,)]}, 3),
+        ({(1,): 0}, 2),
+        ([[1]] * 1000, 2),
+        (shared(64), 64),
+        (shared(65), 65),
+        ([list(range(100)), [[1]] * 100], 3),
+    ],  # fmt: skip
+)
+def test_nests_deeper_than_counts_containers(value, depth):
+    assert not codec.nests_deeper_than(value, depth)
+    assert codec.nests_deeper_than(value, depth - 1) == (depth > 0)
+
+
+def _ext_header(code: int, n: int) -> bytes:
+    if n < 1 << 8:
+        return struct.pack(">BBb", 0xC7, n, code)
+    if n < 1 << 16:
+        return struct.pack(">BHb", 0xC8, n, code)
+    return struct.pack(">BIb", 0xC9, n, code)
+
+
+def crafted_tuples(depth: int, inner: bytes = b"") -> bytes:
+    """msgpack bytes of ``depth`` tuples nested by hand (each an extension holding its child), the innermost holding
+    ``inner`` (msgpack bytes of one value, or nothing): O(depth) to build, unlike packing level by level."""
+    parts, n = [], 0
+    body = b"\x91" + inner if inner else b"\x90"
+    n = len(body)
+    for level in range(depth):
+        header = _ext_header(3, n)
+        parts.append(header)
+        n += len(header)
+        if level < depth - 1:
+            parts.append(b"\x91")
+            n += 1
+    return b"".join(reversed(parts)) + body
+
+
+def test_crafted_tuples_are_what_the_encoder_writes():
+    assert decode(make_frame(Codec.MSGPACK, crafted_tuples(5))) == nest("tuple", 4, ())
+    arr = np.arange(3, dtype=np.int16)
+    ext = msgpack_ext(1, encode(arr)[HEADER_SIZE:])
+    got = decode(make_frame(Codec.MSGPACK, crafted_tuples(3, ext)))
+    assert_array_equal(got[0][0][0], arr)
+
+
+def msgpack_ext(code: int, data: bytes) -> bytes:
+    return _ext_header(code, len(data)) + data
+
+
+DEEP_FRAMES = {
+    # name: (msgpack payload, what decode must give: "ok" or an error code's name)
+    "tuples at the limit": (crafted_tuples(64), "ok"),
+    "tuples past the limit": (crafted_tuples(65), "CORRUPT_VALUE"),
+    "tuples 300 deep (crashed the reader at ~195)": (crafted_tuples(300), "CORRUPT_VALUE"),
+    "tuples 20000 deep": (crafted_tuples(20_000), "CORRUPT_VALUE"),
+    "lists at the limit": (b"\x91" * 63 + b"\x90", "ok"),
+    "lists past the limit": (b"\x91" * 64 + b"\x90", "CORRUPT_VALUE"),
+    "lists 1000 deep (within msgpack's stack)": (b"\x91" * 1000 + b"\xc0", "CORRUPT_VALUE"),
+    "lists 100000 deep (past msgpack's stack)": (b"\x91" * 100_000 + b"\xc0", "CORRUPT_VALUE"),
+    "dicts past the limit": (b"\x81\xa1k" * 65 + b"\xc0", "CORRUPT_VALUE"),
+    "dicts 100000 deep": (b"\x81\xa1k" * 100_000 + b"\xc0", "CORRUPT_VALUE"),
+    "tuple keys past the limit": (b"\x81" + crafted_tuples(65) + b"\x01", "CORRUPT_VALUE"),
+    "60 tuples of 1000 lists": (crafted_tuples(60, b"\x91" * 1000 + b"\xc0"), "CORRUPT_VALUE"),
+    "an array under 63 tuples": (crafted_tuples(63, msgpack_ext(1, encode(np.arange(3))[HEADER_SIZE:])), "ok"),
+    "deep lists in an array's payload": (msgpack_ext(1, b"\x93" + b"\x91" * 5000), "CORRUPT_VALUE"),
+}
+
+_DECODE_IN_A_SMALL_THREAD = """
+import json, sys, threading
+from tq_mooncake.client import codec
+frames = [bytes.fromhex(h) for h in json.load(sys.stdin)]
+out = []
+def run():
+    for frame in frames:
+        try:
+            codec.decode(frame)
+            out.append("ok")
+        except codec.CodecError as exc:
+            out.append(exc.code.name)
+        print(out[-1], file=sys.stderr, flush=True)
+threading.stack_size(256 << 10)  # far below the usual 8 MiB: the decoder's C stack must stay bounded
+thread = threading.Thread(target=run)
+thread.start()
+thread.join()
+print(json.dumps(out))
+"""
+
+
+def test_crafted_deep_frames_fail_as_corrupt_and_never_crash_the_reader():
+    """Decoded in a child process (a crash fails this test instead of killing pytest), in a thread with a 256 KiB
+    stack."""
+    import json
+    import subprocess
+    import sys
+
+    frames = [make_frame(Codec.MSGPACK, payload).hex() for payload, _ in DEEP_FRAMES.values()]
+    child = subprocess.run(
+        [sys.executable, "-c", _DECODE_IN_A_SMALL_THREAD], input=json.dumps(frames), capture_output=True, text=True
+    )
+    done = child.stderr.split()
+    assert child.returncode == 0, f"the reader died (rc {child.returncode}) after {done}: {child.stderr[-2000:]}"
+    got = dict(zip(DEEP_FRAMES, json.loads(child.stdout), strict=True))
+    assert got == {name: want for name, (_, want) in DEEP_FRAMES.items()}
+
+
+# ------------------------------------------------------------------------------------ every torch dtype
+ALL_TORCH_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
+STORABLE = set(codec.TORCH_DTYPES.values())
+BIG = 1 << 30
+
+
+def quantized(dtype: torch.dtype) -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.empty(0, dtype=dtype).is_quantized
+
+
+def any_tensor(dtype: torch.dtype, shape: tuple[int, ...] = (2, 3), seed: int = 0) -> torch.Tensor:
+    """A tensor of ``dtype`` holding arbitrary bytes (quantized dtypes: floats quantized)."""
+    n = math.prod(shape)
+    if quantized(dtype):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.quantize_per_tensor(torch.rand(n).reshape(shape), 0.1, 0, dtype)
+    raw = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return codec.tensor_from_bytes(raw.numpy().tobytes(), dtype, list(shape))
+
+
+def raw_put_bytes(value, allow_pickle: bool = False) -> tuple[dict, bytes]:
+    """What ``put`` would write for ``value``: its metadata and the bytes at the item's pointer."""
+    item = plans.prepare_put("k", value, allow_pickle, BIG)
+    return item.meta, ctypes.string_at(item.ptr, item.size)
+
+
+def test_every_dtype_but_the_quantized_ones_is_storable():
+    assert len(ALL_TORCH_DTYPES) > 40  # torch 2.13: 46
+    assert {dt for dt in ALL_TORCH_DTYPES if dt not in STORABLE} == {dt for dt in ALL_TORCH_DTYPES if quantized(dt)}
+    assert {torch.complex32, torch.int4, torch.uint7, torch.bits8, torch.float4_e2m1fn_x2} <= STORABLE
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("dtype", ALL_TORCH_DTYPES, ids=str)
+def test_every_torch_dtype_roundtrips_or_is_refused(dtype):
+    t, empty = any_tensor(dtype), any_tensor(dtype, (0, 3))
+    values = {"frame": empty, "nested": {"x": t, "y": [empty, (t.T,)]}, "0-d": {"s": t[0, 1]}}
+    if dtype not in STORABLE:
+        for value in (t, empty, *values.values()):
+            with pytest.raises(UnencodableValueError, match=f"dtype {dtype}"):
+                encode(value)
+            with pytest.raises(TypeError, match=f"value for key 'k': tensors of dtype {dtype}"):
+                plans.prepare_put("k", value, False, BIG)
+        return
+    for name, value in values.items():
+        assert same_value(roundtrip(value), value), name
+    for raw in (t, t.T, t[:, 1]):  # the raw path, from the tensor's memory or a contiguous copy
+        meta, stored = raw_put_bytes(raw)
+        assert meta == {
+            "nbytes": raw.numel() * dtype.itemsize,
+            "dtype": codec.dtype_name(dtype),
+            "shape": list(raw.shape),
+        }
+        got = codec.tensor_from_bytes(stored, codec.torch_dtype(meta["dtype"]), meta["shape"])
+        assert same_value(got, raw)
+    plan = plans.plan_get("k", None, None, meta, max_value_bytes=BIG)
+    assert (plan.dtype, plan.shape) == (dtype, tuple(meta["shape"]))
+
+
+# ------------------------------------------------------------------------------- conjugate and negative views
+def lazy_views() -> dict[str, torch.Tensor]:
+    z = torch.tensor([[1 + 2j, -3.5 - 0.25j], [0j, 4j]], dtype=torch.complex64)
+    f = torch.tensor([[1.5, -2.0], [0.0, 3.0]])
+    return {
+        "conj": z.conj(),
+        "conj complex128": z.to(torch.complex128).conj(),
+        "conj complex32": z.to(torch.complex32).conj(),
+        "neg": f._neg_view(),
+        "neg complex": z._neg_view(),
+        "conj of neg": z._neg_view().conj(),
+        "conj transposed": z.T.conj(),
+        "neg column": f[:, 1]._neg_view(),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", list(lazy_views()))
+def test_conjugate_and_negative_views_are_stored_resolved(name):
+    view = lazy_views()[name]
+    assert view.is_conj() or view.is_neg()
+    want = view.resolve_conj().resolve_neg()  # torch's own materialisation
+    meta, stored = raw_put_bytes(view)
+    got = codec.tensor_from_bytes(stored, codec.torch_dtype(meta["dtype"]), meta["shape"])
+    assert same_value(got, want) and not got.is_conj() and not got.is_neg()
+    for value in ({"v": view}, [view[:0]], (view,)):
+        assert same_value(roundtrip(value), resolved(value))
+    if view.dtype != torch.complex32:  # torch.equal has no complex32 kernel
+        assert torch.equal(got, view)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("dtype", sorted(STORABLE, key=str), ids=str)
+def test_a_negative_view_of_any_dtype_roundtrips_or_is_refused(dtype):
+    view = any_tensor(dtype, (3,))._neg_view()
+    try:
+        want = view.resolve_neg()
+    except RuntimeError:  # torch cannot negate this dtype (bool, float8, int4, uint16, ...)
+        for value in (view, {"v": view}):
+            with pytest.raises(TypeError, match=r"value for key 'k': tensor of .* could not be copied: .*neg"):
+                plans.prepare_put("k", value, False, BIG)
+        return
+    assert same_value(roundtrip({"v": view})["v"], want)
+    meta, stored = raw_put_bytes(view)
+    assert stored == bytes(codec.tensor_bytes(want))
+
+
+def resolved(value):
+    """``value`` with every tensor in it materialised (conjugate and negative bits resolved)."""
+    if isinstance(value, torch.Tensor):
+        return value.resolve_conj().resolve_neg()
+    if isinstance(value, dict):
+        return {k: resolved(v) for k, v in value.items()}
+    return type(value)(resolved(v) for v in value)
+
+
+# ------------------------------------------------------------------------ tensors that are not dense data
+class PlainTensorSubclass(torch.Tensor):
+    pass
+
+
+def _masked():
+    from torch.masked import masked_tensor
+
+    return masked_tensor(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([True, False, True]))
+
+
+NOT_DENSE = {
+    "sparse_coo": lambda: torch.eye(3).to_sparse(),
+    "sparse_csr": lambda: torch.eye(3).to_sparse_csr(),
+    "sparse_csc": lambda: torch.eye(3).to_sparse_csc(),
+    "sparse_bsr": lambda: torch.eye(2).to_sparse_bsr((1, 1)),
+    "sparse_bsc": lambda: torch.eye(2).to_sparse_bsc((1, 1)),
+    "mkldnn": lambda: torch.ones(2, 2).to_mkldnn(),
+    "meta": lambda: torch.empty(3, device="meta"),
+    "nested": lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
+    "nested jagged": lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged),
+    "masked": _masked,
+    "subclass": lambda: torch.arange(3.0).as_subclass(PlainTensorSubclass),
+    "quantized": lambda: any_tensor(torch.qint8),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", list(NOT_DENSE))
+def test_tensors_that_are_not_dense_data_are_refused_or_pickled(name):
+    t = NOT_DENSE[name]()
+    for value in (t, {"v": t}, [1, (t,)]):
+        with pytest.raises(UnencodableValueError):
+            encode(value)
+        with pytest.raises(TypeError, match=r"value for key 'k': .*set allow_pickle: true"):
+            plans.prepare_put("k", value, False, BIG)
+        try:  # with pickle: the same tensor back (type, layout, values), or still a TypeError
+            meta, stored = raw_put_bytes(value, allow_pickle=True)
+        except TypeError as exc:
+            assert "value for key 'k': cannot be pickled" in str(exc) and "allow_pickle" not in str(exc)
+            continue
+        assert "crc32" in meta and header_codec(stored) == Codec.PICKLE
+        got = decode(stored, allow_pickle=True)
+        assert type(got) is type(value) and same_repr(got, value)
+
+
+def same_repr(a, b) -> bool:
+    """Equal reprs (values, layout, device), but for the symbolic sizes (j1, j2, ...) jagged tensors number anew."""
+    return re.sub(r"\bj\d+\b", "j", repr(a)) == re.sub(r"\bj\d+\b", "j", repr(b))
+
+
+def test_a_parameter_is_stored_as_its_data():
+    p = torch.nn.Parameter(torch.arange(4.0))
+    meta, stored = raw_put_bytes(p)
+    assert meta["dtype"] == "float32" and stored == bytes(codec.tensor_bytes(p.detach()))
+    got = roundtrip({"p": p, "empty": torch.nn.Parameter(torch.empty(0))})
+    assert type(got["p"]) is torch.Tensor and torch.equal(got["p"], p.detach()) and not got["p"].requires_grad
+
+
+# ------------------------------------------------------------------------------------- numpy subclasses
+class MyArray(np.ndarray):
+    pass
+
+
+class MyFloat(np.float64):
+    pass
+
+
+NUMPY_SUBCLASSES = {
+    "masked array": lambda: np.ma.masked_array([1, 2, 3], mask=[0, 1, 0]),
+    "matrix": lambda: np.matrix([[1, 2], [3, 4]]),
+    "recarray": lambda: np.rec.array([(1, 2.0)], dtype=[("a", "<i4"), ("b", "<f8")]),
+    "ndarray subclass": lambda: np.arange(3).view(MyArray),
+    "scalar subclass": lambda: MyFloat(1.5),
+}
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix
+@pytest.mark.parametrize("name", list(NUMPY_SUBCLASSES))
+def test_numpy_subclasses_are_refused_or_pickled_faithfully(name):
+    a = NUMPY_SUBCLASSES[name]()
+    for value in (a, {"v": a}, (a,)):
+        with pytest.raises(UnencodableValueError, match=type(a).__name__):
+            encode(value)
+        with pytest.raises(TypeError, match=f"value for key 'k': numpy .*{type(a).__name__}"):
+            plans.prepare_put("k", value, False, BIG)
+    got = roundtrip({"v": a}, allow_pickle=True)["v"]
+    if isinstance(a, np.ndarray):
+        assert type(got) is type(a) and repr(got) == repr(a)
+    else:  # pickle itself keeps a numpy scalar's value, not its subclass
+        assert got == a and type(got) is np.float64
+    if isinstance(a, np.ma.MaskedArray):
+        assert got.mask.tolist() == [False, True, False]
+
+
+def test_a_memmap_is_refused(tmp_path):
+    m = np.memmap(tmp_path / "m.bin", dtype=np.float32, mode="w+", shape=(4,))
+    with pytest.raises(UnencodableValueError, match="memmap"):
+        encode({"m": m})
+    with pytest.raises(UnencodableValueError, match="memmap"):
+        encode(m)
+
+
+# ------------------------------------------------------------------------------------ pickle failures
+def test_a_value_pickle_cannot_hold_is_a_type_error():
+    with pytest.raises(UnencodableValueError, match="cannot be pickled: (PicklingError|AttributeError)"):
+        encode(lambda: 1, allow_pickle=True)
+    with pytest.raises(TypeError, match=r"^value for key 'k': cannot be pickled: .*[^)]$"):
+        plans.prepare_put("k", [lambda: 1], True, BIG)
+
+
+# --------------------------------------------------------------------------------- get plans: sizes, dims
+def test_get_refuses_metadata_and_shapes_beyond_max_value_bytes():
+    frame_meta = {"nbytes": 1 << 40, "crc32": 1}
+    with pytest.raises(ValueError, match=r"custom_backend_meta for key 'k' says 1099511627776 bytes, more than max"):
+        plans.plan_get("k", None, None, frame_meta, max_value_bytes=BIG)
+    tensor_meta = {"nbytes": 1 << 40, "dtype": "uint8", "shape": [1 << 40]}
+    with pytest.raises(ValueError, match=r"says 1099511627776 bytes, more than max_value_bytes=1073741824"):
+        plans.plan_get("k", None, None, tensor_meta, max_value_bytes=BIG)
+    with pytest.raises(ValueError, match=r"shape \[274877906944\] of torch.float32 for key 'k' is 1099511627776 bytes"):
+        plans.plan_get("k", [1 << 38], torch.float32, None, max_value_bytes=BIG)
+    assert plans.plan_get("k", [256], torch.float32, None, max_value_bytes=1024).size == 1024  # at the limit
+    assert plans.plan_get("k", None, None, {"nbytes": 1024, "crc32": 1}, max_value_bytes=1024).size == 1024
+
+
+def test_get_refuses_dimensions_torch_cannot_hold_and_unstorable_dtypes():
+    with pytest.raises(ValueError, match=r"shape for key 'k' must hold non-negative ints \(below 2\*\*63\)"):
+        plans.plan_get("k", [0, 1 << 63], torch.float32, None, max_value_bytes=BIG)
+    with pytest.raises(ValueError, match=r"is not metadata returned by put"):
+        plans.plan_get("k", None, None, {"nbytes": 1, "dtype": "uint8", "shape": [1, 1 << 64]}, max_value_bytes=BIG)
+    with pytest.raises(ValueError, match=r"dtype for key 'k': unsupported dtype torch.qint8"):
+        plans.plan_get("k", [2], torch.qint8, None, max_value_bytes=BIG)
+    with pytest.raises(ValueError, match=r"is not metadata returned by put"):
+        plans.plan_get("k", None, None, {"nbytes": 2, "dtype": "qint8", "shape": [2]}, max_value_bytes=BIG)
+
+
+def test_shapes_without_a_dtype_read_a_frame():
+    """TQ passes shapes for non-tensor fields too: without a dtype (asked for or in the metadata) a key is read as a
+    frame, so a raw tensor read that way fails with CORRUPT_VALUE (see test_bad_input for the store)."""
+    plan = plans.plan_get("k", [3, 4], None, None, max_value_bytes=BIG)
+    assert plan.kind is plans.ReadKind.FRAME and plan.size is None and plan.dtype is None
