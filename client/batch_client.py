@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
+import logging
+import math
 import random
 import threading
 import time
@@ -22,7 +25,7 @@ from opentelemetry.trace import TracerProvider
 from tq_mooncake.telemetry import OTelObserver
 from tq_mooncake.telemetry.conventions import Operation
 
-from . import plans
+from . import integrity, plans
 from .attempts import ChunkAborted, ChunkCall, ChunkResult, Retrier
 from .chunks import ClearChunk, GetChunk, PutChunk
 from .codes import ErrorClassifier
@@ -32,6 +35,8 @@ from .merge import chunk_bounds, merge
 from .observer import Observer
 from .retry import Clock, Jitter
 from .store import Registrations, connect_store, replicate_config
+
+logger = logging.getLogger(__name__)
 
 ChunkFactory = Callable[[int, int, Registrations], ChunkCall]
 """Builds the store call of the chunk of keys ``[lo, hi)``, registering its memory with the ``Registrations``."""
@@ -82,6 +87,7 @@ class MooncakeBatchClient:
         )
         self._register = self.config.protocol != "tcp"
         self._state = threading.Condition()
+        self._warned_at = -math.inf
         self._in_flight = 0
         self._closed = False
 
@@ -143,11 +149,31 @@ class MooncakeBatchClient:
                 plans.prepare_put(k, v, cfg.allow_pickle, cfg.max_value_bytes)
                 for k, v in zip(keys, values, strict=True)
             ]
-            self._run(
-                Operation.PUT,
-                keys,
-                lambda lo, hi, regs: PutChunk(self._store, keys[lo:hi], items[lo:hi], self._replicate, regs),
-            )
+            write_id = integrity.new_write_id()
+            for item in items:
+                item.meta["wid"] = write_id
+            checksum, asked = cfg.tensor_checksum, cfg.replica_num
+            chunks: dict[int, PutChunk] = {}  # first key's position -> its chunk
+
+            def write(lo: int, hi: int, regs: Registrations) -> PutChunk:
+                chunk = PutChunk(
+                    self._store, keys[lo:hi], items[lo:hi], self._replicate, regs, write_id, checksum, asked
+                )
+                chunks[lo] = chunk
+                return chunk
+
+            def under_replicated() -> int:
+                """Record each written key's replica count in its metadata; the keys stored with fewer than asked."""
+                short = 0
+                for lo, chunk in chunks.items():
+                    for pos, count in chunk.replicas.items():
+                        items[lo + pos].meta["replicas"] = count
+                        short += count is not None and count < asked
+                if short:
+                    self._warn_under_replicated(short, len(keys), asked)
+                return short
+
+            self._run(Operation.PUT, keys, write, under_replicated)
             return [item.meta for item in items]
 
     def get(
@@ -174,15 +200,23 @@ class MooncakeBatchClient:
                     shapes[i] if shapes else None,
                     dtypes[i] if dtypes else None,
                     metas[i] if metas else None,
+                    max_value_bytes=self.config.max_value_bytes,
                 )
                 for i, k in enumerate(keys)
             ]
+            write_ids = [integrity.expected_write_id(k, m) for k, m in zip(keys, metas, strict=True)] if metas else None
             cfg = self.config
             chunks: dict[int, GetChunk] = {}  # first key's position -> its chunk
 
             def read(lo: int, hi: int, regs: Registrations) -> GetChunk:
                 chunk = GetChunk(
-                    self._store, keys[lo:hi], read_plans[lo:hi], regs, cfg.allow_pickle, cfg.max_value_bytes
+                    self._store,
+                    keys[lo:hi],
+                    read_plans[lo:hi],
+                    regs,
+                    cfg.allow_pickle,
+                    cfg.max_value_bytes,
+                    write_ids[lo:hi] if write_ids else None,
                 )
                 chunks[lo] = chunk
                 return chunk
@@ -198,9 +232,31 @@ class MooncakeBatchClient:
             self._run(Operation.CLEAR, keys, lambda lo, hi, regs: ClearChunk(self._store, keys[lo:hi]))
 
     # ------------------------------------------------------------------------------------ scheduling
-    def _run(self, operation: Operation, keys: list[str], make_chunk: ChunkFactory) -> None:
+    def _warn_under_replicated(self, short: int, total: int, asked: int) -> None:
+        """Log that ``short`` of ``total`` keys got fewer than ``asked`` replicas: the first time, then at most once
+        a minute (the metric ``mooncake.client.keys.under_replicated`` counts every one)."""
+        now = time.monotonic()
+        if now - self._warned_at < 60.0:
+            return
+        self._warned_at = now
+        logger.warning(
+            "put stored %d of %d key(s) with fewer than replica_num=%d replicas: the store has fewer segments "
+            "with room than replicas asked for (the metadata's 'replicas' says how many each key got)",
+            short,
+            total,
+            asked,
+        )
+
+    def _run(
+        self,
+        operation: Operation,
+        keys: list[str],
+        make_chunk: ChunkFactory,
+        under_replicated: Callable[[], int] | None = None,
+    ) -> None:
         """Run ``operation`` on ``keys`` chunk by chunk (on the thread pool when there are several); report the
-        call to the observer and raise one error for every key that failed."""
+        call to the observer and raise one error for every key that failed. ``under_replicated`` (puts) counts
+        the keys written with fewer replicas than asked, once every chunk has ended."""
         bounds = chunk_bounds(len(keys), self.config.batch_size)
         scope = self._observer.operation(operation, len(keys))
         deadline = self._retrier.policy.deadline(self._clock)
@@ -226,6 +282,9 @@ class MooncakeBatchClient:
             futures = [self._executor.submit(run_one, i) for i in range(len(bounds))]
             ended = [f.result() for f in futures]
         result = merge(operation, keys, bounds, ended)
-        scope.end(result.summary)
+        summary = result.summary
+        if under_replicated is not None:
+            summary = dataclasses.replace(summary, keys_under_replicated=under_replicated())
+        scope.end(summary)
         if result.error is not None:
             raise result.error

@@ -7,46 +7,144 @@ Memory the store reads from or writes into is registered through the chunk's ``R
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from typing import Any
 
-from . import codec, plans
+import numpy as np
+
+from . import codec, integrity, plans, replicas
 from .codes import ErrorCode
 from .store import Registrations
 
+COPY_MAX_BYTES = 32 << 10
+"""Payloads up to this size are copied, with their trailer, into one staging block per chunk and written with
+``batch_upsert_from`` (one transfer slice per key); larger ones are written zero-copy from their own memory
+with the trailer as a second slice (``batch_put_from_multi_buffers``). Over TCP a second slice costs about as
+much as copying 100-200 KiB, so copying small payloads is the cheaper way to keep the trailer beside them."""
+
 
 class PutChunk:
-    """Writes (inserts or overwrites) ``items`` under ``keys`` with ``batch_upsert_from``."""
+    """Writes (inserts or overwrites) ``items`` under ``keys``, each payload followed by its trailer
+    (``integrity.py``) in one object.
 
-    __slots__ = ("_store", "_keys", "_items", "_replicate")
+    Small payloads are staged (``COPY_MAX_BYTES``), checksummed and upserted. Large ones are written zero-copy with
+    Mooncake's multi-buffer put, which keeps an existing key's old value and answers 0; so their keys are
+    removed (forced) once, before the first attempt, to make the put an overwrite.
+    """
+
+    __slots__ = (
+        "_store", "_keys", "_items", "_replicate", "_replica_num", "_staged", "_gather", "_block", "_removed",
+        "replicas",
+    )  # fmt: skip
 
     def __init__(
-        self, store: Any, keys: Sequence[str], items: Sequence[plans.PutItem], replicate: Any, regs: Registrations
+        self,
+        store: Any,
+        keys: Sequence[str],
+        items: Sequence[plans.PutItem],
+        replicate: Any,
+        regs: Registrations,
+        write_id: int,
+        checksum: bool,
+        replica_num: int = 1,
     ) -> None:
         self._store = store
         self._keys = keys
         self._items = items
         self._replicate = replicate
-        for item in items:
+        self._replica_num = replica_num
+        self._removed = False
+        self.replicas: dict[int, int | None] = {}
+        """Complete replicas of each written position (asked of the master after the write when
+        ``replica_num`` > 1; one replica is what a successful write of one means)."""
+        T = integrity.TRAILER_SIZE
+        small = [i for i, item in enumerate(items) if item.size <= COPY_MAX_BYTES]
+        large = [i for i, item in enumerate(items) if item.size > COPY_MAX_BYTES]
+        # One block: the small payloads with their trailers, then the large payloads' trailers.
+        offsets: list[int] = []
+        total = 0
+        for i in small:
+            offsets.append(total)
+            total += items[i].size + T
+        trailer_base = total
+        total += T * len(large)
+        self._block = block = np.empty(max(total, 1), dtype=np.uint8)
+        base = block.ctypes.data
+        self._staged: dict[int, tuple[int, int]] = {}  # position -> (pointer, size) of payload and trailer
+        self._gather: dict[int, int] = {}  # position -> pointer of its trailer
+        for i, offset in zip(small, offsets, strict=True):
+            item = items[i]
+            ctypes.memmove(base + offset, item.ptr, item.size)
+            # A copied tensor is always checksummed (its bytes are in cache now); a frame carries its own CRC.
+            crc = integrity.payload_crc(base + offset, item.size) if "dtype" in item.meta else None
+            integrity.pack_into(block, offset + item.size, integrity.key_tag(keys[i]), write_id, item.size, crc)
+            self._staged[i] = (base + offset, item.size + T)
+        for j, i in enumerate(large):
+            item = items[i]
+            offset = trailer_base + j * T
+            crc = integrity.payload_crc(item.ptr, item.size) if checksum and "dtype" in item.meta else None
+            integrity.pack_into(block, offset, integrity.key_tag(keys[i]), write_id, item.size, crc)
+            self._gather[i] = base + offset
             regs.add(item.ptr, item.size)
+        regs.add(base, total)
 
     def __call__(self, pending: list[int]) -> tuple[Sequence[int], int]:
-        sel = [self._items[p] for p in pending]
-        codes = self._store.batch_upsert_from(
-            [self._keys[p] for p in pending], [i.ptr for i in sel], [i.size for i in sel], self._replicate
-        )
-        return codes, sum(i.size for i, c in zip(sel, codes, strict=False) if c == 0)
+        staged = [p for p in pending if p in self._staged]
+        gather = [p for p in pending if p in self._gather]
+        codes: dict[int, int] = {}
+        if staged:
+            got = self._store.batch_upsert_from(
+                [self._keys[p] for p in staged],
+                [self._staged[p][0] for p in staged],
+                [self._staged[p][1] for p in staged],
+                self._replicate,
+            )
+            codes.update(_per_key(staged, got))
+        if gather:
+            keys = [self._keys[p] for p in gather]
+            if not self._removed:
+                self._removed = True
+                self._store.batch_remove(keys, True)  # best effort: a key that stays keeps a concurrent write
+            got = self._store.batch_put_from_multi_buffers(
+                keys,
+                [[self._items[p].ptr, self._gather[p]] for p in gather],
+                [[self._items[p].size, integrity.TRAILER_SIZE] for p in gather],
+                self._replicate,
+            )
+            codes.update(_per_key(gather, got))
+        result = [codes[p] for p in pending]
+        written = [p for p, c in zip(pending, result, strict=True) if c == 0]
+        if self._replica_num > 1:
+            counts = replicas.complete_replicas(self._store, [self._keys[p] for p in written])
+            self.replicas.update(zip(written, counts, strict=True))
+        else:
+            self.replicas.update(dict.fromkeys(written, 1))
+        return result, sum(self._items[p].size for p in written)
+
+
+def _per_key(positions: list[int], got: Sequence[int]) -> dict[int, int]:
+    """Each position's code from a batch call's per-key results (all INTERNAL_ERROR if the call answered a list
+    of the wrong length, as the binding does when it is not initialised)."""
+    if len(got) != len(positions):
+        return dict.fromkeys(positions, int(ErrorCode.INTERNAL_ERROR))
+    return {p: int(c) for p, c in zip(positions, got, strict=True)}
 
 
 class GetChunk:
-    """Reads ``keys`` as ``read_plans`` say with ``batch_get_into``, verifies each value, and keeps it in
-    ``values`` (in key order; None until read). A key whose bytes fail a check fails with the check's code.
+    """Reads ``keys`` as ``read_plans`` say with ``batch_get_into``, checks each object's trailer (the key, the
+    length, the write id in ``write_ids`` where known, the payload checksum where written), decodes each value
+    and keeps it in ``values`` (in key order; None until read). A key whose bytes fail a check fails with the
+    check's code.
 
     Destinations of known size are allocated once, up front; a frame of unknown size asks the store for its
     size on every attempt (it may have been overwritten in between).
     """
 
-    __slots__ = ("_store", "_keys", "_plans", "_regs", "_allow_pickle", "_max_value_bytes", "_dest", "values")
+    __slots__ = (
+        "_store", "_keys", "_plans", "_regs", "_allow_pickle", "_max_value_bytes", "_dest", "_tags", "_wids",
+        "values",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -56,6 +154,7 @@ class GetChunk:
         regs: Registrations,
         allow_pickle: bool,
         max_value_bytes: int,
+        write_ids: Sequence[int | None] | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
@@ -63,11 +162,13 @@ class GetChunk:
         self._regs = regs
         self._allow_pickle = allow_pickle
         self._max_value_bytes = max_value_bytes
-        self._dest: dict[int, tuple[int, int, Any]] = {}  # position -> (pointer, size, holder)
+        self._tags = [integrity.key_tag(k) for k in keys]
+        self._wids = write_ids
+        self._dest: dict[int, tuple[int, int, Any]] = {}  # position -> (pointer, object size, holder)
         self.values: list[Any] = [None] * len(keys)
         for pos, plan in enumerate(read_plans):
             if plan.size is not None:
-                self._allocate(pos, plan.size)
+                self._allocate(pos, plan.size + integrity.TRAILER_SIZE)
 
     def _allocate(self, pos: int, size: int) -> None:
         ptr, holder = plans.allocate(self._plans[pos], size)
@@ -81,10 +182,23 @@ class GetChunk:
         size = self._store.get_size(self._keys[pos])
         if size < 0:
             return size
-        if size == 0 or size > self._max_value_bytes:
+        if size <= integrity.TRAILER_SIZE:
+            return ErrorCode.TRAILER_MISMATCH
+        if size - integrity.TRAILER_SIZE > self._max_value_bytes:
             return ErrorCode.SIZE_MISMATCH
         if pos not in self._dest or self._dest[pos][1] != size:
             self._allocate(pos, size)
+        return 0
+
+    def _finish(self, pos: int, holder: Any, n: int) -> int:
+        """Check and decode the object of ``n`` bytes read for position ``pos``; 0 or the failure code."""
+        code = integrity.check(plans.block_view(holder)[:n], self._tags[pos], self._wids[pos] if self._wids else None)
+        if code:
+            return code
+        try:
+            self.values[pos] = plans.finish(self._plans[pos], holder, n - integrity.TRAILER_SIZE, self._allow_pickle)
+        except codec.CodecError as exc:
+            return exc.code
         return 0
 
     def __call__(self, pending: list[int]) -> tuple[Sequence[int], int]:
@@ -99,17 +213,14 @@ class GetChunk:
             return [ErrorCode.INTERNAL_ERROR] * len(pending), 0
         nbytes = 0
         for j, (_, size, holder), n in zip(reading, dest, got, strict=True):
-            pos = pending[j]
             if n < 0:
                 codes[j] = n
             elif n != size:
                 codes[j] = ErrorCode.SIZE_MISMATCH
             else:
-                try:
-                    self.values[pos] = plans.finish(self._plans[pos], holder, self._allow_pickle)
-                    nbytes += n
-                except codec.CodecError as exc:
-                    codes[j] = exc.code
+                codes[j] = self._finish(pending[j], holder, n)
+                if codes[j] == 0:
+                    nbytes += n - integrity.TRAILER_SIZE
         return codes, nbytes
 
 

@@ -93,6 +93,11 @@ class ErrorCode(enum.IntEnum):
     CORRUPT_VALUE = -90002  # the framed value's header is missing, unknown or inconsistent
     TYPE_MISMATCH = -90003  # the stored value's dtype/shape differs from what the caller asked for
     PICKLE_NOT_ALLOWED = -90004  # a pickled value was read but `allow_pickle` is off
+    # The end-to-end check (``integrity.py``): the bytes read are not the value written under this key. Races in
+    # the store cause them (a read of memory freed and reused meanwhile, a torn overwrite), so they are retried.
+    TRAILER_MISMATCH = -90005  # no intact trailer naming this key and the length read: zeros, another key's bytes
+    STALE_VALUE = -90006  # this key's value, but from another write than the metadata names
+    PAYLOAD_CHECKSUM_MISMATCH = -90007  # the payload's checksum (raw tensor CRC32C, or frame CRC-32) fails
     UNKNOWN = -99999  # a negative code this table does not know
 
     @classmethod
@@ -140,6 +145,9 @@ RETRYABLE_CODES: frozenset[ErrorCode] = frozenset(
         ErrorCode.DFS_NETWORK_TIMEOUT,
         ErrorCode.DFS_SERVICE_UNAVAILABLE,
         ErrorCode.TENANT_QUOTA_EXCEEDED,
+        ErrorCode.TRAILER_MISMATCH,
+        ErrorCode.STALE_VALUE,
+        ErrorCode.PAYLOAD_CHECKSUM_MISMATCH,
     }
 )
 

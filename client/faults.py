@@ -25,6 +25,7 @@ from .codes import ErrorCode
 _INTERCEPTED = {
     "batch_upsert_from": Operation.PUT,
     "batch_put_from": Operation.PUT,
+    "batch_put_from_multi_buffers": Operation.PUT,
     "batch_get_into": Operation.GET,
     "batch_remove": Operation.CLEAR,
 }

@@ -56,6 +56,7 @@ class OperationSummary:
     retry_delay_s: float  # backoff slept, summed over chunks
     nbytes: int
     codes: Counter[ErrorCode] = field(default_factory=Counter)  # failed keys by their last code
+    keys_under_replicated: int = 0  # puts: keys written with fewer replicas than replica_num
 
 
 class _NoopAttempt:

@@ -71,6 +71,7 @@ KEYS_FAILED = "mooncake.keys.failed"  # keys that failed (attempt: in this attem
 ERROR_CODES = "mooncake.error.codes"  # sorted distinct ErrorCode names of this attempt's failures
 BACKOFF_S = "mooncake.backoff_s"  # seconds slept before this attempt
 BYTES = "mooncake.bytes"  # bytes moved (attempt: by this attempt; call: in total)
+KEYS_UNDER_REPLICATED = "mooncake.keys.under_replicated"  # put: keys stored with fewer replicas than asked
 ATTEMPTS = "mooncake.attempts"  # store calls made by the call, over all chunks
 OUTCOME = "mooncake.outcome"  # one of OUTCOMES
 OPERATION = "mooncake.operation"  # metric attribute: one of OPERATIONS
@@ -101,6 +102,7 @@ ATTEMPT_DURATION_METRIC = "mooncake.client.attempt.duration"
 RETRY_DELAY_METRIC = "mooncake.client.retry.delay"
 BYTES_METRIC = "mooncake.client.bytes"
 RETRY_BUDGET_METRIC = "mooncake.client.retry.budget"
+UNDER_REPLICATED_METRIC = "mooncake.client.keys.under_replicated"
 
 UNITS: dict[str, str] = {
     OPERATIONS_METRIC: "{operation}",
@@ -112,6 +114,7 @@ UNITS: dict[str, str] = {
     RETRY_DELAY_METRIC: "s",
     BYTES_METRIC: "By",
     RETRY_BUDGET_METRIC: "{token}",
+    UNDER_REPLICATED_METRIC: "{key}",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -124,6 +127,7 @@ DESCRIPTIONS: dict[str, str] = {
     RETRY_DELAY_METRIC: "Backoff slept by one client call in total (recorded for calls that retried).",
     BYTES_METRIC: "Bytes moved to or from the store by successful keys.",
     RETRY_BUDGET_METRIC: "Retries the client's retry budget would allow right now.",
+    UNDER_REPLICATED_METRIC: "Keys a put stored with fewer replicas than replica_num asked for.",
 }
 
 METRIC_ATTRIBUTES: dict[str, frozenset[str]] = {
@@ -136,6 +140,7 @@ METRIC_ATTRIBUTES: dict[str, frozenset[str]] = {
     RETRY_DELAY_METRIC: frozenset({OPERATION, OUTCOME}),
     BYTES_METRIC: frozenset({OPERATION}),
     RETRY_BUDGET_METRIC: frozenset(),
+    UNDER_REPLICATED_METRIC: frozenset({OPERATION}),
 }
 """The attribute allow-list: the only keys each metric may carry (kept by construction; tests check it)."""
 

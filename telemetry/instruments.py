@@ -95,6 +95,7 @@ class _Instruments:
         self.keys = counter(c.KEYS_METRIC)
         self.keys_failed = counter(c.KEYS_FAILED_METRIC)
         self.bytes = counter(c.BYTES_METRIC)
+        self.under_replicated = counter(c.UNDER_REPLICATED_METRIC)
         self.operation_duration = histogram(c.OPERATION_DURATION_METRIC)
         self.attempt_duration = histogram(c.ATTEMPT_DURATION_METRIC)
         self.retry_delay = histogram(c.RETRY_DELAY_METRIC)
@@ -212,6 +213,8 @@ class _OperationScope:
                 c.BYTES: summary.nbytes,
             }
         )
+        if summary.keys_under_replicated:
+            span.set_attribute(c.KEYS_UNDER_REPLICATED, summary.keys_under_replicated)
         attrs = {c.OPERATION: op, c.OUTCOME: outcome}
         if summary.outcome.failed:
             error_type = _dominant(summary.codes)
@@ -235,6 +238,8 @@ class _OperationScope:
             ins.retry_delay.record(summary.retry_delay_s, attrs)
         if summary.nbytes:
             ins.bytes.add(summary.nbytes, ((c.OPERATION, op),))
+        if summary.keys_under_replicated:
+            ins.under_replicated.add(summary.keys_under_replicated, ((c.OPERATION, op),))
 
 
 class _AttemptScope:

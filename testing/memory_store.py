@@ -76,6 +76,27 @@ class InMemoryStore:
         """Insert each key; an existing key keeps its value (and answers 0, as Mooncake does); per-key codes."""
         return self._write(keys, ptrs, sizes, overwrite=False)
 
+    def batch_put_from_multi_buffers(
+        self,
+        keys: Sequence[str],
+        all_ptrs: Sequence[Sequence[int]],
+        all_sizes: Sequence[Sequence[int]],
+        config: Any = None,
+    ) -> list[int]:
+        """Insert each key with the concatenation of its buffers; an existing key keeps its value (and answers 0,
+        as Mooncake does); per-key codes."""
+        self._check_open()
+        if not len(keys) == len(all_ptrs) == len(all_sizes):
+            return [int(ErrorCode.INVALID_PARAMS)] * len(keys)
+        joined = []
+        for ptrs, sizes in zip(all_ptrs, all_sizes, strict=True):
+            if len(ptrs) != len(sizes) or any(size <= 0 for size in sizes):
+                joined.append(b"")
+            else:
+                joined.append(b"".join(ctypes.string_at(p, n) for p, n in zip(ptrs, sizes, strict=True)))
+        holders = [ctypes.create_string_buffer(data, max(len(data), 1)) for data in joined]
+        return self._write(keys, [ctypes.addressof(h) for h in holders], [len(d) for d in joined], overwrite=False)
+
     def batch_get_into(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> list[int]:
         """Copy each value into ``ptrs[i]`` (room for ``sizes[i]`` bytes); per-key byte count or code."""
         self._check_open()

@@ -49,7 +49,7 @@ def test_error_code_of_known_codes(code, member):
     assert ErrorCode.of(code) is member
 
 
-@pytest.mark.parametrize("code", [-2, -799, -12345, -90005, -(10**12)])
+@pytest.mark.parametrize("code", [-2, -799, -12345, -90099, -(10**12)])
 def test_error_code_of_unknown_codes_is_unknown(code):
     assert ErrorCode.of(code) is ErrorCode.UNKNOWN
 

@@ -16,17 +16,27 @@ import psutil
 import pytest
 import torch
 
-from tq_mooncake.client import ErrorCode, FaultInjectingStore, FaultRule, MooncakeBatchClient, NonRetryableError, codec
+from tq_mooncake.client import (
+    ErrorCode,
+    FaultInjectingStore,
+    FaultRule,
+    MooncakeBatchClient,
+    NonRetryableError,
+    RetriesExhaustedError,
+    codec,
+    integrity,
+)
 from tq_mooncake.cluster import LOOPBACK, MasterProcess, StorageNodeProcess
 from tq_mooncake.telemetry.pipeline import file_pipeline
 
 
-def raw_write(store, key: str, data: bytes) -> None:
-    """Write ``data`` under ``key`` with the raw Mooncake store, bypassing the client's codec."""
+def raw_write(store, key: str, data: bytes, write_id: int = 1) -> None:
+    """Write ``data`` under ``key`` with the raw Mooncake store, bypassing the client's codec, with the trailer a
+    hostile writer who knows the stored format would forge."""
     from mooncake.store import ReplicateConfig
 
-    buf = np.frombuffer(bytearray(data), dtype=np.uint8)
-    assert list(store.batch_upsert_from([key], [buf.ctypes.data], [len(data)], ReplicateConfig())) == [0]
+    buf = np.frombuffer(bytearray(integrity.seal(key, data, write_id)), dtype=np.uint8)
+    assert list(store.batch_upsert_from([key], [buf.ctypes.data], [buf.size], ReplicateConfig())) == [0]
 
 
 class _Bomb:
@@ -51,13 +61,18 @@ def test_a_stored_pickle_bomb_is_refused(client, shared_master, make_client, key
         client.get([key])
     assert info.value.failed == {key: ErrorCode.PICKLE_NOT_ALLOWED}
     assert "PICKLE_NOT_ALLOWED" in str(info.value)
-    # With the metadata of a real value, the bomb's checksum is refused before its payload is looked at.
+    # With the metadata of a real value, the bomb is refused before its payload is looked at: by the write id
+    # when the forged trailer names another, by the frame checksum when it names the real one.
     honest = "x" * (len(_bomb_frame(marker)) - codec.HEADER_SIZE)  # a frame of the bomb's size
     meta = client.put([f"{key}-honest"], [honest])
-    raw_write(client.store, f"{key}-honest", _bomb_frame(marker))
-    with pytest.raises(NonRetryableError) as info:
-        client.get([f"{key}-honest"], custom_backend_meta=meta)
-    assert info.value.failed == {f"{key}-honest": ErrorCode.CHECKSUM_MISMATCH}
+    for write_id, error, code in (
+        (7, RetriesExhaustedError, ErrorCode.STALE_VALUE),
+        (meta[0]["wid"], NonRetryableError, ErrorCode.CHECKSUM_MISMATCH),
+    ):
+        raw_write(client.store, f"{key}-honest", _bomb_frame(marker), write_id)
+        with pytest.raises(error) as refused:
+            client.get([f"{key}-honest"], custom_backend_meta=meta)
+        assert refused.value.failed == {f"{key}-honest": code}
     assert not marker.exists()
     # The control: a client that allows pickle does run it, so the bomb above was live.
     trusting = make_client(shared_master, allow_pickle=True)

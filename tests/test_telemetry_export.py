@@ -165,11 +165,12 @@ def receiver() -> Iterator[Receiver]:
 
 
 def drive(observer: OTelObserver) -> None:
-    """One ``put`` of 10 keys whose first attempt fails 3 with TRANSFER_FAIL and whose retry succeeds."""
+    """One ``put`` of 10 keys whose first attempt fails 3 with TRANSFER_FAIL and whose retry succeeds; 2 keys got
+    fewer replicas than asked."""
     scope = observer.operation(Operation.PUT, 10)
     scope.attempt(0, 1, 10, 0.0).end(Counter({ErrorCode.TRANSFER_FAIL: 3}), 700)
     scope.attempt(0, 2, 3, 0.01).end(Counter(), 300)
-    scope.end(OperationSummary(Outcome.SUCCESS_AFTER_RETRY, 2, 7, 3, 0, 0.01, 1000))
+    scope.end(OperationSummary(Outcome.SUCCESS_AFTER_RETRY, 2, 7, 3, 0, 0.01, 1000, keys_under_replicated=2))
 
 
 DRIVE_SOURCE = textwrap.dedent(
@@ -182,7 +183,7 @@ DRIVE_SOURCE = textwrap.dedent(
         scope = observer.operation(Operation.PUT, 10)
         scope.attempt(0, 1, 10, 0.0).end(Counter({ErrorCode.TRANSFER_FAIL: 3}), 700)
         scope.attempt(0, 2, 3, 0.01).end(Counter(), 300)
-        scope.end(OperationSummary(Outcome.SUCCESS_AFTER_RETRY, 2, 7, 3, 0, 0.01, 1000))
+        scope.end(OperationSummary(Outcome.SUCCESS_AFTER_RETRY, 2, 7, 3, 0, 0.01, 1000, keys_under_replicated=2))
     """
 )
 
@@ -261,6 +262,7 @@ def test_otlp_exporters_deliver_spans_and_metrics_to_a_real_receiver(receiver, p
     assert counter_value(metrics, "mooncake.client.operations", **op, **{"mooncake.outcome": "success_after_retry"})
     assert counter_value(metrics, "mooncake.client.keys.failed", **op, **{"error.type": "TRANSFER_FAIL"}) == 3
     assert counter_value(metrics, "mooncake.client.bytes", **op) == 1000
+    assert counter_value(metrics, "mooncake.client.keys.under_replicated", **op) == 2
     (budget,) = [m for m in metrics if m.name == "mooncake.client.retry.budget"]
     assert budget.gauge.data_points[0].as_double == 4.0
     (delay,) = [m for m in metrics if m.name == "mooncake.client.retry.delay"]

@@ -1,0 +1,108 @@
+"""The end-to-end check of every stored value: a 40-byte trailer stored after its payload, in the same object.
+
+Every object the client writes is ``payload || trailer`` (stored format version 1). The payload is a raw
+tensor's bytes or a codec frame; the trailer says whose bytes they are::
+
+    offset size  field
+    0      4     magic  b"TQMT"
+    4      1     format version (1)
+    5      1     flags: bit 0 = the payload CRC32C below is set
+    6      2     reserved (0)
+    8      8     payload length in bytes
+    16     8     key tag: the first 8 bytes of BLAKE2b(key) (the key's identity, not the key)
+    24     8     write id: a random 63-bit number per ``put`` call (``put`` returns it in the metadata as "wid")
+    32     4     CRC32C of the payload (0 when flag bit 0 is clear)
+    36     4     CRC32C of bytes 0..35 (a torn, zeroed or foreign trailer fails it)
+
+A read is handed back only when the trailer is intact, names this key, the payload length is what was read,
+the write id is the one the caller's metadata names (when it names one) and, when set, the payload CRC32C
+matches. Anything else (zeros, another key's bytes, a torn or half-written object, a value in another format)
+fails the key with a retryable client code: these are races in the store that a later read gets past; when
+they persist, the key is named as failed. Nothing here touches the store: pure functions of bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import secrets
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import crc32c
+
+from .codes import ErrorCode
+
+MAGIC = b"TQMT"
+VERSION = 1
+FLAG_CRC32C = 0x01
+_TRAILER = struct.Struct("<4sBBHQQQII")
+_HEAD = struct.Struct("<4sBBHQQQI")  # the part the trailer's own CRC covers
+TRAILER_SIZE = _TRAILER.size  # 40
+assert TRAILER_SIZE == 40 and _HEAD.size == 36
+
+CHECKSUM_IS_HARDWARE: bool = bool(crc32c.hardware_based)
+"""Whether the CRC32C package runs on the CPU's CRC instructions (SSE4.2 / ARMv8); else a software table."""
+
+
+def key_tag(key: str) -> int:
+    """The 64-bit identity of ``key`` written in its trailer."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def new_write_id() -> int:
+    """A fresh, non-zero 63-bit write id (one per ``put`` call)."""
+    return secrets.randbits(63) | 1
+
+
+def payload_crc(ptr: int, size: int) -> int:
+    """CRC32C of ``size`` bytes at address ``ptr`` (the GIL is released for large buffers)."""
+    return crc32c.crc32c((ctypes.c_char * size).from_address(ptr)) if size else 0
+
+
+def pack_into(buf: Any, offset: int, tag: int, write_id: int, length: int, crc: int | None) -> None:
+    """Write the trailer of a payload of ``length`` bytes into ``buf[offset:offset + TRAILER_SIZE]``.
+    ``crc`` is the payload's CRC32C, or None to write none."""
+    head = _HEAD.pack(MAGIC, VERSION, FLAG_CRC32C if crc is not None else 0, 0, length, tag, write_id, crc or 0)
+    struct.pack_into(f"<{_HEAD.size}sI", buf, offset, head, crc32c.crc32c(head))
+
+
+def check(view: memoryview, tag: int, write_id: int | None) -> int:
+    """0 when ``view`` (a whole object as read: payload then trailer) is the value written under the key whose
+    tag is ``tag`` (by write ``write_id``, when not None), else the client code saying why not."""
+    n = len(view)
+    if n < TRAILER_SIZE:
+        return ErrorCode.TRAILER_MISMATCH
+    head = view[n - TRAILER_SIZE : n - 4]
+    magic, version, flags, _, length, stored_tag, stored_wid, stored_crc = _HEAD.unpack(head)
+    if magic != MAGIC or version != VERSION or crc32c.crc32c(head) != struct.unpack_from("<I", view, n - 4)[0]:
+        return ErrorCode.TRAILER_MISMATCH
+    if stored_tag != tag or length != n - TRAILER_SIZE:
+        return ErrorCode.TRAILER_MISMATCH
+    if write_id is not None and stored_wid != write_id:
+        return ErrorCode.STALE_VALUE
+    if flags & FLAG_CRC32C and crc32c.crc32c(view[:length]) != stored_crc:
+        return ErrorCode.PAYLOAD_CHECKSUM_MISMATCH
+    return 0
+
+
+def expected_write_id(key: str, meta: Any) -> int | None:
+    """The write id named by ``put``'s metadata for ``key`` (None when it names none, e.g. no metadata);
+    ValueError when the metadata carries one that no ``put`` could have returned."""
+    if not isinstance(meta, Mapping) or "wid" not in meta:
+        return None
+    wid = meta["wid"]
+    if type(wid) is not int or not 0 < wid < 1 << 63:
+        raise ValueError(f"custom_backend_meta for key {key!r} is not metadata returned by put: {meta!r}")
+    return wid
+
+
+def seal(key: str, payload: bytes, write_id: int = 1, checksum: bool = False) -> bytes:
+    """``payload`` followed by the trailer a ``put`` of it under ``key`` writes: the stored object, for tests
+    and tools that write with the raw store."""
+    out = bytearray(len(payload) + TRAILER_SIZE)
+    out[: len(payload)] = payload
+    crc = crc32c.crc32c(payload) if checksum else None
+    pack_into(out, len(payload), key_tag(key), write_id, len(payload), crc)
+    return bytes(out)
