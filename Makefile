@@ -28,9 +28,11 @@ bench: setup
 	$(PY) bench/bench.py --memory
 
 # Everything on this machine: master, two storage processes, the faulty workload, the dashboard on
-# http://127.0.0.1:8501; Ctrl-C stops it. Options: make demo DEMO_ARGS="--duration 60 --fault-rate 0.01".
+# http://127.0.0.1:8501; Ctrl-C, SIGTERM or SIGHUP stops it and all it started. Options:
+# make demo DEMO_ARGS="--duration 60 --fault-rate 0.01". `exec`: make's child is the demo itself, whatever
+# DEMO_ARGS holds (no shell in between that a SIGTERM would end first), and make waits for it to finish stopping.
 demo: setup
-	$(VENV)/bin/tq-mooncake demo $(DEMO_ARGS)
+	exec $(VENV)/bin/tq-mooncake demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

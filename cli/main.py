@@ -53,12 +53,24 @@ def _storage_node(sub: Any) -> None:
 
 
 def _run_demo(args: argparse.Namespace, rest: list[str]) -> int:
-    from tq_mooncake.cli.demo import run
+    """Run the demo, then leave at once with ``os._exit``: every process it started is stopped and its output and
+    telemetry are flushed, while a normal interpreter exit would wait on the Mooncake client's own threads (for
+    ever when the master is frozen)."""
+    import os
+    import traceback
 
     try:
-        return run(args)
-    except KeyboardInterrupt:  # during start-up or shut-down: what was started is already stopped
-        return 130
+        from tq_mooncake.cli.demo import run
+
+        code = run(args)
+    except KeyboardInterrupt:  # Ctrl-C while loading, before the demo's handlers are in place: nothing started yet
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _demo(sub: Any) -> None:

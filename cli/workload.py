@@ -15,12 +15,19 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from tq_mooncake.client import BatchOperationError, MooncakeBatchClient
 from tq_mooncake.testing import same_value
+
+
+class StopFlag(Protocol):
+    """What stops a run: a ``threading.Event``, or anything with ``is_set()``."""
+
+    def is_set(self) -> bool: ...
+
 
 FIELDS = ("attention_mask", "info", "input_ids", "old_log_probs", "response", "reward", "uid")
 
@@ -115,7 +122,7 @@ class Workload:
 
     def run(
         self,
-        stop: threading.Event,
+        stop: StopFlag,
         duration_s: float | None = None,
         on_batch: Callable[[int], None] | None = None,
         batches: int | None = None,

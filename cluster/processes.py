@@ -2,7 +2,10 @@
 demo, benchmarks and tests.
 
 Every process binds ``127.0.0.1`` on free ports, is waited for by polling (never by sleeping a fixed
-time), and is stopped by ``stop()`` (TERM, then KILL) or by leaving its ``with`` block.
+time), and is stopped by ``stop()`` (CONT and TERM to its process group, then KILL) or by leaving its ``with``
+block. Children die with this process: each is started with ``PR_SET_PDEATHSIG`` = SIGKILL, so even a SIGKILLed
+parent leaves none behind. ``begin_shutdown()`` (safe in a signal handler) refuses further starts and makes waits
+for readiness give up; ``stop_children()`` then stops every child still running.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import queue
 import re
 import shutil
 import signal
@@ -22,10 +26,139 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 LOOPBACK = "127.0.0.1"
 _SEGMENT = re.compile(r'^segment_total_capacity_bytes\{segment="([^"]+)"\}', re.MULTILINE)
+_T = TypeVar("_T")
+
+# Run as `python -I -S -c _DIE_WITH_PARENT <parent pid> <command...>`: ask for SIGKILL when the parent dies, make
+# sure it has not died already, restore the signals Python ignores and the signal mask, and become the command
+# (same pid).
+_DIE_WITH_PARENT = """\
+import ctypes, os, signal, sys
+if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG
+    raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_SETMASK, ())
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+class ShutdownStarted(RuntimeError):
+    """Raised by ``start()`` once ``begin_shutdown()`` was called in this process (nothing new starts)."""
+
+
+class _Children:
+    """Every child started in this process, and the one thread that starts them all.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked a child ends, not the process, and children are
+    often started from short-lived pool threads (``start_all``); so every ``Popen`` runs on a daemon thread that
+    lives as long as the process. A start is refused once ``closing`` is set; ``stop_children`` takes ``lock``,
+    so it sees every child whose start was under way when shutdown began."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: list[subprocess.Popen[bytes]] = []
+        self.closing = False  # set without the lock: begin_shutdown() may run in a signal handler
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def spawn(self, args: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
+        """``Popen(args)`` in a new session, dying with this process; ShutdownStarted once shutdown began."""
+        command = [*args]
+        if sys.platform.startswith("linux"):  # prctl is Linux's
+            command = [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *args]
+
+        def launch() -> subprocess.Popen[bytes]:
+            with self.lock:
+                if self.closing:
+                    raise ShutdownStarted(f"shutting down: not starting {args[0]}")
+                proc = subprocess.Popen(command, start_new_session=True, **popen)
+                self.running = [p for p in self.running if p.poll() is None] + [proc]
+            return proc
+
+        done = self._submit(launch)
+        try:
+            return done.result()
+        except BaseException:  # interrupted while waiting (Ctrl-C): what was started anyway is stopped
+            done.add_done_callback(lambda f: f.exception() is None and _stop_procs([f.result()], 0.0))
+            raise
+
+    def _submit(self, job: Callable[[], _T]) -> concurrent.futures.Future[_T]:
+        with self.lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="tq-mooncake-spawner", daemon=True)
+                self._thread.start()
+        done: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        self._jobs.put((job, done))
+        return done
+
+    def _serve(self) -> None:
+        while True:
+            job, done = self._jobs.get()
+            try:
+                done.set_result(job())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+
+_children = _Children()
+
+
+def _reset_after_fork() -> None:
+    global _children
+    _children = _Children()  # a forked child owns none of its parent's children, nor its spawner thread
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def begin_shutdown() -> None:
+    """From now on no child starts in this process (``start()`` raises ShutdownStarted) and waits for a child's
+    readiness give up. Takes no lock: safe to call from a signal handler."""
+    _children.closing = True
+
+
+def shutting_down() -> bool:
+    """Whether ``begin_shutdown()`` was called in this process."""
+    return _children.closing
+
+
+def stop_children(grace_s: float = 5.0) -> None:
+    """``begin_shutdown()``, then stop every child this process started that still runs, side by side: SIGCONT and
+    SIGTERM to each one's process group, SIGKILL to what is left after ``grace_s``."""
+    begin_shutdown()
+    with _children.lock:
+        running = list(_children.running)
+    _stop_procs(running, grace_s)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """``sig`` to the process group the child leads (its own session), unless it was already reaped."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+
+def _stop_procs(procs: Sequence[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """CONT and TERM to every group at once (a stopped process cannot act on TERM), KILL after ``grace_s``."""
+    alive = [p for p in procs if p.poll() is None]
+    for proc in alive:
+        _signal_group(proc, signal.SIGCONT)
+        _signal_group(proc, signal.SIGTERM)
+    end = time.monotonic() + grace_s
+    for proc in alive:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, end - time.monotonic()))
+    for proc in alive:
+        _signal_group(proc, signal.SIGKILL)
+    for proc in alive:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
 
 
 def free_port() -> int:
@@ -64,8 +197,8 @@ def _mooncake_master_binary() -> str:
 
 class ChildProcess:
     """A child process with its output in a log file, stopped on ``stop()`` (TERM, then KILL). It runs in its
-    own session, so a Ctrl-C in the terminal reaches only the parent, which stops it in order. Subclasses set
-    ``log_path`` and start it with ``_launch`` then ``_wait_ready``."""
+    own session, so a Ctrl-C in the terminal reaches only the parent, which stops it in order, and it is killed
+    if the parent dies first. Subclasses set ``log_path`` and start it with ``_launch`` then ``_wait_ready``."""
 
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path
@@ -88,16 +221,9 @@ class ChildProcess:
             self.proc.wait(timeout=10)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle TERM
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=timeout)
+        """CONT and TERM to the process's group; KILL if it still runs after ``timeout`` seconds."""
+        if self.proc is not None:
+            _stop_procs([self.proc], timeout)
 
     def start(self, timeout: float = 30.0) -> ChildProcess:
         """Start the process and wait (polling) until it is ready; stopped again if it is not."""
@@ -109,22 +235,23 @@ class ChildProcess:
         return ""
 
     def _launch(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        """Start ``args`` with stdout and stderr appended to ``log_path``."""
+        """Start ``args`` with stdout and stderr appended to ``log_path``; ShutdownStarted once shutdown began."""
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-            )
+            self.proc = _children.spawn(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
     def _wait_ready(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
-        """Poll ``ready`` until it holds; if the process exits first or ``timeout`` passes, stop it and raise."""
+        """Poll ``ready`` until it holds; if the process exits first, ``timeout`` passes or shutdown begins
+        (ShutdownStarted), stop it and raise."""
         seen = [False]
 
         def done() -> bool:
-            seen[0] = ready()
-            return seen[0] or not self.alive()
+            seen[0] = not shutting_down() and ready()
+            return seen[0] or not self.alive() or shutting_down()
 
         try:
             wait_until(done, timeout, what)
+            if shutting_down():
+                raise ShutdownStarted(f"shutting down: gave up waiting for {what}")
             if not seen[0]:
                 assert self.proc is not None
                 raise RuntimeError(f"gave up waiting for {what}: it exited with {self.proc.poll()}:\n{self.log_tail()}")
@@ -154,11 +281,10 @@ def start_all(processes: Sequence[ChildProcess], timeout: float = 60.0) -> None:
         raise failed[0]
 
 
-def stop_all(processes: Sequence[ChildProcess]) -> None:
-    """``stop()`` every process side by side (each may take a while to close its store)."""
-    with concurrent.futures.ThreadPoolExecutor(max(1, len(processes))) as pool:
-        for future in [pool.submit(p.stop) for p in processes]:
-            future.result()
+def stop_all(processes: Sequence[ChildProcess], timeout: float = 10.0) -> None:
+    """Stop every process side by side (each may take a while to close its store): TERM to all, KILL to those
+    still running after ``timeout`` seconds."""
+    _stop_procs([p.proc for p in processes if p.proc is not None], timeout)
 
 
 class MasterProcess(ChildProcess):
@@ -272,9 +398,11 @@ class StorageNodeProcess(ChildProcess):
         ]
         env = dict(os.environ, MC_TCP_BIND_ADDRESS=LOOPBACK)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the reader thread
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-        )
+        try:
+            self.proc = _children.spawn(args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env)
+        except BaseException:
+            log.close()
+            raise
         threading.Thread(target=self._read_stdout, args=(self.proc.stdout, log), daemon=True).start()
         self._wait_ready(self._ready.is_set, timeout, "a storage node to mount")
         return self
