@@ -31,6 +31,7 @@ from .chunks import ClearChunk, GetChunk, PutChunk
 from .codes import ErrorClassifier
 from .config import ClientConfig
 from .errors import ClientClosedError
+from .key_locks import KeyLocks
 from .merge import chunk_bounds, merge
 from .observer import Observer
 from .retry import Clock, Jitter
@@ -88,6 +89,7 @@ class MooncakeBatchClient:
         self._register = self.config.protocol != "tcp"
         self._state = threading.Condition()
         self._warned_at = -math.inf
+        self._writing = KeyLocks()
         self._in_flight = 0
         self._closed = False
 
@@ -173,7 +175,7 @@ class MooncakeBatchClient:
                     self._warn_under_replicated(short, len(keys), asked)
                 return short
 
-            self._run(Operation.PUT, keys, write, under_replicated)
+            self._run(Operation.PUT, keys, write, under_replicated, self._writing)
             return [item.meta for item in items]
 
     def get(
@@ -225,11 +227,14 @@ class MooncakeBatchClient:
             return [value for lo in sorted(chunks) for value in chunks[lo].values]
 
     def clear(self, keys: list[str], custom_backend_meta: list[Any] | None = None) -> None:
-        """Remove every key (forced: read leases do not block it); keys that do not exist are fine."""
+        """Remove every key; keys that do not exist are fine. With ``clear_force`` (the default) a key read in the last
+        lease TTL (the master's ``--default_kv_lease_ttl``, 10 s) is removed too; without, it fails with the
+        retryable ``OBJECT_HAS_LEASE`` until its lease ends."""
         with self._call("clear"):
             keys = plans.validate_keys(keys)
             plans.check_parallel(keys, "custom_backend_meta", custom_backend_meta)
-            self._run(Operation.CLEAR, keys, lambda lo, hi, regs: ClearChunk(self._store, keys[lo:hi]))
+            force = self.config.clear_force
+            self._run(Operation.CLEAR, keys, lambda lo, hi, regs: ClearChunk(self._store, keys[lo:hi], force))
 
     # ------------------------------------------------------------------------------------ scheduling
     def _warn_under_replicated(self, short: int, total: int, asked: int) -> None:
@@ -253,10 +258,12 @@ class MooncakeBatchClient:
         keys: list[str],
         make_chunk: ChunkFactory,
         under_replicated: Callable[[], int] | None = None,
+        one_writer: KeyLocks | None = None,
     ) -> None:
         """Run ``operation`` on ``keys`` chunk by chunk (on the thread pool when there are several); report the
         call to the observer and raise one error for every key that failed. ``under_replicated`` (puts) counts
-        the keys written with fewer replicas than asked, once every chunk has ended."""
+        the keys written with fewer replicas than asked, once every chunk has ended; ``one_writer`` (puts) holds a
+        chunk's keys while it runs, so that another write of them through this client waits for it."""
         bounds = chunk_bounds(len(keys), self.config.batch_size)
         scope = self._observer.operation(operation, len(keys))
         deadline = self._retrier.policy.deadline(self._clock)
@@ -268,9 +275,10 @@ class MooncakeBatchClient:
             regs = Registrations(self._store, self._register)
             partial: ChunkResult | None = None
             try:
-                call = make_chunk(lo, hi, regs)
-                partial = ChunkResult()
-                return self._retrier.run_chunk(operation, call, hi - lo, index, deadline, scope, partial)
+                with one_writer.holding(keys[lo:hi]) if one_writer is not None else contextlib.nullcontext():
+                    call = make_chunk(lo, hi, regs)
+                    partial = ChunkResult()
+                    return self._retrier.run_chunk(operation, call, hi - lo, index, deadline, scope, partial)
             except BaseException as exc:
                 return ChunkAborted(exc, partial)
             finally:

@@ -28,9 +28,10 @@ class PutChunk:
     """Writes (inserts or overwrites) ``items`` under ``keys``, each payload followed by its trailer
     (``integrity.py``) in one object.
 
-    Small payloads are staged (``COPY_MAX_BYTES``), checksummed and upserted. Large ones are written zero-copy with
-    Mooncake's multi-buffer put, which keeps an existing key's old value and answers 0; so their keys are
-    removed (forced) once, before the first attempt, to make the put an overwrite.
+    Small payloads are staged (``COPY_MAX_BYTES``), checksummed whole and upserted. Large ones are written
+    zero-copy with Mooncake's multi-buffer put, with a CRC32C of their samples (whole with ``checksum``); that put
+    keeps an existing key's old value and answers 0, so their keys are removed (forced) once, before the first
+    attempt, to make the put an overwrite.
     """
 
     __slots__ = (
@@ -76,15 +77,15 @@ class PutChunk:
         for i, offset in zip(small, offsets, strict=True):
             item = items[i]
             ctypes.memmove(base + offset, item.ptr, item.size)
-            # A copied tensor is always checksummed (its bytes are in cache now); a frame carries its own CRC.
-            crc = integrity.payload_crc(base + offset, item.size) if "dtype" in item.meta else None
-            integrity.pack_into(block, offset + item.size, integrity.key_tag(keys[i]), write_id, item.size, crc)
+            # A copied payload is checksummed whole (its bytes are in cache now); a frame carries its own CRC too.
+            tag = integrity.key_tag(keys[i])
+            integrity.pack_for(block, offset + item.size, tag, write_id, base + offset, item.size, full=True)
             self._staged[i] = (base + offset, item.size + T)
         for j, i in enumerate(large):
             item = items[i]
             offset = trailer_base + j * T
-            crc = integrity.payload_crc(item.ptr, item.size) if checksum and "dtype" in item.meta else None
-            integrity.pack_into(block, offset, integrity.key_tag(keys[i]), write_id, item.size, crc)
+            tag = integrity.key_tag(keys[i])
+            integrity.pack_for(block, offset, tag, write_id, item.ptr, item.size, full=checksum)
             self._gather[i] = base + offset
             regs.add(item.ptr, item.size)
         regs.add(base, total)
@@ -225,13 +226,14 @@ class GetChunk:
 
 
 class ClearChunk:
-    """Removes ``keys`` with ``batch_remove``, forced: read leases do not block it."""
+    """Removes ``keys`` with ``batch_remove``; ``force`` (the default) removes keys under a read lease too."""
 
-    __slots__ = ("_store", "_keys")
+    __slots__ = ("_store", "_keys", "_force")
 
-    def __init__(self, store: Any, keys: Sequence[str]) -> None:
+    def __init__(self, store: Any, keys: Sequence[str], force: bool = True) -> None:
         self._store = store
         self._keys = keys
+        self._force = force
 
     def __call__(self, pending: list[int]) -> tuple[Sequence[int], int]:
-        return self._store.batch_remove([self._keys[p] for p in pending], True), 0
+        return self._store.batch_remove([self._keys[p] for p in pending], self._force), 0

@@ -445,7 +445,7 @@ def decode(frame: bytes | memoryview, allow_pickle: bool = False, expected_crc: 
 
     Raises:
         CodecError: with ``code`` CORRUPT_VALUE, PAYLOAD_CHECKSUM_MISMATCH (the frame's bytes fail its own CRC: a
-            torn or damaged read, retried), CHECKSUM_MISMATCH (an intact frame, but not the one ``expected_crc``
+            torn or damaged read, retried), METADATA_MISMATCH (an intact frame, but not the one ``expected_crc``
             names: metadata of another value, not retried) or PICKLE_NOT_ALLOWED.
     """
     view = memoryview(frame).cast("B")
@@ -464,7 +464,7 @@ def decode(frame: bytes | memoryview, allow_pickle: bool = False, expected_crc: 
     if _crc(bytes(view[: HEADER_SIZE - 4]), payload) != crc:
         raise CodecError(ErrorCode.PAYLOAD_CHECKSUM_MISMATCH, "frame checksum does not match its contents")
     if expected_crc is not None and crc != expected_crc:
-        raise CodecError(ErrorCode.CHECKSUM_MISMATCH, "stored value is not the one its metadata describes")
+        raise CodecError(ErrorCode.METADATA_MISMATCH, "stored value is not the one its metadata describes")
     try:
         kind = Codec(codec)
     except ValueError:

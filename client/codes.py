@@ -98,6 +98,7 @@ class ErrorCode(enum.IntEnum):
     TRAILER_MISMATCH = -90005  # no intact trailer naming this key and the length read: zeros, another key's bytes
     STALE_VALUE = -90006  # this key's value, but from another write than the metadata names
     PAYLOAD_CHECKSUM_MISMATCH = -90007  # the payload's checksum (raw tensor CRC32C, or frame CRC-32) fails
+    METADATA_MISMATCH = -90008  # an intact value, but not the one the caller's metadata names (not retried)
     UNKNOWN = -99999  # a negative code this table does not know
 
     @classmethod
@@ -133,6 +134,7 @@ RETRYABLE_CODES: frozenset[ErrorCode] = frozenset(
         ErrorCode.OBJECT_HAS_REPLICATION_TASK,
         ErrorCode.OBJECT_REPLICA_BUSY,
         ErrorCode.TRANSFER_FAIL,
+        ErrorCode.CHECKSUM_MISMATCH,  # the store's own check (MOONCAKE_STORE_CHECKSUM=1) saw the races above
         ErrorCode.RPC_FAIL,
         ErrorCode.RPC_TIMEOUT,
         ErrorCode.ETCD_OPERATION_ERROR,

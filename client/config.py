@@ -261,6 +261,7 @@ class ClientConfig:
     max_workers: int = field(default_factory=default_max_workers)
     allow_pickle: bool = False
     tensor_checksum: bool = False
+    clear_force: bool = True
     max_value_bytes: int = 1 * GiB
     setup_timeout_s: float = 5.0
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -281,7 +282,7 @@ class ClientConfig:
             if not _is_int(value) or not 0 <= value <= high:
                 raise ValueError(f"{name} must be a size in bytes from 0 to {high}, got {_short(value)}")
         _check_setup_timeout(self.setup_timeout_s)
-        for name in ("hard_pin", "allow_pickle", "tensor_checksum"):
+        for name in ("hard_pin", "allow_pickle", "tensor_checksum", "clear_force"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {_short(getattr(self, name))}")
         if not isinstance(self.retry, RetryConfig):

@@ -6,17 +6,18 @@ tensor's bytes or a codec frame; the trailer says whose bytes they are::
     offset size  field
     0      4     magic  b"TQMT"
     4      1     format version (1)
-    5      1     flags: bit 0 = the payload CRC32C below is set
+    5      1     flags: bit 0 = the CRC32C below covers the whole payload; bit 1 = it covers the payload's samples
+                 (64 bytes at every 4 KiB and the last 64 bytes); neither = no payload CRC
     6      2     reserved (0)
     8      8     payload length in bytes
     16     8     key tag: the first 8 bytes of BLAKE2b(key) (the key's identity, not the key)
     24     8     write id: a random 63-bit number per ``put`` call (``put`` returns it in the metadata as "wid")
-    32     4     CRC32C of the payload (0 when flag bit 0 is clear)
+    32     4     CRC32C of the payload or of its samples (0 when neither flag is set)
     36     4     CRC32C of bytes 0..35 (a torn, zeroed or foreign trailer fails it)
 
 A read is handed back only when the trailer is intact, names this key, the payload length is what was read,
-the write id is the one the caller's metadata names (when it names one) and, when set, the payload CRC32C
-matches. Anything else (zeros, another key's bytes, a torn or half-written object, a value in another format)
+the write id is the one the caller's metadata names (when it names one) and the payload CRC32C (whole or
+sampled) matches. Anything else (zeros, another key's bytes, a torn or half-written object, a value in another format)
 fails the key with a retryable client code: these are races in the store that a later read gets past; when
 they persist, the key is named as failed. Nothing here touches the store: pure functions of bytes.
 """
@@ -31,12 +32,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import crc32c
+import numpy as np
 
 from .codes import ErrorCode
 
 MAGIC = b"TQMT"
 VERSION = 1
 FLAG_CRC32C = 0x01
+FLAG_SAMPLED_CRC32C = 0x02
+SAMPLE_STRIDE = 4096
+SAMPLE_BYTES = 64
 _TRAILER = struct.Struct("<4sBBHQQQII")
 _HEAD = struct.Struct("<4sBBHQQQI")  # the part the trailer's own CRC covers
 TRAILER_SIZE = _TRAILER.size  # 40
@@ -56,16 +61,42 @@ def new_write_id() -> int:
     return secrets.randbits(63) | 1
 
 
+def _at(ptr: int, size: int) -> Any:
+    return (ctypes.c_char * size).from_address(ptr)
+
+
 def payload_crc(ptr: int, size: int) -> int:
     """CRC32C of ``size`` bytes at address ``ptr`` (the GIL is released for large buffers)."""
-    return crc32c.crc32c((ctypes.c_char * size).from_address(ptr)) if size else 0
+    return crc32c.crc32c(_at(ptr, size)) if size else 0
 
 
-def pack_into(buf: Any, offset: int, tag: int, write_id: int, length: int, crc: int | None) -> None:
+def sampled_crc(data: Any) -> int:
+    """CRC32C of the samples of ``data`` (a buffer): ``SAMPLE_BYTES`` at every ``SAMPLE_STRIDE``, then the last
+    ``SAMPLE_BYTES``. A 64th of the bytes, yet any other content written over 4 KiB or more of it changes it."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    whole = a.size - a.size % SAMPLE_STRIDE
+    head = np.ascontiguousarray(a[:whole].reshape(-1, SAMPLE_STRIDE)[:, :SAMPLE_BYTES])
+    crc = crc32c.crc32c(a[whole : whole + SAMPLE_BYTES], crc32c.crc32c(head))  # and the partial last stride's
+    return crc32c.crc32c(a[-SAMPLE_BYTES:], crc)
+
+
+def pack_into(
+    buf: Any, offset: int, tag: int, write_id: int, length: int, crc: int | None, flags: int = FLAG_CRC32C
+) -> None:
     """Write the trailer of a payload of ``length`` bytes into ``buf[offset:offset + TRAILER_SIZE]``.
-    ``crc`` is the payload's CRC32C, or None to write none."""
-    head = _HEAD.pack(MAGIC, VERSION, FLAG_CRC32C if crc is not None else 0, 0, length, tag, write_id, crc or 0)
+    ``crc`` is the payload's CRC32C (``flags``: of all of it, or of its samples), or None to write none."""
+    flags = flags if crc is not None else 0
+    head = _HEAD.pack(MAGIC, VERSION, flags, 0, length, tag, write_id, crc or 0)
     struct.pack_into(f"<{_HEAD.size}sI", buf, offset, head, crc32c.crc32c(head))
+
+
+def pack_for(buf: Any, offset: int, tag: int, write_id: int, ptr: int, length: int, full: bool) -> None:
+    """``pack_into`` with the payload CRC32C of the ``length`` bytes at ``ptr``: of all of them when ``full``, else
+    of their samples (payloads under two samples' worth are covered whole)."""
+    if full or length < 2 * SAMPLE_STRIDE:
+        pack_into(buf, offset, tag, write_id, length, payload_crc(ptr, length), FLAG_CRC32C)
+    else:
+        pack_into(buf, offset, tag, write_id, length, sampled_crc(_at(ptr, length)), FLAG_SAMPLED_CRC32C)
 
 
 def check(view: memoryview, tag: int, write_id: int | None) -> int:
@@ -83,6 +114,8 @@ def check(view: memoryview, tag: int, write_id: int | None) -> int:
     if write_id is not None and stored_wid != write_id:
         return ErrorCode.STALE_VALUE
     if flags & FLAG_CRC32C and crc32c.crc32c(view[:length]) != stored_crc:
+        return ErrorCode.PAYLOAD_CHECKSUM_MISMATCH
+    if flags & FLAG_SAMPLED_CRC32C and (length < SAMPLE_BYTES or sampled_crc(view[:length]) != stored_crc):
         return ErrorCode.PAYLOAD_CHECKSUM_MISMATCH
     return 0
 

@@ -110,7 +110,7 @@ def test_metadata_of_another_key_is_refused(client, keyspace):
     with pytest.raises(BatchOperationError) as info:
         client.get([a], custom_backend_meta=[metas[1]])
     # Same call, same write id: the trailer passes, but the frame's CRC is not the one b's metadata names.
-    assert isinstance(info.value, NonRetryableError) and info.value.failed == {a: ErrorCode.CHECKSUM_MISMATCH}
+    assert isinstance(info.value, NonRetryableError) and info.value.failed == {a: ErrorCode.METADATA_MISMATCH}
 
 
 def test_tensor_read_as_value_is_refused(client, keyspace):

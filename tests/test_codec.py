@@ -489,14 +489,14 @@ def test_expected_crc_match_decodes(good_frame):
     assert decode(good_frame, expected_crc=frame_crc(good_frame)) == {"payload": [1, 2, 3], "name": "value"}
 
 
-def test_expected_crc_mismatch_is_checksum_mismatch(good_frame):
+def test_expected_crc_mismatch_is_metadata_mismatch(good_frame):
     err = decode_error(good_frame, expected_crc=frame_crc(good_frame) ^ 1)
-    assert err.code is ErrorCode.CHECKSUM_MISMATCH
+    assert err.code is ErrorCode.METADATA_MISMATCH
 
 
 def test_intact_frame_of_another_value_fails_expected_crc():
     err = decode_error(encode("other"), expected_crc=frame_crc(encode("mine")))
-    assert err.code is ErrorCode.CHECKSUM_MISMATCH
+    assert err.code is ErrorCode.METADATA_MISMATCH
 
 
 def test_decode_accepts_memoryview_and_numpy_buffer(good_frame):

@@ -50,6 +50,23 @@ def test_a_sealed_object_checks_out_and_every_damage_is_named():
 
 
 @pytest.mark.pure
+def test_the_sampled_checksum_sees_any_overwrite_of_4_kib_or_more():
+    rng = np.random.default_rng(0)
+    payload = rng.integers(0, 256, 300_000, dtype=np.uint8)
+    base = integrity.sampled_crc(payload)
+    for start in rng.integers(0, payload.size - 4096, 200):
+        other = payload.copy()
+        other[start : start + 4096] = rng.integers(0, 256, 4096, dtype=np.uint8)
+        assert integrity.sampled_crc(other) != base, start
+    tail = payload.copy()
+    tail[-1] ^= 1  # the last bytes are always sampled
+    assert integrity.sampled_crc(tail) != base
+    gap = payload.copy()
+    gap[100] ^= 1  # between samples: not seen (the option's whole CRC is)
+    assert integrity.sampled_crc(gap) == base
+
+
+@pytest.mark.pure
 def test_the_trailer_layout_is_the_documented_one():
     obj = integrity.seal("key", b"abc", write_id=0x0102030405060708, checksum=True)
     trailer = obj[3:]
@@ -136,13 +153,17 @@ def test_bytes_that_are_not_this_keys_value_are_never_returned(client, keyspace,
 def test_a_flipped_payload_byte_is_caught_by_the_checksum_option(shared_master, make_client, keyspace):
     (key,) = keyspace(1)
     big = torch.arange(COPY_MAX_BYTES // 4 + 100, dtype=torch.int32)
-    for checksum, expected in ((True, ErrorCode.PAYLOAD_CHECKSUM_MISMATCH), (False, None)):
+    # Without the option a large payload is covered by its samples (64 bytes at every 4 KiB): byte 10 is in one,
+    # byte 100 is not (the documented limit: damage smaller than 4 KiB can fall between samples).
+    cases = ((True, 100, ErrorCode.PAYLOAD_CHECKSUM_MISMATCH), (False, 10, ErrorCode.PAYLOAD_CHECKSUM_MISMATCH),
+             (False, 100, None))  # fmt: skip
+    for checksum, position, expected in cases:
         client = make_client(shared_master, tensor_checksum=checksum, retry=FAST_RETRY)
         meta = client.put([key], [big])
         damaged = bytearray(_raw_read(client.store, key))
-        damaged[100] ^= 0x40
+        damaged[position] ^= 0x40
         _raw_write(client.store, key, bytes(damaged))
-        if expected is None:  # zero-copy payloads are not covered without the option: the documented limit
+        if expected is None:
             (got,) = client.get([key], custom_backend_meta=meta)
             assert not torch.equal(got, big)
             continue

@@ -67,7 +67,7 @@ def test_a_stored_pickle_bomb_is_refused(client, shared_master, make_client, key
     meta = client.put([f"{key}-honest"], [honest])
     for write_id, error, code in (
         (7, RetriesExhaustedError, ErrorCode.STALE_VALUE),
-        (meta[0]["wid"], NonRetryableError, ErrorCode.CHECKSUM_MISMATCH),
+        (meta[0]["wid"], NonRetryableError, ErrorCode.METADATA_MISMATCH),
     ):
         raw_write(client.store, f"{key}-honest", _bomb_frame(marker), write_id)
         with pytest.raises(error) as refused:
