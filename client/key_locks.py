@@ -22,12 +22,18 @@ class KeyLocks:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._held: set[str] = set()
+        self._waiting = 0
 
     @contextlib.contextmanager
     def holding(self, keys: Sequence[str]) -> Iterator[None]:
         with self._cond:
-            while not self._held.isdisjoint(keys):
-                self._cond.wait()
+            if not self._held.isdisjoint(keys):
+                self._waiting += 1
+                try:
+                    while not self._held.isdisjoint(keys):
+                        self._cond.wait()
+                finally:
+                    self._waiting -= 1
             self._held.update(keys)
         try:
             yield
@@ -40,3 +46,8 @@ class KeyLocks:
         """How many keys are held now."""
         with self._cond:
             return len(self._held)
+
+    def waiting(self) -> int:
+        """How many callers wait for a key another holds."""
+        with self._cond:
+            return self._waiting

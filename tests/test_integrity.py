@@ -8,6 +8,7 @@ and a put that got fewer replicas than asked says so."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -211,3 +212,83 @@ def test_fewer_replicas_than_asked_are_visible(shared_master, make_client, keysp
         client.close()
     single = make_client(shared_master)
     assert single.put(keyspace(1), [torch.ones(2)])[0]["replicas"] == 1
+
+
+# ------------------------------------------------------------------------------------------ one writer per key
+@pytest.mark.pure
+def test_key_locks_hold_all_or_nothing_and_only_overlapping_callers_wait():
+    from tq_mooncake.client.key_locks import KeyLocks
+    from tq_mooncake.cluster import wait_until
+
+    locks = KeyLocks()
+    order: list[str] = []
+    with locks.holding(["a", "b"]):
+        with locks.holding(["c"]):  # disjoint: no wait
+            order.append("c")
+
+        def overlapping() -> None:
+            with locks.holding(["b", "z"]):
+                order.append("b")
+
+        t = threading.Thread(target=overlapping)
+        t.start()
+        wait_until(lambda: locks.waiting() == 1, 10, "the overlapping caller to wait")
+        assert locks.held() == 2 and "b" not in order
+        order.append("a released")
+    t.join(10)
+    assert order == ["c", "a released", "b"] and locks.held() == 0 and locks.waiting() == 0
+
+
+class _GatedStore(InMemoryStore):
+    """An in-memory store whose writes of ``gated`` block until ``release`` is set; records write starts/ends."""
+
+    def __init__(self, gated: str) -> None:
+        super().__init__()
+        self.gated, self.release, self.events = gated, threading.Event(), []
+
+    def batch_upsert_from(self, keys, ptrs, sizes, config=None):
+        self.events.append(("start", tuple(keys)))
+        if self.gated in keys:
+            assert self.release.wait(30)
+        try:
+            return super().batch_upsert_from(keys, ptrs, sizes, config)
+        finally:
+            self.events.append(("end", tuple(keys)))
+
+
+@pytest.mark.pure
+def test_two_puts_of_one_key_through_one_client_never_overlap_in_the_store():
+    from tq_mooncake.cluster import wait_until
+
+    store = _GatedStore("k")
+    with MooncakeBatchClient(store=store) as client:
+        first = threading.Thread(target=client.put, args=(["k"], [torch.ones(4)]))
+        first.start()
+        wait_until(lambda: ("start", ("k",)) in store.events, 10, "the first write to reach the store")
+        second = threading.Thread(target=client.put, args=(["k", "other"], [torch.zeros(4), torch.zeros(4)]))
+        second.start()
+        wait_until(lambda: client._writing.waiting() == 1, 10, "the second put to wait for the key")
+        client.put(["unrelated"], [torch.ones(1)])  # other keys are not held up
+        assert store.events[-1] == ("end", ("unrelated",)) and len(store.events) == 3
+        store.release.set()
+        first.join(10)
+        second.join(10)
+        assert store.events[1:] == [("start", ("unrelated",)), ("end", ("unrelated",)), ("end", ("k",)),
+                                    ("start", ("k", "other")), ("end", ("k", "other"))]  # fmt: skip
+        assert torch.equal(client.get(["k"], shapes=[[4]], dtypes=[torch.float32])[0], torch.zeros(4))
+
+
+# ------------------------------------------------------------------------------------------ clear
+def test_clear_force_false_waits_out_read_leases(shared_master, make_client, keyspace):
+    (key,) = keyspace(1)
+    gentle = make_client(shared_master, clear_force=False, retry=FAST_RETRY)
+    meta = gentle.put([key], [torch.ones(8)])
+    gentle.get([key], custom_backend_meta=meta)  # the master grants a read lease (10 s)
+    with pytest.raises(RetriesExhaustedError) as info:
+        gentle.clear([key])
+    assert info.value.failed == {key: ErrorCode.OBJECT_HAS_LEASE}
+    forced = make_client(shared_master, retry=FAST_RETRY)  # the default removes it anyway
+    forced.clear([key])
+    with pytest.raises(BaseException) as gone:
+        forced.get([key], custom_backend_meta=meta)
+    assert gone.value.failed == {key: ErrorCode.OBJECT_NOT_FOUND}
