@@ -28,15 +28,17 @@ class PutChunk:
     """Writes (inserts or overwrites) ``items`` under ``keys``, each payload followed by its trailer
     (``integrity.py``) in one object.
 
-    Small payloads are staged (``COPY_MAX_BYTES``), checksummed whole and upserted. Large ones are written
-    zero-copy with Mooncake's multi-buffer put, with a CRC32C of their samples (whole with ``checksum``); that put
-    keeps an existing key's old value and answers 0, so their keys are removed (forced) once, before the first
-    attempt, to make the put an overwrite.
+    Staged payloads are copied with their trailer into a block, checksummed whole and upserted (an overwrite
+    replaces the value in one step). Zero-copy payloads stay in their own memory and are written with Mooncake's
+    multi-buffer put, with a CRC32C of their samples (whole with ``checksum``). That put keeps an existing key's
+    old value (and answers 0), so it serves only keys the store does not hold: before the first attempt the
+    store is asked (one ``batch_is_exist``) which large keys exist, and those are staged too. Small payloads
+    (``COPY_MAX_BYTES``) are always staged.
     """
 
     __slots__ = (
-        "_store", "_keys", "_items", "_replicate", "_replica_num", "_staged", "_gather", "_block", "_removed",
-        "replicas",
+        "_store", "_keys", "_items", "_replicate", "_replica_num", "_regs", "_write_id", "_checksum", "_blocks",
+        "_staged", "_gather", "_undecided", "replicas",
     )  # fmt: skip
 
     def __init__(
@@ -55,42 +57,65 @@ class PutChunk:
         self._items = items
         self._replicate = replicate
         self._replica_num = replica_num
-        self._removed = False
+        self._regs = regs
+        self._write_id = write_id
+        self._checksum = checksum
+        self._blocks: list[np.ndarray] = []  # staging and trailer blocks, alive as long as the chunk
+        self._staged: dict[int, tuple[int, int]] = {}  # position -> (pointer, size) of payload and trailer
+        self._gather: dict[int, int] = {}  # position -> pointer of its trailer (payload at items[pos].ptr)
+        self._undecided = [i for i, item in enumerate(items) if item.size > COPY_MAX_BYTES]
         self.replicas: dict[int, int | None] = {}
         """Complete replicas of each written position (asked of the master after the write when
         ``replica_num`` > 1; one replica is what a successful write of one means)."""
+        self._stage([i for i, item in enumerate(items) if item.size <= COPY_MAX_BYTES])
+
+    def _block(self, size: int) -> tuple[np.ndarray, int]:
+        block = np.empty(max(size, 1), dtype=np.uint8)
+        self._blocks.append(block)
+        self._regs.add(block.ctypes.data, size)
+        return block, block.ctypes.data
+
+    def _stage(self, positions: list[int]) -> None:
+        """Copy the payloads at ``positions``, each followed by its trailer (whole CRC32C: the bytes are in cache
+        now), into one new block."""
+        if not positions:
+            return
         T = integrity.TRAILER_SIZE
-        small = [i for i, item in enumerate(items) if item.size <= COPY_MAX_BYTES]
-        large = [i for i, item in enumerate(items) if item.size > COPY_MAX_BYTES]
-        # One block: the small payloads with their trailers, then the large payloads' trailers.
-        offsets: list[int] = []
-        total = 0
-        for i in small:
-            offsets.append(total)
-            total += items[i].size + T
-        trailer_base = total
-        total += T * len(large)
-        self._block = block = np.empty(max(total, 1), dtype=np.uint8)
-        base = block.ctypes.data
-        self._staged: dict[int, tuple[int, int]] = {}  # position -> (pointer, size) of payload and trailer
-        self._gather: dict[int, int] = {}  # position -> pointer of its trailer
-        for i, offset in zip(small, offsets, strict=True):
-            item = items[i]
+        block, base = self._block(sum(self._items[i].size + T for i in positions))
+        offset = 0
+        for i in positions:
+            item = self._items[i]
             ctypes.memmove(base + offset, item.ptr, item.size)
-            # A copied payload is checksummed whole (its bytes are in cache now); a frame carries its own CRC too.
-            tag = integrity.key_tag(keys[i])
-            integrity.pack_for(block, offset + item.size, tag, write_id, base + offset, item.size, full=True)
+            tag, frame = integrity.key_tag(self._keys[i]), "dtype" not in item.meta
+            integrity.pack_for(block, offset + item.size, tag, self._write_id, base + offset, item.size, True, frame)
             self._staged[i] = (base + offset, item.size + T)
-        for j, i in enumerate(large):
-            item = items[i]
-            offset = trailer_base + j * T
-            tag = integrity.key_tag(keys[i])
-            integrity.pack_for(block, offset, tag, write_id, item.ptr, item.size, full=checksum)
-            self._gather[i] = base + offset
-            regs.add(item.ptr, item.size)
-        regs.add(base, total)
+            offset += item.size + T
+
+    def _zero_copy(self, positions: list[int]) -> None:
+        """The trailers of the payloads at ``positions`` into one new block; the payloads stay where they are."""
+        if not positions:
+            return
+        T = integrity.TRAILER_SIZE
+        block, base = self._block(T * len(positions))
+        for j, i in enumerate(positions):
+            item = self._items[i]
+            tag, frame = integrity.key_tag(self._keys[i]), "dtype" not in item.meta
+            integrity.pack_for(block, j * T, tag, self._write_id, item.ptr, item.size, self._checksum, frame)
+            self._gather[i] = base + j * T
+            self._regs.add(item.ptr, item.size)
+
+    def _route(self) -> None:
+        """Stage the large payloads of keys the store holds (or may: the query failed); write the rest zero-copy."""
+        positions, self._undecided = self._undecided, []
+        exists = list(self._store.batch_is_exist([self._keys[i] for i in positions]))
+        if len(exists) != len(positions):
+            exists = [-1] * len(positions)
+        self._stage([i for i, e in zip(positions, exists, strict=True) if e != 0])
+        self._zero_copy([i for i, e in zip(positions, exists, strict=True) if e == 0])
 
     def __call__(self, pending: list[int]) -> tuple[Sequence[int], int]:
+        if self._undecided:
+            self._route()
         staged = [p for p in pending if p in self._staged]
         gather = [p for p in pending if p in self._gather]
         codes: dict[int, int] = {}
@@ -103,12 +128,8 @@ class PutChunk:
             )
             codes.update(_per_key(staged, got))
         if gather:
-            keys = [self._keys[p] for p in gather]
-            if not self._removed:
-                self._removed = True
-                self._store.batch_remove(keys, True)  # best effort: a key that stays keeps a concurrent write
             got = self._store.batch_put_from_multi_buffers(
-                keys,
+                [self._keys[p] for p in gather],
                 [[self._items[p].ptr, self._gather[p]] for p in gather],
                 [[self._items[p].size, integrity.TRAILER_SIZE] for p in gather],
                 self._replicate,
@@ -193,7 +214,9 @@ class GetChunk:
 
     def _finish(self, pos: int, holder: Any, n: int) -> int:
         """Check and decode the object of ``n`` bytes read for position ``pos``; 0 or the failure code."""
-        code = integrity.check(plans.block_view(holder)[:n], self._tags[pos], self._wids[pos] if self._wids else None)
+        wid = self._wids[pos] if self._wids else None
+        frame = self._plans[pos].kind is plans.ReadKind.FRAME
+        code = integrity.check(plans.block_view(holder)[:n], self._tags[pos], wid, frame)
         if code:
             return code
         try:

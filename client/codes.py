@@ -96,7 +96,7 @@ class ErrorCode(enum.IntEnum):
     # The end-to-end check (``integrity.py``): the bytes read are not the value written under this key. Races in
     # the store cause them (a read of memory freed and reused meanwhile, a torn overwrite), so they are retried.
     TRAILER_MISMATCH = -90005  # no intact trailer naming this key and the length read: zeros, another key's bytes
-    STALE_VALUE = -90006  # this key's value, but from another write than the metadata names
+    STALE_VALUE = -90006  # this key's value, but from another write than the metadata names (not retried)
     PAYLOAD_CHECKSUM_MISMATCH = -90007  # the payload's checksum (raw tensor CRC32C, or frame CRC-32) fails
     METADATA_MISMATCH = -90008  # an intact value, but not the one the caller's metadata names (not retried)
     UNKNOWN = -99999  # a negative code this table does not know
@@ -148,10 +148,13 @@ RETRYABLE_CODES: frozenset[ErrorCode] = frozenset(
         ErrorCode.DFS_SERVICE_UNAVAILABLE,
         ErrorCode.TENANT_QUOTA_EXCEEDED,
         ErrorCode.TRAILER_MISMATCH,
-        ErrorCode.STALE_VALUE,
         ErrorCode.PAYLOAD_CHECKSUM_MISMATCH,
     }
 )
+
+PUT_RETRYABLE_CODES: frozenset[ErrorCode] = frozenset({ErrorCode.ILLEGAL_CLIENT})
+"""Retryable for ``put`` only: two store instances (processes) writing one key at once make the master refuse the
+end of the write it preempted with ``ILLEGAL_CLIENT``; written again, the key holds one of the two values."""
 
 
 class ErrorClassifier:
@@ -159,7 +162,7 @@ class ErrorClassifier:
 
     ``0`` is OK; a code in ``retryable`` is RETRY; every other negative code (unknown ones included)
     is FAIL. ``OBJECT_NOT_FOUND`` is OK for ``clear`` (removing a missing key is not an error) and FAIL
-    elsewhere.
+    elsewhere; the codes in ``PUT_RETRYABLE_CODES`` are RETRY for ``put``.
     """
 
     def __init__(self, retryable: frozenset[ErrorCode] = RETRYABLE_CODES) -> None:
@@ -171,6 +174,8 @@ class ErrorClassifier:
         ec = ErrorCode.of(code)
         if operation is Operation.CLEAR and ec is ErrorCode.OBJECT_NOT_FOUND:
             return Verdict.OK
+        if operation is Operation.PUT and ec in PUT_RETRYABLE_CODES:
+            return Verdict.RETRY
         return Verdict.RETRY if ec in self._retryable else Verdict.FAIL
 
     def is_retryable(self, code: int) -> bool:

@@ -41,11 +41,12 @@ PROTOCOLS = ("tcp", "rdma")
 METADATA_SCHEMES = ("http", "https", "etcd")
 METADATA_FORMS = (
     "'P2PHANDSHAKE', 'host:port' (becomes http://host:port/metadata), 'http(s)://host[:port]/path' "
-    "or 'etcd://host:port[,host:port...]'"
+    "(no query or fragment) or 'etcd://host:port[,host:port...]'"
 )
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+# ASCII only (re.ASCII): "١" or "１２" are digits to str.isdigit() and to a plain \d, not sizes.
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?b?|b)?\s*", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_HOST = re.compile(r"^[A-Za-z0-9_.\-]+$|^\[[0-9A-Fa-f:.]+\]$")  # a name, an IPv4 address, or [IPv6]
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+")  # a host name or an IPv4 address (matched whole: fullmatch)
 
 
 def parse_size(name: str, value: Any) -> int:
@@ -55,7 +56,7 @@ def parse_size(name: str, value: Any) -> int:
         raise ValueError(f"{name} must be a size in bytes, got {_short(value)}")
     if isinstance(value, int):
         size = value
-    elif isinstance(value, str) and (m := _SIZE.match(value)):
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value)):
         size = int(decimal.Decimal(m.group(1)) * _UNITS[(m.group(2) or "").lower()[:1]])
     else:
         raise ValueError(f"{name} must be a size in bytes (int or e.g. '512MB'), got {_short(value)}")
@@ -67,14 +68,21 @@ def parse_size(name: str, value: Any) -> int:
 
 
 def normalize_metadata_server(value: str) -> str:
-    """TQ's rule: ``P2PHANDSHAKE`` (any case) as is; ``etcd://...`` as is; ``host:port`` or an http(s) URL
-    becomes an ``http(s)://.../metadata`` URL. Other ``scheme://`` values are left as they are, for
-    ``check_metadata_server`` to refuse."""
+    """TQ's rule: ``P2PHANDSHAKE`` (any case) as is; ``host:port`` or an http(s) URL becomes an
+    ``http(s)://.../metadata`` URL. A scheme is lowered (``HTTP://`` is ``http://``: schemes are
+    case-insensitive, Mooncake matches them in lower case); the rest is left as it is, for
+    ``check_metadata_server`` to refuse what it must: an ``etcd://`` value, another scheme, or an http(s)
+    URL with a query or fragment (``?``, ``#``), which gets no ``/metadata`` appended to it."""
     if value.upper() == "P2PHANDSHAKE":
         return "P2PHANDSHAKE"
-    if "://" in value and not value.startswith(("http://", "https://")):
+    scheme, sep, rest = value.partition("://")
+    if sep:
+        value = f"{scheme.lower()}://{rest}"
+    if sep and scheme.lower() not in ("http", "https"):
         return value
-    url = value if value.startswith(("http://", "https://")) else f"http://{value}"
+    url = value if sep else f"http://{value}"
+    if "?" in url or "#" in url:
+        return url
     return url if url.rstrip("/").endswith("/metadata") else url.rstrip("/") + "/metadata"
 
 
@@ -88,16 +96,30 @@ def split_host_port(address: str) -> tuple[str, str] | None:
 
 def parse_host_port(name: str, address: str) -> tuple[str, int]:
     """``(host, port)`` of ``host:port`` (IPv6 as ``[addr]:port``); ValueError naming ``name`` for any other
-    form: no port, an empty host, a port outside 1..65535, spaces or a scheme."""
+    form: no port, an empty host, a port outside 1..65535 or not in ASCII digits, spaces, control or
+    non-ASCII characters, a scheme, or brackets around anything but an IPv6 address."""
     hint = f"{name} must be 'host:port' with a port from 1 to 65535 (IPv6 as '[addr]:port'), got {_short(address)}"
     parts = split_host_port(address)
     if parts is None or "://" in address:
         raise ValueError(hint)
     host, port = parts
-    bracketed = address.startswith("[")
-    if not host or not _HOST.match(f"[{host}]" if bracketed else host):
+    if not is_host(host, bracketed=address.startswith("[")):
         raise ValueError(hint)
     return host, _port(port, hint)
+
+
+def is_host(host: str, bracketed: bool = False) -> bool:
+    """Whether ``host`` is a host name or IPv4 address (ASCII letters, digits, ``_ . -``), or, where it was
+    ``bracketed``, an IPv6 address (no zone: ``%`` is refused, with any space or control character)."""
+    if not bracketed:
+        return _NAME.fullmatch(host) is not None
+    if "%" in host:
+        return False
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _port(text: str, hint: str) -> int:
@@ -107,12 +129,14 @@ def _port(text: str, hint: str) -> int:
 
 
 def check_local_hostname(value: str) -> None:
-    """ValueError unless ``value`` is a host name or address, optionally with ``:port`` (``[v6]:port``).
-    Mooncake takes anything here, a space or a scheme included, and advertises it as this node's address."""
-    with contextlib.suppress(ValueError):
-        ipaddress.ip_address(value)
-        return
-    if value and _HOST.match(value) and not value.startswith("["):
+    """ValueError unless ``value`` is a host name or address, optionally with ``:port`` (``[v6]:port``); no
+    IPv6 zone (``%eth0``). Mooncake takes anything here, a space, a newline or a scheme included, and
+    advertises it as this node's address."""
+    if "%" not in value:
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(value)
+            return
+    if is_host(value):
         return
     try:
         parse_host_port("local_hostname", value)
@@ -124,11 +148,21 @@ def check_local_hostname(value: str) -> None:
 
 
 def check_metadata_server(value: str) -> None:
-    """ValueError naming the accepted forms (``METADATA_FORMS``) unless ``value`` (normalised) is one of them
-    and its scheme is one this Mooncake build has a plugin for (``METADATA_SCHEMES``)."""
+    """ValueError naming the accepted forms (``METADATA_FORMS``) unless ``value`` (normalised) is one of them:
+    printable ASCII, a lower-case scheme this Mooncake build has a plugin for (``METADATA_SCHEMES``), and for
+    http(s) no query or fragment (Mooncake appends ``?key=<key>`` to the URL as it is)."""
     if value == "P2PHANDSHAKE":
         return
+    if not (value.isascii() and value.isprintable()):
+        raise ValueError(
+            f"metadata_server must be {METADATA_FORMS} in printable ASCII (no control characters), got {_short(value)}"
+        )
     scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in METADATA_SCHEMES and scheme.lower() in METADATA_SCHEMES:
+        raise ValueError(
+            f"metadata_server's scheme must be in lower case ({scheme.lower()!r}), as Mooncake matches it "
+            f"(ClientConfig.from_dict lowers it), got {_short(value)}"
+        )
     if scheme not in METADATA_SCHEMES:
         extra = f"; this Mooncake build has no {scheme!r} metadata plugin (it would abort the process)"
         raise ValueError(f"metadata_server must be {METADATA_FORMS}, got {_short(value)}" + (extra if scheme else ""))
@@ -139,23 +173,34 @@ def check_metadata_server(value: str) -> None:
 
 
 def http_endpoint(url: str) -> tuple[str, int]:
-    """``(host, port)`` of an http(s) metadata URL (port 80/443 when not given); ValueError if malformed."""
+    """``(host, port)`` of an http(s) metadata URL (port 80/443 when not given); ValueError if malformed:
+    no host or a host ``parse_host_port`` would refuse, a port outside 1..65535, user info, a query or
+    fragment, or anything but printable ASCII without spaces."""
+    if "?" in url or "#" in url:
+        raise ValueError(
+            "metadata_server must be an http(s) URL without a query or fragment: Mooncake appends "
+            f"'?key=<key>' to it as it is, got {_short(url)}"
+        )
     hint = f"metadata_server must be an http(s) URL with a host and a port from 1 to 65535, got {_short(url)}"
+    if not (url.isascii() and url.isprintable()) or " " in url:
+        raise ValueError(hint)
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
         raise ValueError(hint) from None
-    if not parts.hostname or port == 0 or parts.username is not None or " " in url:
+    host = parts.hostname
+    if not host or not is_host(host, bracketed=parts.netloc.startswith("[")) or port == 0 or "@" in parts.netloc:
         raise ValueError(hint)
-    return parts.hostname, port or (443 if parts.scheme == "https" else 80)
+    return host, port or (443 if parts.scheme == "https" else 80)
 
 
 def etcd_endpoints(value: str) -> list[tuple[str, int]]:
-    """The ``(host, port)`` endpoints of ``etcd://host:port[,host:port...]`` (``,`` or ``;`` between them,
-    as Mooncake's etcd wrapper splits them); ValueError if there is none or one is malformed."""
+    """The ``(host, port)`` endpoints of ``etcd://host:port[,host:port...]`` (``,`` or ``;`` between them, spaces
+    around them, as Mooncake's etcd wrapper splits and trims them); ValueError if there is none or one is
+    malformed."""
     rest = value.split("://", 1)[1]
-    found = [e.strip() for e in rest.replace(";", ",").split(",") if e.strip()]
+    found = [e.strip(" ") for e in rest.replace(";", ",").split(",") if e.strip(" ")]
     if not found:
         raise ValueError(f"metadata_server must name at least one etcd endpoint host:port, got {_short(value)}")
     return [parse_host_port("every etcd endpoint of metadata_server", e) for e in found]

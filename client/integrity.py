@@ -7,7 +7,8 @@ tensor's bytes or a codec frame; the trailer says whose bytes they are::
     0      4     magic  b"TQMT"
     4      1     format version (1)
     5      1     flags: bit 0 = the CRC32C below covers the whole payload; bit 1 = it covers the payload's samples
-                 (64 bytes at every 4 KiB and the last 64 bytes); neither = no payload CRC
+                 (64 bytes at every 4 KiB and the last 64 bytes); neither = no payload CRC; bit 2 = the payload
+                 is a codec frame (clear: a raw tensor's bytes)
     6      2     reserved (0)
     8      8     payload length in bytes
     16     8     key tag: the first 8 bytes of BLAKE2b(key) (the key's identity, not the key)
@@ -40,6 +41,7 @@ MAGIC = b"TQMT"
 VERSION = 1
 FLAG_CRC32C = 0x01
 FLAG_SAMPLED_CRC32C = 0x02
+FLAG_FRAME = 0x04
 SAMPLE_STRIDE = 4096
 SAMPLE_BYTES = 64
 _TRAILER = struct.Struct("<4sBBHQQQII")
@@ -85,23 +87,27 @@ def pack_into(
 ) -> None:
     """Write the trailer of a payload of ``length`` bytes into ``buf[offset:offset + TRAILER_SIZE]``.
     ``crc`` is the payload's CRC32C (``flags``: of all of it, or of its samples), or None to write none."""
-    flags = flags if crc is not None else 0
+    flags = flags if crc is not None else flags & ~(FLAG_CRC32C | FLAG_SAMPLED_CRC32C)
     head = _HEAD.pack(MAGIC, VERSION, flags, 0, length, tag, write_id, crc or 0)
     struct.pack_into(f"<{_HEAD.size}sI", buf, offset, head, crc32c.crc32c(head))
 
 
-def pack_for(buf: Any, offset: int, tag: int, write_id: int, ptr: int, length: int, full: bool) -> None:
+def pack_for(
+    buf: Any, offset: int, tag: int, write_id: int, ptr: int, length: int, full: bool, frame: bool = False
+) -> None:
     """``pack_into`` with the payload CRC32C of the ``length`` bytes at ``ptr``: of all of them when ``full``, else
-    of their samples (payloads under two samples' worth are covered whole)."""
+    of their samples (payloads under two samples' worth are covered whole); ``frame``: the payload is a frame."""
+    kind = FLAG_FRAME if frame else 0
     if full or length < 2 * SAMPLE_STRIDE:
-        pack_into(buf, offset, tag, write_id, length, payload_crc(ptr, length), FLAG_CRC32C)
+        pack_into(buf, offset, tag, write_id, length, payload_crc(ptr, length), FLAG_CRC32C | kind)
     else:
-        pack_into(buf, offset, tag, write_id, length, sampled_crc(_at(ptr, length)), FLAG_SAMPLED_CRC32C)
+        pack_into(buf, offset, tag, write_id, length, sampled_crc(_at(ptr, length)), FLAG_SAMPLED_CRC32C | kind)
 
 
-def check(view: memoryview, tag: int, write_id: int | None) -> int:
+def check(view: memoryview, tag: int, write_id: int | None, frame: bool | None = None) -> int:
     """0 when ``view`` (a whole object as read: payload then trailer) is the value written under the key whose
-    tag is ``tag`` (by write ``write_id``, when not None), else the client code saying why not."""
+    tag is ``tag`` (by write ``write_id``, when not None; a frame or a raw tensor as ``frame`` says, when not
+    None), else the client code saying why not."""
     n = len(view)
     if n < TRAILER_SIZE:
         return ErrorCode.TRAILER_MISMATCH
@@ -113,6 +119,8 @@ def check(view: memoryview, tag: int, write_id: int | None) -> int:
         return ErrorCode.TRAILER_MISMATCH
     if write_id is not None and stored_wid != write_id:
         return ErrorCode.STALE_VALUE
+    if frame is not None and bool(flags & FLAG_FRAME) != frame:
+        return ErrorCode.TYPE_MISMATCH  # a frame read as a raw tensor, or the other way round
     if flags & FLAG_CRC32C and crc32c.crc32c(view[:length]) != stored_crc:
         return ErrorCode.PAYLOAD_CHECKSUM_MISMATCH
     if flags & FLAG_SAMPLED_CRC32C and (length < SAMPLE_BYTES or sampled_crc(view[:length]) != stored_crc):
@@ -131,11 +139,13 @@ def expected_write_id(key: str, meta: Any) -> int | None:
     return wid
 
 
-def seal(key: str, payload: bytes, write_id: int = 1, checksum: bool = False) -> bytes:
+def seal(key: str, payload: bytes, write_id: int = 1, checksum: bool = False, frame: bool | None = None) -> bytes:
     """``payload`` followed by the trailer a ``put`` of it under ``key`` writes: the stored object, for tests
-    and tools that write with the raw store."""
+    and tools that write with the raw store. ``frame`` None: a frame when ``payload`` starts with a frame's
+    magic."""
     out = bytearray(len(payload) + TRAILER_SIZE)
     out[: len(payload)] = payload
     crc = crc32c.crc32c(payload) if checksum else None
-    pack_into(out, len(payload), key_tag(key), write_id, len(payload), crc)
+    frame = payload[:4] == b"TQMC" if frame is None else frame
+    pack_into(out, len(payload), key_tag(key), write_id, len(payload), crc, FLAG_CRC32C | (FLAG_FRAME if frame else 0))
     return bytes(out)

@@ -126,6 +126,12 @@ class InMemoryStore:
         with self._lock:
             return int(key in self._data)
 
+    def batch_is_exist(self, keys: Sequence[str]) -> list[int]:
+        """1 for each key held, 0 for each not."""
+        self._check_open()
+        with self._lock:
+            return [int(key in self._data) for key in keys]
+
     def batch_remove(self, keys: Sequence[str], force: bool = False) -> list[int]:
         self._check_open()
         with self._lock:

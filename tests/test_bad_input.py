@@ -117,8 +117,8 @@ def test_tensor_read_as_value_is_refused(client, keyspace):
     (key,) = keyspace(1)
     client.put([key], [torch.arange(64, dtype=torch.uint8)])
     with pytest.raises(NonRetryableError) as info:
-        client.get([key])  # no dtype, no metadata: read as a frame, which raw tensor bytes are not
-    assert info.value.failed == {key: ErrorCode.CORRUPT_VALUE}
+        client.get([key])  # no dtype, no metadata: read as a frame; the trailer says a raw tensor is stored
+    assert info.value.failed == {key: ErrorCode.TYPE_MISMATCH}
 
 
 def test_calls_after_close_raise_and_close_is_idempotent(shared_master, keyspace):
@@ -291,14 +291,15 @@ def test_get_refuses_sizes_beyond_max_value_bytes_before_allocating(client, keys
         client.get([key], shapes=[[1 << 38]], dtypes=[torch.float32])  # was a RuntimeError from the allocator
 
 
-def test_a_raw_tensor_read_with_shapes_but_no_dtype_is_corrupt_value(client, keyspace):
+def test_a_raw_tensor_read_with_shapes_but_no_dtype_is_type_mismatch(client, keyspace):
     """Without a dtype (asked for or in the metadata) a key is read as a frame, whatever shapes say (TQ passes
-    shapes for non-tensor fields too); raw tensor bytes have no frame header, so the key fails with CORRUPT_VALUE."""
+    shapes for non-tensor fields too); the trailer says a raw tensor is stored, so the key fails with
+    TYPE_MISMATCH."""
     (key,) = keyspace(1)
     meta = client.put([key], [torch.arange(4.0)])
     with pytest.raises(NonRetryableError) as info:
         client.get([key], shapes=[[4]])
-    assert info.value.failed == {key: ErrorCode.CORRUPT_VALUE}
+    assert info.value.failed == {key: ErrorCode.TYPE_MISMATCH}
     (got,) = client.get([key], shapes=[[4]], dtypes=[torch.float32])
     assert torch.equal(got, torch.arange(4.0))
     (got,) = client.get([key], shapes=[[4]], custom_backend_meta=meta)

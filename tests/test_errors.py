@@ -96,10 +96,10 @@ RETRYABLE = [
     ErrorCode.INTERNAL_ERROR,
     ErrorCode.CHECKSUM_MISMATCH,
     ErrorCode.TRAILER_MISMATCH,
-    ErrorCode.STALE_VALUE,
     ErrorCode.PAYLOAD_CHECKSUM_MISMATCH,
 ]
 NON_RETRYABLE = [
+    ErrorCode.STALE_VALUE,
     ErrorCode.INVALID_PARAMS,
     ErrorCode.SIZE_MISMATCH,
     ErrorCode.METADATA_MISMATCH,
@@ -131,6 +131,13 @@ def test_permanent_codes_fail(op, code):
 @pytest.mark.parametrize("op", [Operation.GET, Operation.PUT])
 def test_object_not_found_fails_on_get_and_put(op):
     assert ErrorClassifier().classify(op, -704) is Verdict.FAIL
+
+
+def test_illegal_client_is_retried_on_put_only():
+    # Two processes writing one key: the master refuses the end of the write it preempted (-601).
+    assert ErrorClassifier().classify(Operation.PUT, -601) is Verdict.RETRY
+    assert ErrorClassifier().classify(Operation.GET, -601) is Verdict.FAIL
+    assert ErrorClassifier().classify(Operation.CLEAR, -601) is Verdict.FAIL
 
 
 def test_object_not_found_is_ok_on_clear():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tq_mooncake.client import ErrorCode, MooncakeBatchClient, RetriesExhaustedError, integrity
+from tq_mooncake.client import ErrorCode, MooncakeBatchClient, NonRetryableError, RetriesExhaustedError, integrity
 from tq_mooncake.client.chunks import COPY_MAX_BYTES
 from tq_mooncake.testing import InMemoryStore, RecordingObserver
 
@@ -98,7 +98,7 @@ def test_each_put_writes_payload_then_trailer_and_returns_its_write_id(size):
         (again,) = client.put(["k"], [value + 1])  # an overwrite, on either write path
         assert again["wid"] != meta["wid"] and meta["nbytes"] == size
         assert torch.equal(client.get(["k"], custom_backend_meta=[again])[0], value + 1)
-        with pytest.raises(RetriesExhaustedError) as info:  # the first write's metadata names a replaced write
+        with pytest.raises(NonRetryableError) as info:  # the first write's metadata names a replaced write
             client.get(["k"], custom_backend_meta=[meta])
         assert info.value.failed == {"k": ErrorCode.STALE_VALUE}
 
@@ -151,36 +151,34 @@ def test_bytes_that_are_not_this_keys_value_are_never_returned(client, keyspace,
     assert set(info.value.failed) == {c}  # a payload without trailer is too short: refused, named
 
 
-def test_a_flipped_payload_byte_is_caught_by_the_checksum_option(shared_master, make_client, keyspace):
-    (key,) = keyspace(1)
+def test_a_flipped_payload_byte_is_caught_by_the_checksum_option(client, shared_master, make_client, keyspace):
     big = torch.arange(COPY_MAX_BYTES // 4 + 100, dtype=torch.int32)
-    # Without the option a large payload is covered by its samples (64 bytes at every 4 KiB): byte 10 is in one,
-    # byte 100 is not (the documented limit: damage smaller than 4 KiB can fall between samples).
-    cases = ((True, 100, ErrorCode.PAYLOAD_CHECKSUM_MISMATCH), (False, 10, ErrorCode.PAYLOAD_CHECKSUM_MISMATCH),
-             (False, 100, None))  # fmt: skip
-    for checksum, position, expected in cases:
-        client = make_client(shared_master, tensor_checksum=checksum, retry=FAST_RETRY)
-        meta = client.put([key], [big])
-        damaged = bytearray(_raw_read(client.store, key))
-        damaged[position] ^= 0x40
-        _raw_write(client.store, key, bytes(damaged))
-        if expected is None:
-            (got,) = client.get([key], custom_backend_meta=meta)
-            assert not torch.equal(got, big)
-            continue
+    checked = make_client(shared_master, tensor_checksum=True, retry=FAST_RETRY)
+
+    def damage(user, key: str, value: torch.Tensor, position: int) -> dict:
+        (meta,) = user.put([key], [value])
+        stored = bytearray(_raw_read(user.store, key))
+        stored[position] ^= 0x40
+        _raw_write(user.store, key, bytes(stored))
+        return meta
+
+    # A new large key is written zero-copy; without the option it is covered by its samples (64 bytes at every
+    # 4 KiB): byte 10 is in one, byte 100 is not (the documented limit).
+    k1, k2, k3, k4, k5 = keyspace(5)
+    for user, key, value, position in ((checked, k1, big, 100), (client, k2, big, 10), (client, k4, big[:64], 3)):
+        meta = damage(user, key, value, position)
         with pytest.raises(RetriesExhaustedError) as info:
-            client.get([key], custom_backend_meta=meta)
-        assert info.value.failed == {key: expected}
-    # Staged (small) tensors are always checksummed.
-    small = torch.arange(64, dtype=torch.int32)
-    client = make_client(shared_master, retry=FAST_RETRY)
-    meta = client.put([key], [small])
-    damaged = bytearray(_raw_read(client.store, key))
-    damaged[3] ^= 0x01
-    _raw_write(client.store, key, bytes(damaged))
+            user.get([key], custom_backend_meta=[meta])
+        assert info.value.failed == {key: ErrorCode.PAYLOAD_CHECKSUM_MISMATCH}
+    meta = damage(client, k3, big, 100)
+    (got,) = client.get([k3], custom_backend_meta=[meta])
+    assert not torch.equal(got, big)
+    # An overwrite of a large key is staged (upserted in one step), so it is checksummed whole.
+    client.put([k5], [big])
+    meta = damage(client, k5, big + 1, 100)
     with pytest.raises(RetriesExhaustedError) as info:
-        client.get([key], custom_backend_meta=meta)
-    assert info.value.failed == {key: ErrorCode.PAYLOAD_CHECKSUM_MISMATCH}
+        client.get([k5], custom_backend_meta=[meta])
+    assert info.value.failed == {k5: ErrorCode.PAYLOAD_CHECKSUM_MISMATCH}
 
 
 def test_an_overwrite_replaces_the_value_on_both_write_paths(client, keyspace):
@@ -279,7 +277,7 @@ def test_two_puts_of_one_key_through_one_client_never_overlap_in_the_store():
 
 
 # ------------------------------------------------------------------------------------------ clear
-def test_clear_force_false_waits_out_read_leases(shared_master, make_client, keyspace):
+def test_clear_force_false_waits_out_read_leases(client, shared_master, make_client, keyspace):
     (key,) = keyspace(1)
     gentle = make_client(shared_master, clear_force=False, retry=FAST_RETRY)
     meta = gentle.put([key], [torch.ones(8)])
@@ -287,8 +285,22 @@ def test_clear_force_false_waits_out_read_leases(shared_master, make_client, key
     with pytest.raises(RetriesExhaustedError) as info:
         gentle.clear([key])
     assert info.value.failed == {key: ErrorCode.OBJECT_HAS_LEASE}
-    forced = make_client(shared_master, retry=FAST_RETRY)  # the default removes it anyway
-    forced.clear([key])
+    client.clear([key])  # the default (forced) removes it anyway
     with pytest.raises(BaseException) as gone:
-        forced.get([key], custom_backend_meta=meta)
+        client.get([key], custom_backend_meta=meta)
     assert gone.value.failed == {key: ErrorCode.OBJECT_NOT_FOUND}
+
+
+def test_a_frame_is_never_read_as_a_tensor_nor_a_tensor_as_a_frame(client, keyspace):
+    framed, raw = keyspace(2)
+    frame_meta, tensor_meta = client.put([framed, raw], [b"x" * 60, torch.zeros(15, dtype=torch.int32)])
+    # Same byte count: without the trailer's kind bit the bytes would come back reinterpreted.
+    size = frame_meta["nbytes"]
+    with pytest.raises(NonRetryableError) as info:
+        client.get([framed], shapes=[[size]], dtypes=[torch.uint8])
+    assert info.value.failed == {framed: ErrorCode.TYPE_MISMATCH}
+    forged = {**tensor_meta, "dtype": "uint8", "shape": [60]}  # metadata put never returned, same size
+    assert client.get([raw], custom_backend_meta=[forged])[0].shape == (60,)  # the bytes of a raw tensor, as asked
+    with pytest.raises(NonRetryableError) as info:
+        client.get([raw])
+    assert info.value.failed == {raw: ErrorCode.TYPE_MISMATCH}

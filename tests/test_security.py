@@ -22,7 +22,6 @@ from tq_mooncake.client import (
     FaultRule,
     MooncakeBatchClient,
     NonRetryableError,
-    RetriesExhaustedError,
     codec,
     integrity,
 )
@@ -66,7 +65,7 @@ def test_a_stored_pickle_bomb_is_refused(client, shared_master, make_client, key
     honest = "x" * (len(_bomb_frame(marker)) - codec.HEADER_SIZE)  # a frame of the bomb's size
     meta = client.put([f"{key}-honest"], [honest])
     for write_id, error, code in (
-        (7, RetriesExhaustedError, ErrorCode.STALE_VALUE),
+        (7, NonRetryableError, ErrorCode.STALE_VALUE),
         (meta[0]["wid"], NonRetryableError, ErrorCode.METADATA_MISMATCH),
     ):
         raw_write(client.store, f"{key}-honest", _bomb_frame(marker), write_id)
