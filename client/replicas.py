@@ -1,5 +1,5 @@
-"""How many copies of each key the store really holds: Mooncake stores fewer replicas than asked, and says
-nothing, when there are fewer segments than ``replica_num``."""
+"""What the master says it holds of each key: how many complete copies (Mooncake stores fewer replicas than
+asked, and says nothing, when there are fewer segments than ``replica_num``) and of what size."""
 
 from __future__ import annotations
 
@@ -29,3 +29,40 @@ def _count(replicas: Any) -> int | None:
         if r.is_memory_replica() and getattr(status, "name", str(status)).endswith("COMPLETE"):
             n += 1
     return n
+
+
+def stored_sizes(store: Any, keys: Sequence[str]) -> list[int | None] | None:
+    """The size of the object stored under each key (None where none is), from one master RPC; None when the
+    store did not answer (a failed query, or a store without ``batch_get_replica_desc``)."""
+    query = getattr(store, "batch_get_replica_desc", None)
+    if query is None:
+        return None
+    try:
+        found = query(list(keys))
+        if not isinstance(found, dict):
+            return None
+        return [_size(found.get(key)) for key in keys]
+    except Exception:  # noqa: BLE001 - an unanswered query leaves the sizes unknown, it fails nothing
+        return None
+
+
+def _size(replicas: Any) -> int | None:
+    for r in replicas or ():
+        if r.is_memory_replica():
+            return int(r.get_memory_descriptor().buffer_descriptor.size)
+    return None
+
+
+def stored_sizes_of_existing(store: Any, keys: Sequence[str]) -> list[int | None]:
+    """``stored_sizes`` asked only for the keys ``batch_is_exist`` finds (Mooncake logs an error line for every
+    missing key ``batch_get_replica_desc`` is asked about): None for a key not stored, -1 where the store did not
+    say (a failed query)."""
+    try:
+        exists = list(store.batch_is_exist(list(keys)))
+    except Exception:  # noqa: BLE001 - unknown, not a failure
+        exists = []
+    if len(exists) != len(keys):
+        return [-1] * len(keys)
+    present = [k for k, e in zip(keys, exists, strict=True) if e != 0]
+    sizes = dict(zip(present, stored_sizes(store, present) or [-1] * len(present), strict=True)) if present else {}
+    return [None if e == 0 else (-1 if sizes.get(k) is None else sizes[k]) for k, e in zip(keys, exists, strict=True)]

@@ -19,11 +19,29 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from tq_mooncake.client.codes import ErrorCode
 
 OK = 0
+
+
+class _Replica:
+    """What ``batch_get_replica_desc`` lists for one copy: a memory replica, complete, of ``size`` bytes."""
+
+    class _Status:
+        name = "COMPLETE"
+
+    def __init__(self, size: int) -> None:
+        self.status = self._Status()
+        self._memory = SimpleNamespace(buffer_descriptor=SimpleNamespace(size=size))
+
+    def is_memory_replica(self) -> bool:
+        return True
+
+    def get_memory_descriptor(self) -> Any:
+        return self._memory
 
 
 class InMemoryStore:
@@ -125,6 +143,12 @@ class InMemoryStore:
         self._check_open()
         with self._lock:
             return int(key in self._data)
+
+    def batch_get_replica_desc(self, keys: Sequence[str]) -> dict[str, list[Any]]:
+        """One complete memory replica per key held (absent keys are left out), shaped as the binding's."""
+        self._check_open()
+        with self._lock:
+            return {key: [_Replica(len(self._data[key]))] for key in keys if key in self._data}
 
     def batch_is_exist(self, keys: Sequence[str]) -> list[int]:
         """1 for each key held, 0 for each not."""

@@ -32,7 +32,8 @@ _run = itertools.count()
 # How a damaged value is refused: Mooncake's "buffer too small", the client's size, checksum and frame checks, or
 # the trailer's (retryable: a read racing a write looks the same).
 REFUSALS = {ErrorCode.INVALID_PARAMS, ErrorCode.SIZE_MISMATCH, ErrorCode.METADATA_MISMATCH, ErrorCode.CORRUPT_VALUE,
-            ErrorCode.TRAILER_MISMATCH, ErrorCode.STALE_VALUE, ErrorCode.PAYLOAD_CHECKSUM_MISMATCH}  # fmt: skip
+            ErrorCode.TYPE_MISMATCH, ErrorCode.TRAILER_MISMATCH, ErrorCode.STALE_VALUE,
+            ErrorCode.PAYLOAD_CHECKSUM_MISMATCH}  # fmt: skip
 DTYPES = list(codec.TORCH_DTYPES.values())  # every dtype a tensor can be stored in
 ALL_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)  # the quantized too
 
