@@ -305,7 +305,7 @@ class ClientConfig:
     batch_size: int = 400
     max_workers: int = field(default_factory=default_max_workers)
     allow_pickle: bool = False
-    tensor_checksum: bool = False
+    tensor_checksum: bool = True
     clear_force: bool = True
     max_value_bytes: int = 1 * GiB
     setup_timeout_s: float = 5.0

@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from tq_mooncake.client import ErrorCode, MooncakeBatchClient, NonRetryableError, RetriesExhaustedError, integrity
+from tq_mooncake.client import (
+    BatchOperationError,
+    ErrorCode,
+    MooncakeBatchClient,
+    NonRetryableError,
+    RetriesExhaustedError,
+    integrity,
+)
 from tq_mooncake.client.chunks import COPY_MAX_BYTES
 from tq_mooncake.testing import InMemoryStore, RecordingObserver
 
@@ -151,9 +158,9 @@ def test_bytes_that_are_not_this_keys_value_are_never_returned(client, keyspace,
     assert set(info.value.failed) == {c}  # a payload without trailer is too short: refused, named
 
 
-def test_a_flipped_payload_byte_is_caught_by_the_checksum_option(client, shared_master, make_client, keyspace):
+def test_a_flipped_payload_byte_is_caught_by_the_checksum(client, shared_master, make_client, keyspace):
     big = torch.arange(COPY_MAX_BYTES // 4 + 100, dtype=torch.int32)
-    checked = make_client(shared_master, tensor_checksum=True, retry=FAST_RETRY)
+    sampled = make_client(shared_master, tensor_checksum=False, retry=FAST_RETRY)
 
     def damage(user, key: str, value: torch.Tensor, position: int) -> dict:
         (meta,) = user.put([key], [value])
@@ -162,22 +169,23 @@ def test_a_flipped_payload_byte_is_caught_by_the_checksum_option(client, shared_
         _raw_write(user.store, key, bytes(stored))
         return meta
 
-    # A new large key is written zero-copy; without the option it is covered by its samples (64 bytes at every
-    # 4 KiB): byte 10 is in one, byte 100 is not (the documented limit).
+    # The default covers every byte. With tensor_checksum off a new large key (written zero-copy) is covered by
+    # its samples (64 bytes at every 4 KiB): byte 10 is in one, byte 100 is not (the documented limit); small
+    # payloads are still covered whole.
     k1, k2, k3, k4, k5 = keyspace(5)
-    for user, key, value, position in ((checked, k1, big, 100), (client, k2, big, 10), (client, k4, big[:64], 3)):
+    for user, key, value, position in ((client, k1, big, 100), (sampled, k2, big, 10), (sampled, k4, big[:64], 3)):
         meta = damage(user, key, value, position)
-        with pytest.raises(RetriesExhaustedError) as info:
+        with pytest.raises(BatchOperationError) as info:
             user.get([key], custom_backend_meta=[meta])
         assert info.value.failed == {key: ErrorCode.PAYLOAD_CHECKSUM_MISMATCH}
-    meta = damage(client, k3, big, 100)
-    (got,) = client.get([k3], custom_backend_meta=[meta])
+    meta = damage(sampled, k3, big, 100)
+    (got,) = sampled.get([k3], custom_backend_meta=[meta])
     assert not torch.equal(got, big)
-    # An overwrite of a large key is staged (upserted in one step), so it is checksummed whole.
-    client.put([k5], [big])
-    meta = damage(client, k5, big + 1, 100)
+    # An overwrite of a large key of the same size is staged (upserted in one step), so it is checksummed whole.
+    sampled.put([k5], [big])
+    meta = damage(sampled, k5, big + 1, 100)
     with pytest.raises(RetriesExhaustedError) as info:
-        client.get([k5], custom_backend_meta=[meta])
+        sampled.get([k5], custom_backend_meta=[meta])
     assert info.value.failed == {k5: ErrorCode.PAYLOAD_CHECKSUM_MISMATCH}
 
 
