@@ -78,18 +78,20 @@ def describe(config: ClientConfig) -> str:
 def connect_store(config: ClientConfig) -> Any:
     """A set-up ``MooncakeDistributedStore`` for ``config``; StoreSetupError naming the addresses if not.
 
-    Contract: with a wrong, closed, silent or garbling peer at any configured address, StoreSetupError
-    comes within ``setup_timeout_s`` (counted from after importing ``mooncake.store``), before Mooncake is
-    touched: ``setup_probe`` asks the master for a coro_rpc answer and the metadata server (http(s) or
-    etcd) for an HTTP or HTTP/2 answer under one deadline. Malformed addresses and metadata schemes this
-    build has no plugin for never get here (``ClientConfig`` refuses them).
+    Contract: with a wrong, closed, silent, garbling, half-answering or slow peer at any configured address,
+    StoreSetupError comes within ``setup_timeout_s`` (counted from after importing ``mooncake.store``), before
+    Mooncake is touched: ``setup_probe`` makes one whole request of each peer under one deadline and passes
+    it only on a whole answer: the master's coro_rpc error response with its message, an HTTP 200 or 404
+    with its body, or etcd's gRPC answer to a KV Range (see ``setup_probe``). Malformed addresses and
+    metadata schemes this build has no plugin for never get here (``ClientConfig`` refuses them).
 
     What is left unbounded: Mooncake's ``setup()`` itself, once every peer has answered. The 0.3.13 binding
     holds the GIL for the whole call (measured: a thread running it blocks every other Python thread), so
-    no thread, timer or signal here can end it early; a peer that answers the probe and then stalls is
-    bounded only by Mooncake (20 attempts, each up to coro_rpc's 30 s request timeout, curl's 3 s or etcd's
-    5 s dial). Such a late set-up is still returned if it succeeded (with a warning), and a late failure
-    says how long it took. Nothing is left behind: a failed store is closed.
+    no thread, timer or signal here can end it early; a peer that answers the probe in full and then stalls
+    or garbles Mooncake's own requests is bounded only by Mooncake (20 attempts, each up to coro_rpc's 30 s
+    request timeout, curl's 3 s or etcd's 5 s per call). Such a late set-up is still returned if it succeeded
+    (with a warning), and a late failure says how long it took. Nothing is left behind: a failed store is
+    closed.
     """
     store_class = _store_class()
     start = time.monotonic()

@@ -210,6 +210,17 @@ def test_invalid_sizes_raise_with_the_key_name(value):
         ClientConfig.from_dict({"local_buffer_size": value})
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["\u0663", "\uff11\uff12", "1\u0663MB", "\u00b2", "1.\u0665GB", "\u0661\u0660 KiB", "12\u2003MB", "\u00a012"],
+)
+def test_sizes_are_ascii_digits_only(value):
+    """Arabic-Indic, fullwidth and superscript digits are digits to str.isdigit() (and a plain regex \\d), and
+    Unicode spaces are spaces to \\s: not here."""
+    with pytest.raises(ValueError, match="^global_segment_size must be a size in bytes"):
+        ClientConfig.from_dict({"global_segment_size": value})
+
+
 @pytest.mark.parametrize("value", ["4i", "4ib"])
 def test_size_with_bare_i_unit_raises_value_error(value):
     with pytest.raises(ValueError, match="local_buffer_size"):
@@ -287,9 +298,50 @@ def test_full_urls_are_unchanged(value):
     assert normalize_metadata_server(value) == value
 
 
-@pytest.mark.parametrize("value", ["redis://10.0.0.1:6379", "consul://h:1", "REDIS://h:1", "zk://h:1", "HTTP://h:1"])
+@pytest.mark.parametrize("value", ["redis://10.0.0.1:6379", "consul://h:1", "zk://h:1", "etcd://h:1"])
 def test_other_schemes_are_left_for_validation_to_refuse(value):
     assert normalize_metadata_server(value) == value
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("HTTP://h:1", "http://h:1/metadata"),
+        ("Https://h/Path", "https://h/Path/metadata"),
+        ("ETCD://h:2379", "etcd://h:2379"),
+        ("REDIS://h:1", "redis://h:1"),
+    ],
+)
+def test_schemes_are_lowered_and_only_the_scheme(value, expected):
+    """Schemes are case-insensitive (RFC 3986); Mooncake matches them in lower case. Paths keep their case."""
+    assert normalize_metadata_server(value) == expected
+
+
+def test_an_upper_case_scheme_given_to_the_dataclass_is_refused_for_its_case():
+    with pytest.raises(ValueError, match=r"^metadata_server's scheme must be in lower case \('http'\), as Mooncake"):
+        ClientConfig(metadata_server="HTTP://h:1/metadata")
+    assert ClientConfig.from_dict({"metadata_server": "HTTP://h:1/metadata"}).metadata_server == "http://h:1/metadata"
+    assert ClientConfig.from_dict({"metadata_server": "EtcD://h:1"}).metadata_server == "etcd://h:1"
+
+
+@pytest.mark.parametrize(
+    ("value", "normalized"),
+    [
+        ("http://h:5?k=1", "http://h:5?k=1"),
+        ("h:5?k=1", "http://h:5?k=1"),
+        ("http://h:5/metadata?x=1", "http://h:5/metadata?x=1"),
+        ("http://h:5/metadata?", "http://h:5/metadata?"),
+        ("http://h:5/metadata#x", "http://h:5/metadata#x"),
+        ("https://h/metadata#", "https://h/metadata#"),
+        ("HTTP://h:5/?a=b#c", "http://h:5/?a=b#c"),
+    ],
+)
+def test_a_metadata_url_with_a_query_or_fragment_is_refused_not_mangled(value, normalized):
+    """Mooncake appends '?key=<key>' to the URL as it is: a query or fragment would break every key. The URL
+    is refused as given (no '/metadata' spliced into its query), so the message shows what was meant."""
+    assert normalize_metadata_server(value) == normalized
+    with pytest.raises(ValueError, match=r"^metadata_server must be an http\(s\) URL without a query or fragment"):
+        ClientConfig.from_dict({"metadata_server": value})
 
 
 def test_the_accepted_schemes_are_the_wheels_metadata_plugins():
@@ -298,7 +350,7 @@ def test_the_accepted_schemes_are_the_wheels_metadata_plugins():
 
 @pytest.mark.parametrize(
     "value",
-    ["redis://10.0.0.1:6379", "redis://h:6379/0", "REDIS://h:6379", "consul://h:8500", "zk://h:2181", "HTTP://h:1"],
+    ["redis://10.0.0.1:6379", "redis://h:6379/0", "REDIS://h:6379", "consul://h:8500", "zk://h:2181", "Consul://h:1"],
 )
 def test_unsupported_metadata_schemes_are_a_value_error_naming_the_accepted_forms(value):
     with pytest.raises(
@@ -306,7 +358,7 @@ def test_unsupported_metadata_schemes_are_a_value_error_naming_the_accepted_form
     ) as info:
         ClientConfig.from_dict({"metadata_server": value})
     assert "metadata plugin (it would abort the process)" in str(info.value)
-    assert value.split("://")[0] in str(info.value)
+    assert f"no {value.split('://')[0].lower()!r} metadata plugin" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -331,6 +383,65 @@ def test_unsupported_metadata_schemes_are_a_value_error_naming_the_accepted_form
 def test_malformed_metadata_addresses_are_a_value_error(value):
     with pytest.raises(ValueError, match="^(metadata_server|every etcd endpoint of metadata_server) must"):
         ClientConfig.from_dict({"metadata_server": value})
+
+
+_CONTROL = ["\x00", "\n", "\r", "\t", "\x7f", "\x1f", "\u0085", "\u00a0", "\u2028", "\u3000"]
+
+
+@pytest.mark.parametrize("char", _CONTROL)
+@pytest.mark.parametrize(
+    ("key", "template"),
+    [
+        ("metadata_server", "http://h{}:8080/metadata"),
+        ("metadata_server", "http://h:8080/meta{}data"),
+        ("metadata_server", "http://h:8080/metadata{}"),
+        ("metadata_server", "h{}:8080"),
+        ("metadata_server", "etcd://h{}:2379"),
+        ("metadata_server", "etcd://h:2379,{}h:2380"),
+        ("master_server_address", "h{}:50051"),
+        ("master_server_address", "h:50051{}"),
+        ("local_hostname", "node{}"),
+        ("local_hostname", "{}127.0.0.1"),
+        ("local_hostname", "fe80::1%{}"),
+    ],
+)
+def test_control_space_and_non_ascii_characters_in_an_address_are_refused(key, template, char):
+    """A newline (CRLF) in a host name would reach the probe's request line and Mooncake; none gets past."""
+    with pytest.raises(ValueError, match=f"^(every etcd endpoint of )?{key}( must|'s scheme)"):
+        ClientConfig.from_dict({key: template.format(char)})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("master_server_address", "[1.2.3.4]:5"),
+        ("master_server_address", "[fe80::1%eth0]:5"),
+        ("master_server_address", "[h]:5"),
+        ("local_hostname", "[1.2.3.4]:5"),
+        ("local_hostname", "fe80::1%eth0"),
+        ("metadata_server", "etcd://[1.2.3.4]:2379"),
+        ("metadata_server", "http://[1.2.3.4]:8080/metadata"),
+        ("metadata_server", "http://[fe80::1%25eth0]:8080/metadata"),
+        ("metadata_server", "[1.2.3.4]:8080"),
+    ],
+)
+def test_brackets_hold_an_ipv6_address_and_nothing_else(key, value):
+    with pytest.raises(ValueError, match=f"^(every etcd endpoint of )?{key} must"):
+        ClientConfig.from_dict({key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("master_server_address", "[::1]:5"),
+        ("master_server_address", "[::ffff:1.2.3.4]:5"),
+        ("local_hostname", "[fe80::1]:5"),
+        ("metadata_server", "etcd://[::1]:2379"),
+        ("metadata_server", "http://[::1]:8080/metadata"),
+    ],
+)
+def test_bracketed_ipv6_addresses_are_kept(key, value):
+    assert getattr(ClientConfig.from_dict({key: value}), key) == value
 
 
 @pytest.mark.parametrize(
