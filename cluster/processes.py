@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import queue
+import random
 import re
 import shutil
 import signal
@@ -161,8 +162,23 @@ def _stop_procs(procs: Sequence[subprocess.Popen[bytes]], grace_s: float) -> Non
             proc.wait(timeout=10)
 
 
+_PICK_RANGE = (20000, 32000)
+"""Where ``free_port`` picks: below Linux's ephemeral range (32768-60999), from which every outgoing connection
+takes its local port (a port picked there can be taken before it is bound), and above the ports Mooncake's
+clients and transfer engines pick for themselves (12300-17999)."""
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago: a random one in ``_PICK_RANGE`` (the kernel's pick
+    if none of 50 tries binds)."""
+    for _ in range(50):
+        port = random.randrange(*_PICK_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
@@ -302,28 +318,37 @@ class MasterProcess(ChildProcess):
         http_port: int | None = None,
     ) -> None:
         self.host = host
+        self._given = (rpc_port, http_port)
+        self._http_metadata = http_metadata
+        self._extra_args = list(extra_args or [])
+        self._started_once = False
+        self.client_ttl = client_ttl
+        self._pick_ports()
+        self.log_path = Path(log_dir) / f"mooncake_master-{self.rpc_port}.log"
+
+    def _pick_ports(self) -> None:
+        """The ports not given to the constructor, picked (again) now, and the command line that uses them."""
+        rpc_port, http_port = self._given
         self.rpc_port = rpc_port or free_port()
         self.metrics_port = free_port()
-        self.http_port = (http_port or free_port()) if http_metadata else None
-        self.client_ttl = client_ttl
+        self.http_port = (http_port or free_port()) if self._http_metadata else None
         self._args = [
             _mooncake_master_binary(),
-            f"--rpc_address={host}",
+            f"--rpc_address={self.host}",
             f"--rpc_port={self.rpc_port}",
             f"--metrics_host={LOOPBACK}",
             f"--metrics_port={self.metrics_port}",
             "--enable_metric_reporting=false",
         ]
-        if http_metadata:
+        if self._http_metadata:
             self._args += [
                 "--enable_http_metadata_server=true",
-                f"--http_metadata_server_host={host}",
+                f"--http_metadata_server_host={self.host}",
                 f"--http_metadata_server_port={self.http_port}",
             ]
-        if client_ttl is not None:
-            self._args.append(f"--client_ttl={client_ttl}")
-        self._args += extra_args or []
-        self.log_path = Path(log_dir) / f"mooncake_master-{self.rpc_port}.log"
+        if self.client_ttl is not None:
+            self._args.append(f"--client_ttl={self.client_ttl}")
+        self._args += self._extra_args
 
     @property
     def address(self) -> str:
@@ -364,8 +389,23 @@ class MasterProcess(ChildProcess):
         return set(_SEGMENT.findall(self.metrics_text()))
 
     def start(self, timeout: float = 30.0) -> MasterProcess:
-        self._launch(self._args)
-        self._wait_ready(self.healthy, timeout, f"mooncake_master on {self.address}")
+        """Start it and wait until it serves. A free port picked here can be taken by another process before the
+        master binds it (the master then aborts: "Failed to start HTTP metadata server"); on its first start,
+        such a master is started again on newly picked ports (the ports given to the constructor are kept),
+        up to three times."""
+        for attempt in range(3):
+            self._launch(self._args)
+            try:
+                self._wait_ready(self.healthy, timeout, f"mooncake_master on {self.address}")
+                break
+            except ShutdownStarted:
+                raise
+            except RuntimeError:
+                exited = self.proc is not None and self.proc.poll() is not None
+                if self._started_once or not exited or attempt == 2:
+                    raise
+                self._pick_ports()
+        self._started_once = True
         return self
 
     def restart(self, timeout: float = 30.0) -> MasterProcess:

@@ -130,3 +130,23 @@ def test_after_begin_shutdown_nothing_starts_and_stop_children_stops_the_rest(tm
         child.wait(timeout=10)
         if master is not None:
             _kill(*master)
+
+
+def test_a_master_whose_picked_port_was_taken_starts_again_on_new_ports(tmp_path):
+    """free_port() releases the port it picked; another process can bind it first. The master then aborts, and
+    start() picks new ports for what the caller did not give."""
+    import socket
+
+    from tq_mooncake.cluster import MasterProcess
+
+    master = MasterProcess(tmp_path)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", master.http_port))
+    taken.listen()
+    first_http_port = master.http_port
+    try:
+        master.start()
+        assert master.http_port != first_http_port and master.healthy()
+    finally:
+        master.stop()
+        taken.close()
