@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from . import codec, integrity, plans, replicas
+from . import codec, integrity, plans, replicas, staging
 from .codes import ErrorCode
 from .store import Registrations
 
-COPY_MAX_BYTES = 32 << 10
+COPY_MAX_BYTES = 64 << 10
 """Payloads up to this size are copied, with their trailer, into one staging block per chunk and written with
 ``batch_upsert_from`` (one transfer slice per key); larger ones are written zero-copy from their own memory
 with the trailer as a second slice (``batch_put_from_multi_buffers``). Over TCP a second slice costs about as
@@ -43,7 +43,7 @@ class PutChunk:
 
     __slots__ = (
         "_store", "_keys", "_items", "_replicate", "_replica_num", "_regs", "_write_id", "_checksum", "_blocks",
-        "_staged", "_gather", "_routed", "replicas",
+        "_arena", "_staged", "_gather", "_routed", "replicas",
     )  # fmt: skip
 
     def __init__(
@@ -66,6 +66,8 @@ class PutChunk:
         self._write_id = write_id
         self._checksum = checksum
         self._blocks: list[np.ndarray] = []  # staging and trailer blocks, alive as long as the chunk
+        self._arena = staging.arena()
+        self._arena.begin()
         self._staged: dict[int, tuple[int, int]] = {}  # position -> (pointer, size) of payload and trailer
         self._gather: dict[int, int] = {}  # position -> pointer of its trailer (payload at items[pos].ptr)
         self._routed = False
@@ -74,7 +76,7 @@ class PutChunk:
         ``replica_num`` > 1; one replica is what a successful write of one means)."""
 
     def _block(self, size: int) -> tuple[np.ndarray, int]:
-        block = np.empty(max(size, 1), dtype=np.uint8)
+        block = self._arena.take(max(size, 1))
         self._blocks.append(block)
         self._regs.add(block.ctypes.data, size)
         return block, block.ctypes.data

@@ -328,3 +328,22 @@ def test_overwrites_that_change_a_keys_size_do_not_leak_store_space(start_master
     allocated = int(float(re.search(r"^master_allocated_bytes\S* (\S+)", master.metrics_text(), re.M).group(1)))
     assert allocated <= 2 << 20, allocated
     assert client.get([key])[0] == values[149 % 3]
+
+
+@pytest.mark.pure
+def test_the_staging_arena_reuses_its_pages_and_never_overlaps_blocks_of_one_chunk():
+    from tq_mooncake.client.staging import RETAIN_MAX_BYTES, Arena
+
+    arena = Arena()
+    arena.begin()
+    a, b = arena.take(100), arena.take(1000)
+    a[:] = 1
+    b[:] = 2
+    assert (a == 1).all() and a.ctypes.data + 100 <= b.ctypes.data
+    grown = arena.take(arena.capacity + 1)  # does not fit: a new buffer; the blocks before stay valid
+    grown[:] = 3
+    assert (a == 1).all() and (b == 2).all()
+    arena.begin()
+    assert arena.take(10).ctypes.data == grown.ctypes.data  # the next chunk reuses the same pages
+    huge = arena.take(RETAIN_MAX_BYTES + 1)
+    assert huge.size == RETAIN_MAX_BYTES + 1 and arena.capacity <= RETAIN_MAX_BYTES

@@ -59,7 +59,7 @@ from tq_mooncake.client.setup_probe import (
 )
 from tq_mooncake.cluster import MasterProcess, free_port, wait_until
 
-TIMEOUT_S = 1.0  # setup_timeout_s of every test here
+TIMEOUT_S = 0.5  # setup_timeout_s of the hostile-peer tests here
 MARGIN_S = 3.0  # the bound asserted: TIMEOUT_S + MARGIN_S, generous for a loaded machine
 SEQ = CORO_RPC_REQUEST[4:8]
 # What mooncake_master (0.3.13.post1) answered to CORO_RPC_REQUEST: a 16-byte response header (magic 21,
@@ -437,8 +437,8 @@ def test_a_real_master_and_its_metadata_server_pass(shared_master: MasterProcess
 
 def test_a_client_on_a_real_master_sets_up_well_within_the_timeout(shared_master: MasterProcess, make_client):
     start = time.monotonic()
-    client = make_client(shared_master, global_segment_size=0, setup_timeout_s=TIMEOUT_S)
-    assert time.monotonic() - start < TIMEOUT_S
+    client = make_client(shared_master, global_segment_size=0, setup_timeout_s=5)
+    assert time.monotonic() - start < 5
     assert client.get([]) == []
 
 
