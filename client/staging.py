@@ -36,7 +36,7 @@ class Arena:
             if size > RETAIN_MAX_BYTES:
                 return np.empty(size, dtype=np.uint8)  # too big to keep
             # Blocks taken before stay valid: they keep the old buffer alive.
-            self._buf = np.empty(min(max(2 * self._buf.size, size), RETAIN_MAX_BYTES), dtype=np.uint8)
+            self._buf = np.empty(min(max(2 * self._buf.size, size, 1 << 20), RETAIN_MAX_BYTES), dtype=np.uint8)
             start = 0
         self._used = start + size
         return self._buf[start : start + size]
