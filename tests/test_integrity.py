@@ -201,23 +201,22 @@ def test_an_overwrite_replaces_the_value_on_both_write_paths(client, keyspace):
         assert client.get([big]) == [f"now a string {round_}"]
 
 
-def test_fewer_replicas_than_asked_are_visible(shared_master, make_client, keyspace, caplog):
+def test_fewer_replicas_than_asked_are_visible(client, shared_master, keyspace, caplog):
     # One segment in this cluster (the client's own): replica_num 3 is stored once.
     recorder = RecordingObserver()
-    client = MooncakeBatchClient(shared_master.client_config(replica_num=3), observer=recorder)
+    asking = MooncakeBatchClient(shared_master.client_config(replica_num=3), observer=recorder)
     try:
         keys = keyspace(3)
         with caplog.at_level(logging.WARNING, logger="tq_mooncake.client.batch_client"):
-            metas = client.put(keys, [torch.ones(4), b"bytes", torch.ones(COPY_MAX_BYTES)])
+            metas = asking.put(keys, [torch.ones(4), b"bytes", torch.ones(COPY_MAX_BYTES)])
         segments = len(shared_master.mounted_segments())
         assert [m["replicas"] for m in metas] == [min(3, segments)] * 3
         assert recorder.operations[-1].summary.keys_under_replicated == (3 if segments < 3 else 0)
         if segments < 3:
             assert "fewer than replica_num=3 replicas" in caplog.text
     finally:
-        client.close()
-    single = make_client(shared_master)
-    assert single.put(keyspace(1), [torch.ones(2)])[0]["replicas"] == 1
+        asking.close()
+    assert client.put(keyspace(4)[3:], [torch.ones(2)])[0]["replicas"] == 1  # replica_num 1: nothing asked
 
 
 # ------------------------------------------------------------------------------------------ one writer per key
