@@ -12,8 +12,8 @@ http://127.0.0.1:8501, and runs a TransferQueue-shaped workload (``cli.workload`
 with ``replica_num: 2`` and telemetry written to the telemetry folder. Faults: error codes injected into the
 store at ``--fault-rate`` of keys on first attempts (retried away) and ``--exhaust-rate`` on every attempt
 (retries run out), and every ``--kill-every`` seconds one storage process is killed (SIGKILL) and a new one
-started. Prints what it started, progress, and a summary at the end; Ctrl-C (or ``--duration``, or
-``--batches``) stops every process it started, and nothing else.
+started. Prints what it started, progress, and a summary at the end; Ctrl-C, SIGTERM or SIGHUP (or
+``--duration``, or ``--batches``) stops every process it started within 10 s, and nothing else.
 """
 
 
