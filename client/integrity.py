@@ -35,6 +35,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
+from . import codec
 from .codes import ErrorCode
 
 MAGIC = b"TQMT"
@@ -44,13 +45,8 @@ FLAG_SAMPLED_CRC32C = 0x02
 FLAG_FRAME = 0x04
 SAMPLE_STRIDE = 4096
 SAMPLE_BYTES = 64
-_TRAILER = struct.Struct("<4sBBHQQQII")
-_HEAD = struct.Struct("<4sBBHQQQI")  # the part the trailer's own CRC covers
-TRAILER_SIZE = _TRAILER.size  # 40
-assert TRAILER_SIZE == 40 and _HEAD.size == 36
-
-CHECKSUM_IS_HARDWARE: bool = bool(crc32c.hardware_based)
-"""Whether the CRC32C package runs on the CPU's CRC instructions (SSE4.2 / ARMv8); else a software table."""
+_HEAD = struct.Struct("<4sBBHQQQI")  # the trailer but its own CRC, which covers these 36 bytes
+TRAILER_SIZE = _HEAD.size + 4  # 40
 
 
 def key_tag(key: str) -> int:
@@ -146,6 +142,6 @@ def seal(key: str, payload: bytes, write_id: int = 1, checksum: bool = False, fr
     out = bytearray(len(payload) + TRAILER_SIZE)
     out[: len(payload)] = payload
     crc = crc32c.crc32c(payload) if checksum else None
-    frame = payload[:4] == b"TQMC" if frame is None else frame
+    frame = payload[: len(codec.MAGIC)] == codec.MAGIC if frame is None else frame
     pack_into(out, len(payload), key_tag(key), write_id, len(payload), crc, FLAG_CRC32C | (FLAG_FRAME if frame else 0))
     return bytes(out)

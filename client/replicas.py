@@ -7,17 +7,23 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def complete_replicas(store: Any, keys: Sequence[str]) -> list[int | None]:
-    """The number of complete memory replicas of each key (None where the store did not say: a failed query,
-    or a store without ``batch_get_replica_desc``). One master RPC for the batch."""
+def _descriptors(store: Any, keys: Sequence[str]) -> dict[str, Any] | None:
+    """The master's replica descriptors of ``keys`` (absent keys left out), from one RPC; None when the store did
+    not answer (a failed query, or a store without ``batch_get_replica_desc``): unknown, it fails nothing."""
     query = getattr(store, "batch_get_replica_desc", None)
-    if query is None or not keys:
-        return [None] * len(keys)
+    if query is None:
+        return None
     try:
         found = query(list(keys))
-    except Exception:  # noqa: BLE001 - an unanswered query leaves the count unknown, it fails nothing
-        return [None] * len(keys)
-    return [_count(found.get(key)) if isinstance(found, dict) else None for key in keys]
+    except Exception:  # noqa: BLE001 - an unanswered query leaves the answer unknown
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def complete_replicas(store: Any, keys: Sequence[str]) -> list[int | None]:
+    """The number of complete memory replicas of each key (None where the store did not say)."""
+    found = _descriptors(store, keys) if keys else None
+    return [_count(found.get(key)) if found is not None else None for key in keys]
 
 
 def _count(replicas: Any) -> int | None:
@@ -31,21 +37,6 @@ def _count(replicas: Any) -> int | None:
     return n
 
 
-def stored_sizes(store: Any, keys: Sequence[str]) -> list[int | None] | None:
-    """The size of the object stored under each key (None where none is), from one master RPC; None when the
-    store did not answer (a failed query, or a store without ``batch_get_replica_desc``)."""
-    query = getattr(store, "batch_get_replica_desc", None)
-    if query is None:
-        return None
-    try:
-        found = query(list(keys))
-        if not isinstance(found, dict):
-            return None
-        return [_size(found.get(key)) for key in keys]
-    except Exception:  # noqa: BLE001 - an unanswered query leaves the sizes unknown, it fails nothing
-        return None
-
-
 def _size(replicas: Any) -> int | None:
     for r in replicas or ():
         if r.is_memory_replica():
@@ -54,9 +45,9 @@ def _size(replicas: Any) -> int | None:
 
 
 def stored_sizes_of_existing(store: Any, keys: Sequence[str]) -> list[int | None]:
-    """``stored_sizes`` asked only for the keys ``batch_is_exist`` finds (Mooncake logs an error line for every
-    missing key ``batch_get_replica_desc`` is asked about): None for a key not stored, -1 where the store did not
-    say (a failed query)."""
+    """The size of the object stored under each key: None for a key not stored, -1 where the store did not say (a
+    failed query). Sizes are asked (``batch_get_replica_desc``) only for the keys ``batch_is_exist`` finds:
+    Mooncake logs an error line for every missing key the former is asked about."""
     try:
         exists = list(store.batch_is_exist(list(keys)))
     except Exception:  # noqa: BLE001 - unknown, not a failure
@@ -64,5 +55,6 @@ def stored_sizes_of_existing(store: Any, keys: Sequence[str]) -> list[int | None
     if len(exists) != len(keys):
         return [-1] * len(keys)
     present = [k for k, e in zip(keys, exists, strict=True) if e != 0]
-    sizes = dict(zip(present, stored_sizes(store, present) or [-1] * len(present), strict=True)) if present else {}
-    return [None if e == 0 else (-1 if sizes.get(k) is None else sizes[k]) for k, e in zip(keys, exists, strict=True)]
+    found = (_descriptors(store, present) if present else None) or {}
+    sizes = {k: _size(found.get(k)) for k in present}
+    return [None if e == 0 else (-1 if sizes[k] is None else sizes[k]) for k, e in zip(keys, exists, strict=True)]
