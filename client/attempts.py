@@ -126,7 +126,11 @@ class Retrier:
                     result.outcome = Outcome.NON_RETRYABLE
             result.nbytes += nbytes
             result.pending = retry
-            attempt_scope.end(failed_now, nbytes)
+            routing = getattr(call, "routing", None)  # what routing around lost nodes did (chunks.py)
+            if routing:
+                attempt_scope.end(failed_now, nbytes, routing)
+            else:
+                attempt_scope.end(failed_now, nbytes)
             if not retry:
                 break
             backoff, stop = self._next_backoff(result.attempts, deadline)

@@ -33,7 +33,10 @@ from .config import ClientConfig
 from .errors import ClientClosedError
 from .key_locks import KeyLocks
 from .merge import chunk_bounds, merge
+from .node_health import NodeHealth
 from .observer import Observer
+from .replica_reader import ReplicaReader, ReplicaReadingStore
+from .replica_routing import ReplicaRouter
 from .retry import Clock, Jitter
 from .store import Registrations, connect_store, replicate_config
 
@@ -76,10 +79,20 @@ class MooncakeBatchClient:
         self.config = config if isinstance(config, ClientConfig) else ClientConfig.from_dict(config)
         retry = self.config.retry
         self.budget = retry.budget(clock)
-        self._observer = observer or OTelObserver(tracer_provider, meter_provider, budget_tokens=self.budget.available)
+        self.health = NodeHealth(self.config.node_health, clock, on_eject=self._ejected)
+        self._observer = observer or OTelObserver(
+            tracer_provider,
+            meter_provider,
+            budget_tokens=self.budget.available,
+            ejected_nodes=self.health.ejected_count,
+        )
         self._clock = clock
         raw_store = store if store is not None else connect_store(self.config)
+        if self.config.node_health.enabled and _is_mooncake_store(raw_store):
+            raw_store = ReplicaReadingStore(raw_store, ReplicaReader(self.config))
         self._store = wrap_store(raw_store) if wrap_store is not None else raw_store
+        local = self._store.get_hostname() if self.config.global_segment_size > 0 else None
+        self._router = ReplicaRouter(self._store, self.health, local if isinstance(local, str) else None, clock)
         self._replicate = replicate_config(self.config)
         self._closing = threading.Event()
         self._retrier = Retrier(retry.policy(), self.budget, ErrorClassifier(), jitter, self._closing, sleep)
@@ -92,6 +105,14 @@ class MooncakeBatchClient:
         self._writing = KeyLocks()
         self._in_flight = 0
         self._closed = False
+
+    def _ejected(self, endpoint: str) -> None:
+        logger.warning(
+            "storage endpoint %s does not answer: routing around it (replicas elsewhere, writes steered)", endpoint
+        )
+        report = getattr(self._observer, "node_ejected", None)
+        if report is not None:
+            report(endpoint)
 
     # ------------------------------------------------------------------------------------ lifecycle
     @property
@@ -159,7 +180,15 @@ class MooncakeBatchClient:
 
             def write(lo: int, hi: int, regs: Registrations) -> PutChunk:
                 chunk = PutChunk(
-                    self._store, keys[lo:hi], items[lo:hi], self._replicate, regs, write_id, checksum, asked
+                    self._store,
+                    keys[lo:hi],
+                    items[lo:hi],
+                    self._replicate,
+                    regs,
+                    write_id,
+                    checksum,
+                    asked,
+                    self._router,
                 )
                 chunks[lo] = chunk
                 return chunk
@@ -219,6 +248,7 @@ class MooncakeBatchClient:
                     cfg.allow_pickle,
                     cfg.max_value_bytes,
                     write_ids[lo:hi] if write_ids else None,
+                    self._router,
                 )
                 chunks[lo] = chunk
                 return chunk
@@ -296,3 +326,8 @@ class MooncakeBatchClient:
         scope.end(summary)
         if result.error is not None:
             raise result.error
+
+
+def _is_mooncake_store(store: Any) -> bool:
+    """Whether ``store`` is Mooncake's own store (direct replica reads need its transfer engine's peers)."""
+    return type(store).__module__.split(".", 1)[0] == "mooncake"

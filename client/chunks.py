@@ -15,6 +15,8 @@ import numpy as np
 
 from . import codec, integrity, plans, replicas, staging
 from .codes import ErrorCode
+from .replica_routing import LEARN_KEYS, TRANSFER_CODES, ReplicaRouter, RoutingReport
+from .replicas import Location
 from .store import Registrations
 
 COPY_MAX_BYTES = 64 << 10
@@ -39,11 +41,16 @@ class PutChunk:
     * an object of another size, or the master did not say: removed (forced) first, then written as new. An
       upsert that changes a key's size parks the old buffer in the master for 600 s or more (measured: a 64 MB
       segment full after 85 such overwrites), so it is never used for one.
+
+    With a ``router`` (``replica_routing.py``), writes are steered to healthy endpoints while one is ejected or
+    after a transfer failure; a key replaced in place whose write failed so is removed and written as new (an
+    in-place upsert reuses the old replicas' buffers, on the lost node too).
     """
 
     __slots__ = (
         "_store", "_keys", "_items", "_replicate", "_replica_num", "_regs", "_write_id", "_checksum", "_blocks",
-        "_arena", "_staged", "_gather", "_routed", "replicas",
+        "_arena", "_staged", "_gather", "_routed", "_in_place", "_router", "_steer", "_remove_first", "replicas",
+        "routing",
     )  # fmt: skip
 
     def __init__(
@@ -56,6 +63,7 @@ class PutChunk:
         write_id: int,
         checksum: bool,
         replica_num: int = 1,
+        router: ReplicaRouter | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
@@ -71,9 +79,15 @@ class PutChunk:
         self._staged: dict[int, tuple[int, int]] = {}  # position -> (pointer, size) of payload and trailer
         self._gather: dict[int, int] = {}  # position -> pointer of its trailer (payload at items[pos].ptr)
         self._routed = False
+        self._in_place: set[int] = set()
+        self._router = router if router is not None and router.active else None
+        self._steer = False  # a transfer failed: steer the retries
+        self._remove_first: set[int] = set()  # positions to remove (forced) before they are written again
         self.replicas: dict[int, int | None] = {}
         """Complete replicas of each written position (asked of the master after the write when
         ``replica_num`` > 1; one replica is what a successful write of one means)."""
+        self.routing: RoutingReport | None = None
+        """What routing did in the last attempt (None without a router)."""
 
     def _block(self, size: int) -> tuple[np.ndarray, int]:
         block = self._arena.take(max(size, 1))
@@ -115,9 +129,16 @@ class PutChunk:
         self._routed = True
         positions = range(len(self._keys))
         T = integrity.TRAILER_SIZE
-        held = replicas.stored_sizes_of_existing(self._store, self._keys)
-        in_place = [i for i in positions if held[i] == self._items[i].size + T]
-        replaced = [i for i in positions if held[i] is not None and held[i] != self._items[i].size + T]
+        held = replicas.held_objects(self._store, self._keys)
+        router = self._router
+        ejected = router.health.ejected() if router is not None and router.degraded() else frozenset()
+        # In place only where every replica is on a live endpoint: an in-place upsert writes into the old buffers.
+        in_place = [
+            i for i in positions if held[i] is not None and held[i].size == self._items[i].size + T
+            and not held[i].endpoints & ejected
+        ]  # fmt: skip
+        self._in_place = set(in_place)
+        replaced = [i for i in positions if held[i] is not None and i not in self._in_place]
         if replaced:
             self._store.batch_remove([self._keys[i] for i in replaced], True)  # absent keys answer -704: fine
         new = set(replaced) | {i for i in positions if held[i] is None}
@@ -128,6 +149,16 @@ class PutChunk:
     def __call__(self, pending: list[int]) -> tuple[Sequence[int], int]:
         if not self._routed:
             self._route()
+        router = self._router
+        report = self.routing = RoutingReport() if router is not None else None
+        replicate = self._replicate
+        if router is not None and report is not None and (self._steer or router.degraded()):
+            replicate = router.steered(self._replicate, self._replica_num)
+            report.steered = replicate is not self._replicate
+        again = [p for p in pending if p in self._remove_first]
+        if again:
+            self._store.batch_remove([self._keys[p] for p in again], True)
+            self._remove_first.difference_update(again)
         staged = [p for p in pending if p in self._staged]
         gather = [p for p in pending if p in self._gather]
         codes: dict[int, int] = {}
@@ -136,7 +167,7 @@ class PutChunk:
                 [self._keys[p] for p in staged],
                 [self._staged[p][0] for p in staged],
                 [self._staged[p][1] for p in staged],
-                self._replicate,
+                replicate,
             )
             codes.update(_per_key(staged, got))
         if gather:
@@ -144,17 +175,42 @@ class PutChunk:
                 [self._keys[p] for p in gather],
                 [[self._items[p].ptr, self._gather[p]] for p in gather],
                 [[self._items[p].size, integrity.TRAILER_SIZE] for p in gather],
-                self._replicate,
+                replicate,
             )
             codes.update(_per_key(gather, got))
         result = [codes[p] for p in pending]
         written = [p for p, c in zip(pending, result, strict=True) if c == 0]
-        if self._replica_num > 1:
-            counts = replicas.complete_replicas(self._store, [self._keys[p] for p in written])
-            self.replicas.update(zip(written, counts, strict=True))
-        else:
+        failed = [p for p, c in zip(pending, result, strict=True) if c in TRANSFER_CODES]
+        where: dict[str, list[Location]] | None = None
+        if self._replica_num > 1 or (router is not None and failed):
+            asked = written if self._replica_num > 1 else written[:LEARN_KEYS]
+            keys = [self._keys[p] for p in asked]
+            where = router.where(keys) if router is not None else None
+            counts = (
+                [len(where[k]) if k in where else None for k in keys]
+                if where is not None
+                else replicas.complete_replicas(self._store, keys)
+            )
+            if self._replica_num > 1:
+                self.replicas.update(zip(written, counts, strict=True))
+        if self._replica_num == 1:
             self.replicas.update(dict.fromkeys(written, 1))
+        if router is not None and report is not None and failed:
+            self._after_transfer_failure(router, report, failed, where or {})
         return result, sum(self._items[p].size for p in written)
+
+    def _after_transfer_failure(
+        self, router: ReplicaRouter, report: RoutingReport, failed: list[int], where: dict[str, list[Location]]
+    ) -> None:
+        """Some writes failed with a transfer-class code: the endpoints that just took writes are live; probe the
+        other known ones (the failed writes' endpoints are not reported); steer the retries; keys replaced in
+        place are removed and written as new."""
+        self._steer = True
+        self._remove_first.update(p for p in failed if p in self._in_place)
+        live = {loc.endpoint for locs in where.values() for loc in locs}
+        for endpoint in live:
+            router.health.success(endpoint)
+        router.confirm([e for e in router.health.healthy() if e not in live], report)
 
 
 def _per_key(positions: list[int], got: Sequence[int]) -> dict[int, int]:
@@ -173,11 +229,16 @@ class GetChunk:
 
     Destinations of known size are allocated once, up front; a frame of unknown size asks the store for its
     size on every attempt (it may have been overwritten in between).
+
+    With a ``router`` (``replica_routing.py``): a key that failed with a transfer-class code on an endpoint that
+    is down is read from another replica in the same attempt; while an endpoint is ejected, keys whose replica
+    Mooncake would pick is there are read from another replica instead, and keys with no replica elsewhere fail
+    with ``REPLICA_UNREACHABLE``.
     """
 
     __slots__ = (
         "_store", "_keys", "_plans", "_regs", "_allow_pickle", "_max_value_bytes", "_dest", "_tags", "_wids",
-        "values",
+        "_router", "values", "routing",
     )  # fmt: skip
 
     def __init__(
@@ -189,10 +250,13 @@ class GetChunk:
         allow_pickle: bool,
         max_value_bytes: int,
         write_ids: Sequence[int | None] | None = None,
+        router: ReplicaRouter | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
         self._plans = read_plans
+        self._router = router if router is not None and router.active else None
+        self.routing: RoutingReport | None = None
         self._regs = regs
         self._allow_pickle = allow_pickle
         self._max_value_bytes = max_value_bytes
@@ -237,27 +301,158 @@ class GetChunk:
             return exc.code
         return 0
 
+    def _take(self, pos: int, n: int) -> tuple[int, int]:
+        """The code of position ``pos`` whose read returned ``n`` (bytes or a code), and the payload bytes it
+        delivered."""
+        if n < 0:
+            return n, 0
+        _, size, holder = self._dest[pos]
+        if n != size:
+            return ErrorCode.SIZE_MISMATCH, 0
+        code = self._finish(pos, holder, n)
+        return code, (n - integrity.TRAILER_SIZE if code == 0 else 0)
+
     def __call__(self, pending: list[int]) -> tuple[Sequence[int], int]:
-        codes = [self._sized(pos) for pos in pending]
-        reading = [j for j, code in enumerate(codes) if code == 0]  # indexes into pending
-        if not reading:
-            return codes, 0
-        dest = [self._dest[pending[j]] for j in reading]
-        keys = [self._keys[pending[j]] for j in reading]
-        got = self._store.batch_get_into(keys, [d[0] for d in dest], [d[1] for d in dest])
-        if len(got) != len(reading):
-            return [ErrorCode.INTERNAL_ERROR] * len(pending), 0
+        router = self._router
+        report = self.routing = RoutingReport() if router is not None else None
+        codes = {pos: self._sized(pos) for pos in pending}
+        reading = [pos for pos in pending if codes[pos] == 0]
+        direct: dict[int, tuple[Location, str, float]] = {}  # position -> (replica, endpoint avoided, queried at)
+        if router is not None and report is not None and reading and router.degraded():
+            queried_at = router.now()
+            where = router.where([self._keys[p] for p in reading])
+            for pos in reading:
+                locs = where.get(self._keys[pos])
+                chosen = router.chosen(locs) if locs else None
+                if locs and chosen is not None and router.health.is_ejected(chosen.endpoint):
+                    self._reroute(router, report, pos, locs, chosen, set(), direct, codes, queried_at)
+        via_store = [pos for pos in reading if pos not in direct and codes[pos] == 0]
         nbytes = 0
-        for j, (_, size, holder), n in zip(reading, dest, got, strict=True):
+        if via_store:
+            dest = [self._dest[pos] for pos in via_store]
+            got = self._store.batch_get_into(
+                [self._keys[pos] for pos in via_store], [d[0] for d in dest], [d[1] for d in dest]
+            )
+            if len(got) != len(via_store):
+                return [ErrorCode.INTERNAL_ERROR] * len(pending), 0
+            for pos, n in zip(via_store, got, strict=True):
+                codes[pos], moved = self._take(pos, int(n))
+                nbytes += moved
+        if router is not None and report is not None:
+            failed = [pos for pos in via_store if codes[pos] in TRANSFER_CODES]
+            if failed:
+                self._after_transfer_failure(router, report, failed, via_store, direct, codes)
+        if direct and router is not None and report is not None:
+            nbytes += self._read_direct(router, report, direct, codes)
+        return [codes[pos] for pos in pending], nbytes
+
+    def _after_transfer_failure(
+        self,
+        router: ReplicaRouter,
+        report: RoutingReport,
+        failed: list[int],
+        via_store: list[int],
+        direct: dict[int, tuple[Location, str, float]],
+        codes: dict[int, int],
+    ) -> None:
+        """Blame the endpoints the failed reads went to (probing them), and reroute the keys of those down."""
+        queried_at = router.now()
+        ok = [pos for pos in via_store if codes[pos] == 0][:LEARN_KEYS]
+        where = router.where([self._keys[p] for p in failed + ok])
+        for pos in ok:  # read just now from the replica Mooncake picks: that endpoint is live
+            locs = where.get(self._keys[pos])
+            chosen = router.chosen(locs) if locs else None
+            if chosen is not None:
+                router.health.success(chosen.endpoint)
+        blamed = {}
+        for pos in failed:
+            locs = where.get(self._keys[pos])
+            chosen = router.chosen(locs) if locs else None
+            if chosen is not None:
+                blamed[pos] = chosen
+        down = router.confirm({loc.endpoint for loc in blamed.values()}, report)
+        for pos, chosen in blamed.items():
+            if chosen.endpoint in down:
+                self._reroute(router, report, pos, where[self._keys[pos]], chosen, down, direct, codes, queried_at)
+
+    def _reroute(
+        self,
+        router: ReplicaRouter,
+        report: RoutingReport,
+        pos: int,
+        locs: list[Location],
+        chosen: Location,
+        down: set[str],
+        direct: dict[int, tuple[Location, str, float]],
+        codes: dict[int, int],
+        queried_at: float,
+    ) -> None:
+        """Position ``pos``'s replica ``chosen`` is on an endpoint down or ejected: read another replica, or fail
+        it fast when every replica is on an ejected endpoint (else its code stands and it is retried)."""
+        alternative = router.alternative(locs, down | {chosen.endpoint})
+        if alternative is not None:
+            direct[pos] = (alternative, chosen.endpoint, queried_at)
+            codes[pos] = 0
+        elif router.unreachable(locs):
+            codes[pos] = ErrorCode.REPLICA_UNREACHABLE
+            report.unreachable += 1
+
+    def _read_direct(
+        self,
+        router: ReplicaRouter,
+        report: RoutingReport,
+        direct: dict[int, tuple[Location, str, float]],
+        codes: dict[int, int],
+    ) -> int:
+        """Read each position in ``direct`` from the replica named there; checks as ``batch_get_into``'s reads, and
+        ``LEASE_EXPIRED`` for a read that ended past the read lease of its query. Returns the payload bytes."""
+        T = integrity.TRAILER_SIZE
+        items = []
+        for pos, (loc, avoided, queried_at) in direct.items():
+            size = self._dest[pos][1] if pos in self._dest else None
+            if size != loc.size:
+                if self._plans[pos].size is not None or not T < loc.size <= self._max_value_bytes + T:
+                    codes[pos] = ErrorCode.SIZE_MISMATCH
+                    continue
+                self._allocate(pos, loc.size)
+            items.append((pos, loc, avoided, queried_at))
+        if not items:
+            return 0
+        got = self._store.batch_read_replicas(
+            [self._keys[pos] for pos, *_ in items],
+            [loc.endpoint for _, loc, *_ in items],
+            [self._dest[pos][0] for pos, *_ in items],
+            [loc.address for _, loc, *_ in items],
+            [loc.size for _, loc, *_ in items],
+        )
+        if len(got) != len(items):
+            for pos, *_ in items:
+                codes[pos] = ErrorCode.INTERNAL_ERROR
+            return 0
+        nbytes = 0
+        answered: set[str] = set()
+        silent: set[str] = set()
+        for (pos, loc, avoided, queried_at), n in zip(items, got, strict=True):
+            n = int(n)
             if n < 0:
-                codes[j] = n
-            elif n != size:
-                codes[j] = ErrorCode.SIZE_MISMATCH
-            else:
-                codes[j] = self._finish(pending[j], holder, n)
-                if codes[j] == 0:
-                    nbytes += n - integrity.TRAILER_SIZE
-        return codes, nbytes
+                codes[pos] = n
+                if n in TRANSFER_CODES:
+                    silent.add(loc.endpoint)
+                continue
+            answered.add(loc.endpoint)
+            if not router.lease_held(queried_at):
+                codes[pos] = ErrorCode.LEASE_EXPIRED
+                continue
+            codes[pos], moved = self._take(pos, n)
+            nbytes += moved
+            if codes[pos] == 0:
+                report.fallbacks[avoided] += 1
+        for endpoint in answered:
+            router.health.success(endpoint)
+        for endpoint in silent - answered:
+            router.health.failure(endpoint)
+            report.down.add(endpoint)
+        return nbytes
 
 
 class ClearChunk:

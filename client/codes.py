@@ -99,6 +99,8 @@ class ErrorCode(enum.IntEnum):
     STALE_VALUE = -90006  # this key's value, but from another write than the metadata names (not retried)
     PAYLOAD_CHECKSUM_MISMATCH = -90007  # the payload's checksum (raw tensor CRC32C, or frame CRC-32) fails
     METADATA_MISMATCH = -90008  # an intact value, but not the one the caller's metadata names (not retried)
+    # Node loss (``replica_routing.py``): every replica of the key is on a storage endpoint ejected as down.
+    REPLICA_UNREACHABLE = -90009  # not retried: the data is on nodes that do not answer
     UNKNOWN = -99999  # a negative code this table does not know
 
     @classmethod

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from .node_health import NodeHealthPolicy
 from .retry import Clock, RetryBudget, RetryPolicy
 
 GiB = 1 << 30
@@ -310,6 +311,7 @@ class ClientConfig:
     max_value_bytes: int = 1 * GiB
     setup_timeout_s: float = 5.0
     retry: RetryConfig = field(default_factory=RetryConfig)
+    node_health: NodeHealthPolicy = field(default_factory=NodeHealthPolicy)
 
     def __post_init__(self) -> None:
         for name in _STRINGS:
@@ -332,6 +334,11 @@ class ClientConfig:
                 raise ValueError(f"{name} must be true or false, got {_short(getattr(self, name))}")
         if not isinstance(self.retry, RetryConfig):
             raise TypeError(f"retry must be a RetryConfig (from_dict parses a mapping), got {_short(self.retry)}")
+        if not isinstance(self.node_health, NodeHealthPolicy):
+            raise TypeError(
+                f"node_health must be a NodeHealthPolicy (from_dict parses a mapping or a bool), got "
+                f"{_short(self.node_health)}"
+            )
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any] | None) -> ClientConfig:
@@ -353,6 +360,8 @@ class ClientConfig:
                 if section is None:
                     raise ValueError(f"retry must be a mapping, got {_short(value)}")
                 value = RetryConfig.from_dict(section)
+            elif f.name == "node_health":
+                value = _node_health(value)
             elif f.name in ("global_segment_size", "local_buffer_size", "max_value_bytes"):
                 value = parse_size(f.name, value)
             kwargs[f.name] = value
@@ -361,6 +370,21 @@ class ClientConfig:
         if "metadata_server" in kwargs and isinstance(kwargs["metadata_server"], str):
             kwargs["metadata_server"] = normalize_metadata_server(kwargs["metadata_server"])
         return cls(**kwargs)
+
+
+def _node_health(value: Any) -> NodeHealthPolicy:
+    """The ``node_health`` section: true/false (the defaults, or everything off), or a mapping of
+    ``NodeHealthPolicy``'s fields (unknown keys are an error: they can only be typos)."""
+    if isinstance(value, bool):
+        return NodeHealthPolicy(enabled=value)
+    section = _items(value)
+    if section is None:
+        raise ValueError(f"node_health must be true, false or a mapping, got {_short(value)}")
+    known = {f.name for f in dataclasses.fields(NodeHealthPolicy)}
+    unknown = sorted((k for k in section if k not in known), key=str)
+    if unknown:
+        raise ValueError(f"unknown node_health config key(s) {unknown}; known keys: {sorted(known)}")
+    return NodeHealthPolicy(**section)
 
 
 def _check_count(name: str, value: Any, low: int, high: int | None) -> None:

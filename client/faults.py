@@ -27,6 +27,7 @@ _INTERCEPTED = {
     "batch_put_from": Operation.PUT,
     "batch_put_from_multi_buffers": Operation.PUT,
     "batch_get_into": Operation.GET,
+    "batch_read_replicas": Operation.GET,  # the client's direct replica reads (replica_reader.py)
     "batch_remove": Operation.CLEAR,
 }
 
@@ -112,6 +113,7 @@ class RecordedCall:
     operation: Operation
     keys: tuple[str, ...]
     injected: dict[str, int] = field(default_factory=dict)
+    method: str = ""  # the store method called (e.g. ``batch_get_into``, ``batch_read_replicas``)
 
 
 class FaultInjectingStore:
@@ -154,7 +156,7 @@ class FaultInjectingStore:
         operation = _INTERCEPTED[name]
 
         def intercepted(keys: list[str], *columns: Any, **kwargs: Any) -> list[int]:
-            return self._call(operation, target, list(keys), columns, kwargs)
+            return self._call(operation, target, list(keys), columns, kwargs, name)
 
         return intercepted
 
@@ -191,11 +193,13 @@ class FaultInjectingStore:
                     for operation in Operation:
                         self._seen.pop((operation, key), None)
 
-    def _call(self, operation: Operation, target: Any, keys: list[str], columns: tuple, kwargs: dict) -> list[int]:
+    def _call(
+        self, operation: Operation, target: Any, keys: list[str], columns: tuple, kwargs: dict, method: str = ""
+    ) -> list[int]:
         injected = self._decide(operation, keys)
         if self._record_calls:
             with self._lock:
-                self.calls.append(RecordedCall(operation, tuple(keys), injected))
+                self.calls.append(RecordedCall(operation, tuple(keys), injected, method))
         codes = self._pass(target, keys, injected, columns, kwargs)
         if operation is Operation.CLEAR:
             self._forget(keys, codes)

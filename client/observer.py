@@ -10,18 +10,22 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tq_mooncake.telemetry.conventions import Operation, Outcome
 
 from .codes import ErrorCode
 
+if TYPE_CHECKING:
+    from .replica_routing import RoutingReport
+
 
 class AttemptScope(Protocol):
     """One store call on the pending keys of one chunk."""
 
-    def end(self, failed: Counter[ErrorCode], nbytes: int) -> None:
-        """The attempt returned; ``failed`` counts the keys that failed, by code."""
+    def end(self, failed: Counter[ErrorCode], nbytes: int, routing: RoutingReport | None = None) -> None:
+        """The attempt returned; ``failed`` counts the keys that failed, by code; ``routing`` says what routing
+        around lost storage nodes did in it (None: nothing)."""
 
 
 class OperationScope(Protocol):
@@ -40,6 +44,9 @@ class OperationScope(Protocol):
 class Observer(Protocol):
     def operation(self, operation: Operation, batch_size: int) -> OperationScope:
         """Start observing one call on ``batch_size`` keys."""
+
+    def node_ejected(self, endpoint: str) -> None:
+        """The client ejected storage endpoint ``endpoint`` (``host:port``): it routes around it for a while."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -60,7 +67,7 @@ class OperationSummary:
 
 
 class _NoopAttempt:
-    def end(self, failed: Counter[ErrorCode], nbytes: int) -> None:
+    def end(self, failed: Counter[ErrorCode], nbytes: int, routing: RoutingReport | None = None) -> None:
         pass
 
 
@@ -79,6 +86,9 @@ class NoopObserver:
 
     def operation(self, operation: Operation, batch_size: int) -> OperationScope:
         return self._operation
+
+    def node_ejected(self, endpoint: str) -> None:
+        pass
 
 
 NOOP_OBSERVER: Observer = NoopObserver()

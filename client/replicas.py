@@ -1,10 +1,25 @@
-"""What the master says it holds of each key: how many complete copies (Mooncake stores fewer replicas than
-asked, and says nothing, when there are fewer segments than ``replica_num``) and of what size."""
+"""What the master says it holds of each key: where its complete memory replicas are (endpoint, address, size),
+how many (Mooncake stores fewer replicas than asked, and says nothing, when there are fewer segments than
+``replica_num``) and of what size.
+
+One ``batch_get_replica_desc`` RPC answers all of it. Like the query inside ``batch_get_into``, it grants each key
+found a read lease (the master's ``--default_kv_lease_ttl``), which holds off eviction and non-forced removal;
+Mooncake logs an error line for every key it is asked about that does not exist.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class Location(NamedTuple):
+    """One complete memory replica: the storage endpoint (``host:port``, also its segment's name) that holds it,
+    and the address and size of its buffer there."""
+
+    endpoint: str
+    address: int
+    size: int
 
 
 def _descriptors(store: Any, keys: Sequence[str]) -> dict[str, Any] | None:
@@ -20,41 +35,68 @@ def _descriptors(store: Any, keys: Sequence[str]) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
+def _locations(replicas: Any) -> list[Location]:
+    """The complete memory replicas among ``replicas`` (descriptors), in the master's order."""
+    found = []
+    for r in replicas or ():
+        status = getattr(r, "status", None)
+        if not (r.is_memory_replica() and getattr(status, "name", str(status)).endswith("COMPLETE")):
+            continue
+        bd = r.get_memory_descriptor().buffer_descriptor
+        found.append(Location(str(getattr(bd, "transport_endpoint", "")), int(bd.buffer_address), int(bd.size)))
+    return found
+
+
+def locations(store: Any, keys: Sequence[str]) -> dict[str, list[Location]] | None:
+    """The complete memory replicas of each key the master holds (absent keys left out), from one RPC; None when
+    the store did not answer."""
+    found = _descriptors(store, keys) if keys else {}
+    if found is None:
+        return None
+    try:
+        return {key: _locations(found[key]) for key in keys if key in found}
+    except Exception:  # noqa: BLE001 - a descriptor of an unexpected shape: unknown
+        return None
+
+
 def complete_replicas(store: Any, keys: Sequence[str]) -> list[int | None]:
     """The number of complete memory replicas of each key (None where the store did not say)."""
-    found = _descriptors(store, keys) if keys else None
-    return [_count(found.get(key)) if found is not None else None for key in keys]
+    found = locations(store, keys) if keys else None
+    return [len(found[key]) if found is not None and key in found else None for key in keys]
 
 
-def _count(replicas: Any) -> int | None:
-    if replicas is None:
-        return None
-    n = 0
-    for r in replicas:
-        status = getattr(r, "status", None)
-        if r.is_memory_replica() and getattr(status, "name", str(status)).endswith("COMPLETE"):
-            n += 1
-    return n
+class Held(NamedTuple):
+    """What the master holds under a key: the object's size (-1: it did not say) and the endpoints of its complete
+    memory replicas."""
+
+    size: int
+    endpoints: frozenset[str]
 
 
-def _size(replicas: Any) -> int | None:
-    for r in replicas or ():
-        if r.is_memory_replica():
-            return int(r.get_memory_descriptor().buffer_descriptor.size)
-    return None
+_UNKNOWN = Held(-1, frozenset())
 
 
-def stored_sizes_of_existing(store: Any, keys: Sequence[str]) -> list[int | None]:
-    """The size of the object stored under each key: None for a key not stored, -1 where the store did not say (a
-    failed query). Sizes are asked (``batch_get_replica_desc``) only for the keys ``batch_is_exist`` finds:
+def _held(replicas: Any) -> Held:
+    size = next(
+        (int(r.get_memory_descriptor().buffer_descriptor.size) for r in replicas or () if r.is_memory_replica()), -1
+    )
+    return Held(size, frozenset(loc.endpoint for loc in _locations(replicas)))
+
+
+def held_objects(store: Any, keys: Sequence[str]) -> list[Held | None]:
+    """What is stored under each key: None for a key not stored, a ``Held`` of size -1 where the store did not say
+    (a failed query). Replicas are asked (``batch_get_replica_desc``) only for the keys ``batch_is_exist`` finds:
     Mooncake logs an error line for every missing key the former is asked about."""
     try:
         exists = list(store.batch_is_exist(list(keys)))
     except Exception:  # noqa: BLE001 - unknown, not a failure
         exists = []
     if len(exists) != len(keys):
-        return [-1] * len(keys)
+        return [_UNKNOWN] * len(keys)
     present = [k for k, e in zip(keys, exists, strict=True) if e != 0]
     found = (_descriptors(store, present) if present else None) or {}
-    sizes = {k: _size(found.get(k)) for k in present}
-    return [None if e == 0 else (-1 if sizes[k] is None else sizes[k]) for k, e in zip(keys, exists, strict=True)]
+    try:
+        held = {k: _held(found[k]) if k in found else _UNKNOWN for k in present}
+    except Exception:  # noqa: BLE001 - a descriptor of an unexpected shape: unknown
+        held = dict.fromkeys(present, _UNKNOWN)
+    return [None if e == 0 else held[k] for k, e in zip(keys, exists, strict=True)]

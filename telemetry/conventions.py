@@ -4,8 +4,8 @@ This module is the single source of names; ``CONVENTIONS.md`` documents the same
 ``Operation`` and ``Outcome`` are defined here, once, as enums: the client, the fault injector and the
 dashboard all use them. Metric attributes are bounded by construction: each metric has an allow-list
 (``METRIC_ATTRIBUTES``) and every allowed key takes values from a finite set (operations, outcomes, results,
-``ErrorCode`` names and attempt numbers clamped at ``MAX_ATTEMPT_ATTRIBUTE``). Keys and values of the store
-never appear.
+``ErrorCode`` names, attempt numbers clamped at ``MAX_ATTEMPT_ATTRIBUTE``, and storage endpoints capped at
+``MAX_ENDPOINT_ATTRIBUTES``). Keys and values of the store never appear.
 
 Nothing here imports anything of the project (the client imports this module), nor torch.
 """
@@ -73,6 +73,13 @@ BACKOFF_S = "mooncake.backoff_s"  # seconds slept before this attempt
 BYTES = "mooncake.bytes"  # bytes moved (attempt: by this attempt; call: in total)
 KEYS_UNDER_REPLICATED = "mooncake.keys.under_replicated"  # put: keys stored with fewer replicas than asked
 ATTEMPTS = "mooncake.attempts"  # store calls made by the call, over all chunks
+# Node loss (attempt spans; the endpoint attributes also on the per-endpoint metrics): OpenTelemetry's names.
+SERVER_ADDRESS = "server.address"  # host of the storage endpoint a failure is blamed on (attempt span) / counted for
+SERVER_PORT = "server.port"  # its port (an int)
+NODES_DOWN = "mooncake.nodes.down"  # attempt: storage endpoints confirmed down in this attempt (refused a probe)
+KEYS_FALLBACK = "mooncake.keys.fallback"  # get attempt: keys read from another replica than the one Mooncake picks
+KEYS_UNREACHABLE = "mooncake.keys.unreachable"  # attempt: keys failed fast, every replica on an ejected endpoint
+STEERED = "mooncake.steered"  # put attempt: true when the write asked for healthy endpoints first
 OUTCOME = "mooncake.outcome"  # one of OUTCOMES
 OPERATION = "mooncake.operation"  # metric attribute: one of OPERATIONS
 RESULT = "mooncake.result"  # metric attribute: ATTEMPT_RESULTS or KEY_RESULTS
@@ -87,6 +94,10 @@ RESULT_RETRIED_OK = "retried_ok"
 ATTEMPT_RESULTS: tuple[str, ...] = (RESULT_OK, RESULT_PARTIAL, RESULT_FAILED)
 KEY_RESULTS: tuple[str, ...] = (RESULT_OK, RESULT_RETRIED_OK, RESULT_FAILED)
 ERROR_TYPE_OTHER = "_OTHER"  # a failed call whose failures carried no code (e.g. closed before any attempt)
+ENDPOINT_OTHER = "_OTHER"  # server.address once MAX_ENDPOINT_ATTRIBUTES endpoints have been seen (no server.port)
+MAX_ENDPOINT_ATTRIBUTES = 256
+"""Distinct storage endpoints a process labels metrics with; later ones are counted under ``_OTHER``. The values
+are the cluster's storage processes (host and port), never keys."""
 # error.type is otherwise always an ErrorCode name (a finite enum, UNKNOWN included).
 MAX_ATTEMPT_ATTRIBUTE = 10
 """Metric values of ``mooncake.attempt`` stop here: attempts after the 10th are counted as 10 (spans keep the
@@ -103,6 +114,10 @@ RETRY_DELAY_METRIC = "mooncake.client.retry.delay"
 BYTES_METRIC = "mooncake.client.bytes"
 RETRY_BUDGET_METRIC = "mooncake.client.retry.budget"
 UNDER_REPLICATED_METRIC = "mooncake.client.keys.under_replicated"
+NODE_FAILURES_METRIC = "mooncake.client.node.failures"
+FALLBACKS_METRIC = "mooncake.client.replica.fallbacks"
+EJECTIONS_METRIC = "mooncake.client.node.ejections"
+EJECTED_METRIC = "mooncake.client.nodes.ejected"
 
 UNITS: dict[str, str] = {
     OPERATIONS_METRIC: "{operation}",
@@ -115,6 +130,10 @@ UNITS: dict[str, str] = {
     BYTES_METRIC: "By",
     RETRY_BUDGET_METRIC: "{token}",
     UNDER_REPLICATED_METRIC: "{key}",
+    NODE_FAILURES_METRIC: "{failure}",
+    FALLBACKS_METRIC: "{key}",
+    EJECTIONS_METRIC: "{ejection}",
+    EJECTED_METRIC: "{endpoint}",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -128,6 +147,12 @@ DESCRIPTIONS: dict[str, str] = {
     BYTES_METRIC: "Bytes moved to or from the store by successful keys.",
     RETRY_BUDGET_METRIC: "Retries the client's retry budget would allow right now.",
     UNDER_REPLICATED_METRIC: "Keys a put stored with fewer replicas than replica_num asked for.",
+    NODE_FAILURES_METRIC: "Confirmed failures of a storage endpoint (refused a probe after a failed transfer, or "
+    "failed a direct read), by endpoint; one per endpoint per attempt.",
+    FALLBACKS_METRIC: "Keys read from another replica because the one Mooncake picks is on this endpoint, down or "
+    "ejected.",
+    EJECTIONS_METRIC: "Times a storage endpoint was ejected (routed around) by this client, by endpoint.",
+    EJECTED_METRIC: "Storage endpoints ejected by this client right now.",
 }
 
 METRIC_ATTRIBUTES: dict[str, frozenset[str]] = {
@@ -141,6 +166,10 @@ METRIC_ATTRIBUTES: dict[str, frozenset[str]] = {
     BYTES_METRIC: frozenset({OPERATION}),
     RETRY_BUDGET_METRIC: frozenset(),
     UNDER_REPLICATED_METRIC: frozenset({OPERATION}),
+    NODE_FAILURES_METRIC: frozenset({OPERATION, SERVER_ADDRESS, SERVER_PORT}),
+    FALLBACKS_METRIC: frozenset({OPERATION, SERVER_ADDRESS, SERVER_PORT}),
+    EJECTIONS_METRIC: frozenset({SERVER_ADDRESS, SERVER_PORT}),
+    EJECTED_METRIC: frozenset(),
 }
 """The attribute allow-list: the only keys each metric may carry (kept by construction; tests check it)."""
 
@@ -173,3 +202,12 @@ DEFAULT_SERVICE_NAME = "tq-mooncake"
 # ------------------------------------------------------------------------------------------------ environment
 ENV_TELEMETRY_DIR = "TQ_MOONCAKE_TELEMETRY_DIR"
 ENV_PROMETHEUS_PORT = "TQ_MOONCAKE_PROMETHEUS_PORT"
+
+
+def endpoint_attributes(endpoint: str) -> tuple[tuple[str, str | int], ...]:
+    """``server.address`` and ``server.port`` of a storage endpoint ``host:port`` (``[v6]:port`` too); the address
+    alone when it has no numeric port."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit():
+        return ((SERVER_ADDRESS, endpoint),)
+    return ((SERVER_ADDRESS, host.strip("[]")), (SERVER_PORT, int(port)))

@@ -38,6 +38,7 @@ from .conventions import Operation
 if TYPE_CHECKING:  # the client imports this module: only its types are needed here
     from tq_mooncake.client.codes import ErrorCode
     from tq_mooncake.client.observer import OperationSummary
+    from tq_mooncake.client.replica_routing import RoutingReport
 
 try:
     _VERSION: str | None = metadata.version("tq-mooncake")
@@ -96,17 +97,31 @@ class _Instruments:
         self.keys_failed = counter(c.KEYS_FAILED_METRIC)
         self.bytes = counter(c.BYTES_METRIC)
         self.under_replicated = counter(c.UNDER_REPLICATED_METRIC)
+        self.node_failures = counter(c.NODE_FAILURES_METRIC)
+        self.fallbacks = counter(c.FALLBACKS_METRIC)
+        self.ejections = counter(c.EJECTIONS_METRIC)
+        self._endpoints: dict[str, tuple[tuple[str, str | int], ...]] = {}
         self.operation_duration = histogram(c.OPERATION_DURATION_METRIC)
         self.attempt_duration = histogram(c.ATTEMPT_DURATION_METRIC)
         self.retry_delay = histogram(c.RETRY_DELAY_METRIC)
         self._budget_lock = threading.Lock()
         self._budget_sources: weakref.WeakSet[OTelObserver] = weakref.WeakSet()
-        meter.create_observable_gauge(
-            c.RETRY_BUDGET_METRIC,
-            callbacks=[self._observe_budget],
-            unit=c.UNITS[c.RETRY_BUDGET_METRIC],
-            description=c.DESCRIPTIONS[c.RETRY_BUDGET_METRIC],
-        )
+        gauges = ((c.RETRY_BUDGET_METRIC, self._observe_budget), (c.EJECTED_METRIC, self._observe_ejected))
+        for name, callback in gauges:
+            meter.create_observable_gauge(
+                name, callbacks=[callback], unit=c.UNITS[name], description=c.DESCRIPTIONS[name]
+            )
+
+    def endpoint(self, endpoint: str) -> tuple[tuple[str, str | int], ...]:
+        """The metric attributes of storage endpoint ``endpoint``: its own for the first
+        ``MAX_ENDPOINT_ATTRIBUTES`` endpoints, ``_OTHER`` after."""
+        with self._budget_lock:
+            found = self._endpoints.get(endpoint)
+            if found is None:
+                if len(self._endpoints) >= c.MAX_ENDPOINT_ATTRIBUTES:
+                    return ((c.SERVER_ADDRESS, c.ENDPOINT_OTHER),)
+                found = self._endpoints[endpoint] = c.endpoint_attributes(endpoint)
+            return found
 
     def add_budget_source(self, observer: OTelObserver) -> None:
         with self._budget_lock:
@@ -118,6 +133,13 @@ class _Instruments:
         if not sources:
             return []
         return [Observation(float(sum(read() for read in sources)))]
+
+    def _observe_ejected(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._budget_lock:
+            sources = [o._ejected_nodes for o in self._budget_sources if o._ejected_nodes is not None]
+        if not sources:
+            return []
+        return [Observation(int(sum(read() for read in sources)))]
 
 
 _INSTRUMENTS: weakref.WeakKeyDictionary[MeterProvider, _Instruments] = weakref.WeakKeyDictionary()
@@ -151,6 +173,8 @@ class OTelObserver:
         budget_tokens: reads the client's retry budget (``RetryBudget.available``) for the
             ``mooncake.client.retry.budget`` gauge, while this observer is alive (the gauge holds it weakly,
             so a dropped client stops being reported); None reports nothing for this client.
+        ejected_nodes: reads how many storage endpoints the client has ejected now, for the
+            ``mooncake.client.nodes.ejected`` gauge (held like ``budget_tokens``).
     """
 
     def __init__(
@@ -158,15 +182,21 @@ class OTelObserver:
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
         budget_tokens: Callable[[], float] | None = None,
+        ejected_nodes: Callable[[], int] | None = None,
     ) -> None:
         self._tracer = trace.get_tracer(c.INSTRUMENTATION_SCOPE, _VERSION, tracer_provider)
         self._instruments = _instruments_for(meter_provider)
         self._budget_tokens = budget_tokens
-        if budget_tokens is not None:
+        self._ejected_nodes = ejected_nodes
+        if budget_tokens is not None or ejected_nodes is not None:
             self._instruments.add_budget_source(self)
 
     def operation(self, operation: Operation, batch_size: int) -> _OperationScope:
         return _OperationScope(self, operation, batch_size)
+
+    def node_ejected(self, endpoint: str) -> None:
+        ins = self._instruments
+        ins.ejections.add(1, ins.endpoint(endpoint))
 
 
 class _OperationScope:
@@ -257,7 +287,7 @@ class _AttemptScope:
         self._start_ns = time.time_ns()
         self._start = time.perf_counter()
 
-    def end(self, failed: Counter[ErrorCode], nbytes: int) -> None:
+    def end(self, failed: Counter[ErrorCode], nbytes: int, routing: RoutingReport | None = None) -> None:
         duration = time.perf_counter() - self._start
         n_failed = sum(failed.values())
         op_scope = self._op
@@ -281,6 +311,9 @@ class _AttemptScope:
             error_type = _dominant(failed)
             attributes[c.ERROR_CODES] = sorted(code.name for code in failed)
             attributes[c.ERROR_TYPE] = error_type
+        ins = op_scope._instruments
+        if routing:
+            _route_attributes(attributes, routing)
         span = op_scope._tracer.start_span(
             c.attempt_span_name(op_scope.operation),
             context=op_scope._context,
@@ -292,7 +325,11 @@ class _AttemptScope:
             span.set_status(Status(StatusCode.ERROR))
         span.end(end_time=self._start_ns + int(duration * 1e9))
         attempt = min(self._attempt, c.MAX_ATTEMPT_ATTRIBUTE)
-        ins = op_scope._instruments
+        if routing:
+            for endpoint in routing.down:
+                ins.node_failures.add(1, ((c.OPERATION, op), *ins.endpoint(endpoint)))
+            for endpoint, n in routing.fallbacks.items():
+                ins.fallbacks.add(n, ((c.OPERATION, op), *ins.endpoint(endpoint)))
         ins.attempts.add(1, ((c.OPERATION, op), (c.ATTEMPT, attempt), (c.RESULT, result)))
         duration_attrs = {c.OPERATION: op, c.ATTEMPT: attempt, c.RESULT: result}
         if error_type is not None:
@@ -300,3 +337,19 @@ class _AttemptScope:
             for code, n in failed.items():
                 ins.keys_failed.add(n, ((c.OPERATION, op), (c.ERROR_TYPE, code.name)))
         ins.attempt_duration.record(duration, duration_attrs)
+
+
+def _route_attributes(attributes: dict[str, str | int | float | list[str]], routing: RoutingReport) -> None:
+    """The attempt span's node-loss attributes: the endpoint a failure is blamed on (the first of those confirmed
+    down, else the one most keys were routed around), and the counts."""
+    blamed = sorted(routing.down) or [e for e, _ in routing.fallbacks.most_common(1)]
+    if blamed:
+        attributes.update(dict(c.endpoint_attributes(blamed[0])))
+    if routing.down:
+        attributes[c.NODES_DOWN] = len(routing.down)
+    if routing.fallbacks:
+        attributes[c.KEYS_FALLBACK] = sum(routing.fallbacks.values())
+    if routing.unreachable:
+        attributes[c.KEYS_UNREACHABLE] = routing.unreachable
+    if routing.steered:
+        attributes[c.STEERED] = True

@@ -35,7 +35,9 @@ class _Replica:
 
     def __init__(self, size: int) -> None:
         self.status = self._Status()
-        self._memory = SimpleNamespace(buffer_descriptor=SimpleNamespace(size=size))
+        self._memory = SimpleNamespace(
+            buffer_descriptor=SimpleNamespace(size=size, buffer_address=0, transport_endpoint="memory:0")
+        )
 
     def is_memory_replica(self) -> bool:
         return True

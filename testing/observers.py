@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from typing import Any
 
 from tq_mooncake.client.codes import ErrorCode
 from tq_mooncake.client.observer import NOOP_OBSERVER, AttemptScope, Observer, OperationScope, OperationSummary
@@ -26,14 +27,19 @@ class RecordedAttempt:
         self.backoff_s = backoff_s
         self.failed: Counter[ErrorCode] | None = None
         self.nbytes: int | None = None
+        self.routing: Any = None  # the attempt's ``RoutingReport``, when routing did something
         self.ended = 0
         self._forward = forward
 
-    def end(self, failed: Counter[ErrorCode], nbytes: int) -> None:
+    def end(self, failed: Counter[ErrorCode], nbytes: int, routing: Any = None) -> None:
         self.failed = Counter(failed)
         self.nbytes = nbytes
+        self.routing = routing
         self.ended += 1
-        self._forward.end(failed, nbytes)
+        if routing is None:
+            self._forward.end(failed, nbytes)
+        else:
+            self._forward.end(failed, nbytes, routing)
 
 
 class RecordedOperation:
@@ -87,6 +93,7 @@ class RecordingObserver:
         self.attempts = 0  # store calls
         self.retries = 0  # store calls after the first of their chunk
         self.keys_retried_ok = 0  # keys that made it only after a retry
+        self.ejected: list[str] = []  # storage endpoints the client ejected, in order
         self._lock = threading.Lock()
 
     def operation(self, operation: Operation, batch_size: int) -> RecordedOperation:
@@ -95,6 +102,13 @@ class RecordingObserver:
             with self._lock:
                 self.operations.append(recorded)
         return recorded
+
+    def node_ejected(self, endpoint: str) -> None:
+        with self._lock:
+            self.ejected.append(endpoint)
+        forward = getattr(self.forward, "node_ejected", None)
+        if forward is not None:
+            forward(endpoint)
 
     def _attempted(self, attempt: int) -> None:
         with self._lock:
@@ -122,3 +136,4 @@ class RecordingObserver:
             self.operations.clear()
             self.outcomes.clear()
             self.attempts = self.retries = self.keys_retried_ok = 0
+            self.ejected.clear()
