@@ -136,6 +136,7 @@ class NodeHealth:
             self._verified(state)
             if state.ejected_until > now:
                 state.ejected_until = now
+                self._any_ejected_until = max((s.ejected_until for s in self._nodes.values()), default=-math.inf)
             if now - state.last_failure > 10 * self.policy.ejection_s(max(1, state.times_ejected)):
                 state.times_ejected = 0
 
@@ -181,7 +182,7 @@ class NodeHealth:
                 if not state.unverified or state.ejected_until > now:
                     continue
                 self._verified(state)
-                if state.listed_at < state.ejected_at:
+                if state.listed_at <= state.ejected_at:
                     del self._nodes[endpoint]
                 else:
                     due.append(endpoint)

@@ -1,4 +1,6 @@
-"""The real failure: a storage process dies; with two replicas, retries carry reads through the failover."""
+"""The real failure: a storage process dies; with two replicas, retries alone (node-loss routing switched off:
+``node_health: false``) carry reads through the failover once the master drops the dead process. With routing on
+(the default), ``test_node_loss.py``."""
 
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ def test_killed_storage_node_is_survived_by_retries(start_master, start_storage_
         master,
         global_segment_size=0,
         replica_num=2,
+        node_health=False,
         wrap_store=lambda s: recorder.setdefault("store", FaultInjectingStore(s)),
         # A retry window well beyond client_ttl (+1 s for the master's monitor loop).
         retry={"max_attempts": 40, "initial_backoff_s": 0.1, "max_backoff_s": 0.5, "deadline_s": 30},
     )
-    no_retries = make_client(master, global_segment_size=0, retry={"max_attempts": 1})
+    no_retries = make_client(master, global_segment_size=0, node_health=False, retry={"max_attempts": 1})
 
     keys = keyspace(200)
     values = [torch.randn(1024, generator=torch.Generator().manual_seed(i)) for i in range(150)]

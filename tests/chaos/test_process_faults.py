@@ -37,6 +37,29 @@ def test_kill_a_storage_process_under_load(start_master, start_storage_nodes, ch
     assert fig.checked > 0
 
 
+def test_kill_a_storage_process_at_tqs_client_ttl_with_the_default_config(
+    start_master, start_storage_nodes, chaos, chaos_client, figures, chaos_long
+):
+    """TQ's master (``--client_ttl=30``) lists the dead process's replicas for the whole scenario: the default
+    config (node health on, default retries) must carry every call through with no failure."""
+    fig = figures("SIGKILL storage node, client_ttl 30, default config (replica_num 2)")
+    master = start_master(client_ttl=30)
+    nodes = start_storage_nodes(master, 2)
+    client = chaos_client(master, fig, replica_num=2)
+    ledger = chaos.Ledger()
+    with chaos.Load(client, fig, ledger, threads=4) as load:
+        load.wait_for_puts(10)
+        nodes[0].kill()
+        load.wait_for(lambda: nodes[0].name in client.health.ejected(), "the client to eject the killed process")
+        load.wait_for_more_puts(300 if chaos_long else 30)
+    assert nodes[0].name in master.mounted_segments()  # all of it inside client_ttl: the master still lists it
+    assert not load.unexpected, load.unexpected
+    lost = chaos.read_back(fig, client, ledger)
+    assert fig.wrong == 0 and fig.unnamed == 0, fig.problems
+    assert not fig.raised, fig.raised  # no call failed
+    assert lost == {} and fig.checked > 0
+
+
 def test_stop_a_storage_process_for_a_while_under_load(
     start_master, start_storage_nodes, chaos, chaos_client, figures, chaos_long
 ):
