@@ -33,8 +33,7 @@ from tq_mooncake.testing import RecordingObserver
 from .workload import StopFlag, Workload, WorkloadStats
 
 CLIENT_TTL_S = 2
-# Retries cover a killed node: the master drops it after client_ttl, then reads go to the other replica.
-RETRY = {"max_attempts": 15, "initial_backoff_s": 0.05, "max_backoff_s": 0.5, "deadline_s": 10}
+# The client's defaults (retries and node-loss routing) carry the workload through the kills: nothing tuned here.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Stopping, stage by stage (TERM, then KILL after the grace): storage nodes and dashboard (a node bounds its own
 # close at 3 s), the master, then anything started meanwhile. Together well within WATCHDOG_S.
@@ -70,12 +69,10 @@ def fault_rules(fault_rate: float, exhaust_rate: float) -> list[FaultRule]:
 
 
 def _faulty_client(config: dict[str, Any], args: argparse.Namespace, observer: Observer) -> MooncakeBatchClient:
-    """The workload's client: ``RETRY``, and the store failing keys as ``--fault-rate``/``--exhaust-rate`` say
-    (no call log: the run may be long)."""
+    """The workload's client: the default retry and node-loss settings, and the store failing keys as
+    ``--fault-rate``/``--exhaust-rate`` say (no call log: the run may be long)."""
     rules = fault_rules(args.fault_rate, args.exhaust_rate)
-    return MooncakeBatchClient(
-        {**config, "retry": RETRY}, observer=observer, wrap_store=injecting(rules, seed=1, record_calls=False)
-    )
+    return MooncakeBatchClient(config, observer=observer, wrap_store=injecting(rules, seed=1, record_calls=False))
 
 
 def _progress(started: float, counter: RecordingObserver, stats: WorkloadStats) -> str:

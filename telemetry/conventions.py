@@ -193,6 +193,8 @@ DURATION_BUCKETS_S: tuple[float, ...] = (
 """Histogram bucket bounds (seconds) for the three duration histograms."""
 
 HISTOGRAMS: tuple[str, ...] = (OPERATION_DURATION_METRIC, ATTEMPT_DURATION_METRIC, RETRY_DELAY_METRIC)
+GAUGES: tuple[str, ...] = (RETRY_BUDGET_METRIC, EJECTED_METRIC)
+"""The gauges; every other metric not in ``HISTOGRAMS`` is a (monotonic) counter."""
 
 RESOURCE_SERVICE_NAME = "service.name"
 RESOURCE_HOST_NAME = "host.name"

@@ -441,7 +441,7 @@ def _prometheus_name(metric: str) -> str:
     suffix = {"s": "seconds", "By": "bytes"}.get(unit, "")
     if suffix and not name.endswith(f"_{suffix}"):
         name += f"_{suffix}"
-    counters = set(c.UNITS) - set(c.HISTOGRAMS) - {c.RETRY_BUDGET_METRIC}
+    counters = set(c.UNITS) - set(c.HISTOGRAMS) - set(c.GAUGES)
     return name + "_total" if metric in counters else name
 
 
