@@ -12,6 +12,8 @@ runs, interleaved round by round so that drift hits every path alike:
   exported as OTLP JSON lines into a temporary folder (what ``TQ_MOONCAKE_TELEMETRY_DIR`` does);
 * ``ours-sampled``: ``ours-off`` with ``tensor_checksum: false`` (new raw tensors above 32 KiB get a CRC32C of
   their samples, 64 bytes at every 4 KiB, instead of every byte): what the default's full checksum costs;
+* ``ours-no-routing``: ``ours-off`` with ``node_health: false`` (no storage-node loss handling): what that
+  handling costs on the healthy path;
 * ``tq-stock``: TransferQueue 0.1.11's ``MooncakeStoreClient`` (when installed).
 
 Every round checks the data read back against what was written (outside the timed part). Prints the
@@ -294,6 +296,9 @@ def run_mode(metadata: str, cases: list[Case], args: argparse.Namespace, tmp: Pa
                 OursPath(
                     "ours-sampled", MooncakeBatchClient({**config, "tensor_checksum": False}, observer=NOOP_OBSERVER)
                 ),
+                OursPath(
+                    "ours-no-routing", MooncakeBatchClient({**config, "node_health": False}, observer=NOOP_OBSERVER)
+                ),
             ]
             if not args.no_stock:
                 try:
@@ -358,8 +363,8 @@ def report(results: list[Result]) -> str:
         "Throughput ratios (time of the other path / time of ours; >= 1 means ours is at least as fast):",
         "",
         "| metadata | case | ours-on vs raw put | get | ours-off vs raw put | get | ours-on vs tq-stock put | get "
-        "| ours-off vs ours-sampled put | get |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ours-off vs ours-sampled put | get | ours-off vs ours-no-routing put | get |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         on_p, on_g = r.median("ours-on", "put"), r.median("ours-on", "get")
@@ -367,10 +372,11 @@ def report(results: list[Result]) -> str:
         raw_p, raw_g = r.median("raw", "put"), r.median("raw", "get")
         st_p, st_g = r.median("tq-stock", "put"), r.median("tq-stock", "get")
         smp_p, smp_g = r.median("ours-sampled", "put"), r.median("ours-sampled", "get")
+        nr_p, nr_g = r.median("ours-no-routing", "put"), r.median("ours-no-routing", "get")
         lines.append(
             f"| {r.metadata} | {r.case} | {ratio(raw_p, on_p)} | {ratio(raw_g, on_g)} | {ratio(raw_p, off_p)} | "
             f"{ratio(raw_g, off_g)} | {ratio(st_p, on_p)} | {ratio(st_g, on_g)} | {ratio(smp_p, off_p)} | "
-            f"{ratio(smp_g, off_g)} |"
+            f"{ratio(smp_g, off_g)} | {ratio(nr_p, off_p)} | {ratio(nr_g, off_g)} |"
         )
     return "\n".join(lines)
 

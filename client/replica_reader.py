@@ -14,15 +14,39 @@ while it is read this way is what protects it under ``batch_get_into``: see ``re
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .codes import ErrorCode
-from .config import ClientConfig
+from .config import ClientConfig, split_host_port
 
 logger = logging.getLogger(__name__)
+
+
+def _unique_name(local_hostname: str) -> str:
+    """``host:port`` for the reader's engine, with a port free on this host now: the engine's name is its key in
+    the metadata server, and a second engine under a name in use fails to set up (two clients in one process,
+    or two processes on one host, would otherwise both take the bare host name)."""
+    host = local_hostname
+    parts = split_host_port(local_hostname) if not _is_bare_ipv6(local_hostname) else None
+    if parts is not None and parts[1].isdigit():
+        host = parts[0]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_bare_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 def _engine_class() -> Any:
@@ -52,11 +76,17 @@ class ReplicaReader:
             if self._engine is not None or self._failed or self._closed:
                 return self._engine
             cfg = self._config
-            try:
-                engine = self._factory()
-                rc = engine.initialize(cfg.local_hostname, cfg.metadata_server, cfg.protocol, cfg.device_name)
-            except Exception as exc:  # noqa: BLE001 - the fallback is an extra; the client works without it
-                rc, engine = exc, None
+            rc: Any = None
+            engine = None
+            for _ in range(3):  # a name another engine took meanwhile: try another port
+                try:
+                    engine = self._factory()
+                    rc = engine.initialize(_unique_name(cfg.local_hostname), cfg.metadata_server, cfg.protocol,
+                                           cfg.device_name)  # fmt: skip
+                except Exception as exc:  # noqa: BLE001 - the fallback is an extra; the client works without it
+                    rc, engine = exc, None
+                if rc == 0:
+                    break
             if rc != 0:
                 self._failed = True
                 logger.warning("replica fallback reads are off: a second transfer engine did not set up (%s)", rc)

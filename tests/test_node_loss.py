@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tq_mooncake.client import (
+    ClientConfig,
     ErrorCode,
     FaultInjectingStore,
     FaultRule,
@@ -24,6 +25,7 @@ from tq_mooncake.client import (
     NonRetryableError,
     RetriesExhaustedError,
 )
+from tq_mooncake.client.replica_reader import ReplicaReader
 from tq_mooncake.telemetry import conventions as c
 from tq_mooncake.telemetry import metric_views
 
@@ -175,6 +177,13 @@ def test_keys_only_on_a_killed_node_fail_fast_and_new_writes_land_on_the_live_on
 
     client.put(new, _values(200))  # every key written, none to the dead node
     assert {ep for eps in _replica_endpoints(client.store, new).values() for ep in eps} == {live.name}
+
+    # Two readers in one process (two clients; processes on one host alike) each get an engine of their own.
+    readers = [ReplicaReader(ClientConfig.from_dict(master.client_config())) for _ in range(2)]
+    assert [r.probe(live.name, 1.0) for r in readers] == [True, True]
+    assert [r.probe(dead.name, 1.0) for r in readers] == [False, False]
+    for r in readers:
+        r.close()
 
     # With node_health off the same read retries TRANSFER_FAIL until its attempts run out (the old behaviour).
     with pytest.raises(RetriesExhaustedError) as info:
