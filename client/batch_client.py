@@ -92,7 +92,13 @@ class MooncakeBatchClient:
             raw_store = ReplicaReadingStore(raw_store, ReplicaReader(self.config))
         self._store = wrap_store(raw_store) if wrap_store is not None else raw_store
         local = self._store.get_hostname() if self.config.global_segment_size > 0 else None
-        self._router = ReplicaRouter(self._store, self.health, local if isinstance(local, str) else None, clock)
+        self._router = ReplicaRouter(
+            self._store,
+            self.health,
+            local if isinstance(local, str) else None,
+            clock,
+            endpoints_are_segments=self.config.metadata_server != "P2PHANDSHAKE",
+        )
         self._replicate = replicate_config(self.config)
         self._closing = threading.Event()
         self._retrier = Retrier(retry.policy(), self.budget, ErrorClassifier(), jitter, self._closing, sleep)

@@ -449,9 +449,8 @@ class GetChunk:
                 report.fallbacks[avoided] += 1
         for endpoint in answered:
             router.health.success(endpoint)
-        for endpoint in silent - answered:
-            router.health.failure(endpoint)
-            report.down.add(endpoint)
+        if silent - answered:  # blamed only once a probe confirms it: a failed read alone may be the key's own
+            router.confirm(silent - answered, report)
         return nbytes
 
 

@@ -18,7 +18,8 @@ else runs only after a key failed with a transfer-class code (``TRANSFER_CODES``
   waits on a dead endpoint (about 1 s per try after the first).
 * **Steered writes.** While anything is ejected, or after a write failed with a transfer-class code, writes ask
   for the healthy endpoints first (``ReplicateConfig.preferred_segments``) and for no more replicas than there
-  are healthy endpoints (a write with a replica on a dead node fails whole).
+  are healthy endpoints (a write with a replica on a dead node fails whole). Under ``P2PHANDSHAKE`` only this
+  client's own segment can be named (see ``ReplicaRouter``).
 
 What protects a replica during a direct read, from Mooncake's source (``master_service.cpp``,
 ``client_service.cpp``; v0.3.12.post1 and main, the 0.3.13 wheel between them): the same as under
@@ -62,7 +63,7 @@ MAX_PROBES = 64
 @dataclass
 class RoutingReport:
     """What routing did in one attempt, for its span and metrics: endpoints confirmed down (probe refused, or a
-    direct read failed), keys read from another replica by the endpoint routed around, keys failed fast, and
+    direct read failed and then the probe), keys read from another replica by the endpoint routed around, keys failed fast, and
     whether writes were steered."""
 
     down: set[str] = field(default_factory=set)
@@ -78,11 +79,22 @@ class ReplicaRouter:
     """Routing decisions of one client (see the module); thread-safe (state is in ``NodeHealth``)."""
 
     def __init__(
-        self, store: Any, health: NodeHealth, local_endpoint: str | None = None, clock: Clock = time.monotonic
+        self,
+        store: Any,
+        health: NodeHealth,
+        local_endpoint: str | None = None,
+        clock: Clock = time.monotonic,
+        endpoints_are_segments: bool = True,
     ) -> None:
+        """``local_endpoint``: this client's own segment (``get_hostname()``), if it has one.
+        ``endpoints_are_segments``: whether a replica's transport endpoint is also its segment's name, which
+        ``preferred_segments`` takes. True with a metadata server (HTTP, etcd); False under ``P2PHANDSHAKE``, where
+        Mooncake 0.3.13 names a segment ``host:<store port>`` but its replicas' endpoint ``host:<engine port>``, and
+        no Python call maps one to the other: writes can then be steered only to this client's own segment."""
         self.store = store
         self.health = health
         self.local_endpoint = local_endpoint
+        self.endpoints_are_segments = endpoints_are_segments
         self._clock = clock
         self.active = health.policy.enabled and hasattr(store, "batch_read_replicas")
 
@@ -155,15 +167,23 @@ class ReplicaRouter:
         return self._clock() - queried_at <= self.health.policy.read_lease_s
 
     def steered(self, base: Any, asked: int) -> Any:
-        """A ``ReplicateConfig`` like ``base`` that prefers the healthy endpoints and asks for no more replicas
-        than there are; ``base`` itself when no healthy endpoint is known."""
+        """A ``ReplicateConfig`` like ``base`` that prefers the healthy segments and asks for no more replicas than
+        there are; ``base`` itself when none is known. Without segment names for endpoints (``P2PHANDSHAKE``) the
+        one segment named is this client's own, so one replica is asked there; a pure client then only asks for no
+        more replicas than there are healthy endpoints (Mooncake places them at random)."""
         healthy = self.health.healthy()
         if not healthy:
             return base
+        if self.endpoints_are_segments:
+            preferred, count = healthy, len(healthy)
+        elif self.local_endpoint is not None:
+            preferred, count = [self.local_endpoint], 1
+        else:
+            preferred, count = [], len(healthy)
         from mooncake.store import ReplicateConfig
 
         cfg = ReplicateConfig()
-        cfg.replica_num = max(1, min(asked, len(healthy)))
+        cfg.replica_num = max(1, min(asked, count))
         cfg.with_hard_pin = base.with_hard_pin
-        cfg.preferred_segments = healthy
+        cfg.preferred_segments = preferred
         return cfg

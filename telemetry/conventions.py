@@ -147,8 +147,8 @@ DESCRIPTIONS: dict[str, str] = {
     BYTES_METRIC: "Bytes moved to or from the store by successful keys.",
     RETRY_BUDGET_METRIC: "Retries the client's retry budget would allow right now.",
     UNDER_REPLICATED_METRIC: "Keys a put stored with fewer replicas than replica_num asked for.",
-    NODE_FAILURES_METRIC: "Confirmed failures of a storage endpoint (refused a probe after a failed transfer, or "
-    "failed a direct read), by endpoint; one per endpoint per attempt.",
+    NODE_FAILURES_METRIC: "Confirmed failures of a storage endpoint (a probe refused or unanswered after a failed "
+    "transfer or direct read), by endpoint; one per endpoint per attempt.",
     FALLBACKS_METRIC: "Keys read from another replica because the one Mooncake picks is on this endpoint, down or "
     "ejected.",
     EJECTIONS_METRIC: "Times a storage endpoint was ejected (routed around) by this client, by endpoint.",
