@@ -1,7 +1,8 @@
-"""The Streamlit page: how often the client retries, how often retries run out, with which codes, where.
+"""The Streamlit page: how often the client retries, how often retries run out, with which codes, where; and
+which storage endpoints the clients lost and routed around.
 
 Run it with ``tq-mooncake dashboard`` or ``streamlit run <this file> -- --dir DIR`` (flags: ``settings``).
-Text that comes from metrics (host, service and code names) is only shown through ``st.dataframe``,
+Text that comes from metrics (host, service, code and endpoint names) is only shown through ``st.dataframe``,
 widget options and charts, never as Markdown or HTML.
 """
 
@@ -18,7 +19,7 @@ import streamlit as st
 from tq_mooncake.dashboard import metrics as m
 from tq_mooncake.dashboard.settings import WINDOWS, Settings, Thresholds, parse_settings
 from tq_mooncake.dashboard.sources import FileSource, PrometheusSource, Snapshot, Source
-from tq_mooncake.dashboard.tiles import Tile, duration, percent, tiles
+from tq_mooncake.dashboard.tiles import DASH, Tile, duration, percent, tiles
 from tq_mooncake.telemetry import conventions as c
 
 APP = Path(__file__).resolve()
@@ -112,9 +113,14 @@ def lines(rows: list[tuple[float, dict[str, float | None]]], unit: str, start: f
     st.altair_chart(chart)
 
 
-def charts(snapshot: Snapshot, start: float, end: float, keep: m.Filter) -> None:
-    step = max(1.0, (end - start) / 30)
-    series = m.time_series(snapshot.increments, start, end, step, keep)
+def chart_step(start: float, end: float) -> float:
+    """The interval of every chart over time (about 30 per window, at least 1 s)."""
+    return max(1.0, (end - start) / 30)
+
+
+def charts(
+    snapshot: Snapshot, series: list[tuple[float, m.Figures]], step: float, start: float, end: float, keep: m.Filter
+) -> None:
     left, right = st.columns(2)
     with left:
         st.subheader("Retry and exhaustion rate")
@@ -175,6 +181,70 @@ def host_table(snapshot: Snapshot, start: float, end: float, keep: m.Filter) -> 
             }
         )
     st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+
+NODE_CHARTS = (
+    ("ejections", "Ejections", "ejections", "times a client ejected (routed around) the endpoint"),
+    ("failures", "Confirmed failures", "failures", "probe refused after a failed transfer, or a direct read failed"),
+    ("fallbacks", "Replica fallbacks", "keys", "keys read from another replica than the one on the endpoint"),
+)
+CHART_ENDPOINTS = 8  # endpoints drawn on their own in the node charts (the worst); the others summed in one line
+
+
+def storage_nodes(
+    whole: m.Figures,
+    gauges: list[m.Point],
+    series: list[tuple[float, m.Figures]],
+    step: float,
+    start: float,
+    end: float,
+    keep: m.Filter,
+) -> None:
+    """Per storage endpoint: ejections, confirmed failures and replica fallbacks in the window (``whole``) and over
+    time (``series``: the bins and time axis of the charts above), and how many endpoints the clients have ejected
+    now."""
+    st.subheader("Storage nodes")
+    st.caption(
+        "per storage endpoint (address:port; _OTHER: the endpoints a process saw after its first "
+        f"{c.MAX_ENDPOINT_ATTRIBUTES}), counts only · ejections and ejected endpoints are not per operation: the "
+        "operation filter leaves them as they are"
+    )
+    rows = m.storage_nodes(whole)
+    ejected, reporting = m.ejected_now(gauges, start, end, keep)
+    cards = (
+        (
+            "Ejected now",
+            f"{ejected:,.0f}" if reporting else DASH,
+            f"summed over {reporting} client process(es)" if reporting else "no client reports it",
+        ),
+        ("Ejections", f"{sum(whole.ejections.values()):,.0f}", "in the window"),
+        ("Confirmed failures", f"{sum(whole.node_failures.values()):,.0f}", "one per endpoint per attempt"),
+        ("Replica fallbacks", f"{sum(whole.fallbacks.values()):,.0f}", "keys read from another replica"),
+    )
+    for column, (label, value, caption) in zip(st.columns(len(cards)), cards, strict=True):
+        with column, st.container(border=True):
+            st.metric(label, value)
+            st.caption(caption)
+    if not rows:
+        st.caption("no storage endpoint was ejected, failed or routed around in this window")
+        return
+    table = {
+        "endpoint": [r.endpoint for r in rows],
+        "ejections": [r.ejections for r in rows],
+        "confirmed failures": [r.failures for r in rows],
+        "replica fallbacks (keys)": [r.fallbacks for r in rows],
+    }
+    st.dataframe(pd.DataFrame(table), hide_index=True)
+    for column, (count, title, unit, caption) in zip(st.columns(len(NODE_CHARTS)), NODE_CHARTS, strict=True):
+        with column:
+            st.subheader(title)
+            st.caption(f"{caption}; per {_age(step)} interval")
+            worst = sorted((r for r in rows if getattr(r, count)), key=lambda r: -getattr(r, count))
+            if worst:
+                endpoints = [r.endpoint for r in worst[:CHART_ENDPOINTS]]
+                lines(m.node_series(series, count, endpoints), unit, start, end)
+            else:
+                st.caption(f"no {title.lower()} in this window")
 
 
 def window_bounds(window: str, snapshot_all: Snapshot | None, now: float, prometheus: bool) -> tuple[float, float]:
@@ -246,8 +316,11 @@ def body(source: Source, window: str, thresholds: Thresholds) -> None:
     for column, tile in zip(st.columns(6), tiles(current, previous, thresholds), strict=True):
         with column:
             show_tile(tile)
-    charts(snapshot, start, end, keep)
+    step = chart_step(start, end)
+    series = m.time_series(snapshot.increments, start, end, step, keep)
+    charts(snapshot, series, step, start, end, keep)
     host_table(snapshot, start, end, keep)
+    storage_nodes(current, snapshot.gauges, series, step, start, end, keep)
     caption = f"{WINDOW_NAMES[window]}, compared with the window before it · updated {time.strftime('%H:%M:%S')}"
     if isinstance(source, FileSource):
         caption += f" · {snapshot.files} file(s)"

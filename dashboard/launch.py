@@ -17,7 +17,7 @@ from tq_mooncake.cluster import LOOPBACK, ChildProcess, free_port, http_ok
 from .settings import Settings, add_arguments, dashboard_args, parse_settings, settings_from
 
 DESCRIPTION = (
-    "Start the Streamlit dashboard (retry rates, exhaustion, error codes, hosts) on loopback. "
+    "Start the Streamlit dashboard (retry rates, exhaustion, error codes, hosts, storage nodes) on loopback. "
     "Further --server.* / --theme.* options are passed to `streamlit run`."
 )
 STREAMLIT_PREFIXES = ("--server.", "--theme.", "--logger.")

@@ -24,6 +24,9 @@ Labels = tuple[tuple[str, str], ...]
 BUCKET = "#bucket"  # suffix of a histogram's per-``le`` cumulative counts (Prometheus' ``_bucket``)
 COUNT = "#count"  # suffix of a histogram's observation count (Prometheus' ``_count``)
 LE = "le"
+GAUGES: frozenset[str] = frozenset({c.EJECTED_METRIC})
+"""The gauges (of ``conventions.GAUGES``) the dashboard shows: their latest values, never differenced
+(``Snapshot.gauges``)."""
 WANTED: frozenset[str] = frozenset(
     {
         c.OPERATIONS_METRIC,
@@ -32,6 +35,10 @@ WANTED: frozenset[str] = frozenset(
         c.KEYS_FAILED_METRIC,
         c.OPERATION_DURATION_METRIC + BUCKET,
         c.RETRY_DELAY_METRIC + COUNT,
+        c.EJECTIONS_METRIC,
+        c.NODE_FAILURES_METRIC,
+        c.FALLBACKS_METRIC,
+        *GAUGES,
     }
 )
 """The series the dashboard uses; other metrics are not kept."""
@@ -48,8 +55,22 @@ def format_le(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(float(bound))
 
 
+class _Labelled:
+    """Attribute and origin look-ups shared by points and increments (what a ``Filter`` reads)."""
+
+    metric: str
+    origin: Labels
+    attrs: Labels
+
+    def attr(self, name: str, default: str = "") -> str:
+        return next((v for k, v in self.attrs if k == name), default)
+
+    def who(self, name: str) -> str:
+        return next((v for k, v in self.origin if k == name), "")
+
+
 @dataclass(frozen=True)
-class Point:
+class Point(_Labelled):
     """One exported value of one series.
 
     ``metric`` is the OpenTelemetry name (histograms: ``<name>#bucket`` with an ``le`` label, ``<name>#count``);
@@ -72,7 +93,7 @@ class Point:
 
 
 @dataclass(frozen=True)
-class Increment:
+class Increment(_Labelled):
     """What a series added up to ``time`` since its previous point."""
 
     metric: str
@@ -80,12 +101,6 @@ class Increment:
     attrs: Labels
     time: float
     value: float
-
-    def attr(self, name: str, default: str = "") -> str:
-        return next((v for k, v in self.attrs if k == name), default)
-
-    def who(self, name: str) -> str:
-        return next((v for k, v in self.origin if k == name), "")
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -132,6 +147,18 @@ def _sum_points(metric: Mapping[str, Any], origin: Labels, wanted: Container[str
         yield Point(name, origin, attrs, time, value, _seconds(dp.get("startTimeUnixNano")), delta)
 
 
+def _gauge_points(metric: Mapping[str, Any], origin: Labels, wanted: Container[str]) -> Iterable[Point]:
+    name, data = metric["name"], metric["gauge"]
+    if name not in wanted:
+        return
+    for dp in data.get("dataPoints", []):
+        value = float(dp["asInt"]) if "asInt" in dp else float(dp.get("asDouble", 0.0))
+        time = _seconds(dp["timeUnixNano"])
+        if time is None:
+            raise ValueError("a data point without timeUnixNano")
+        yield Point(name, origin, labels(_attributes(dp.get("attributes"))), time, value)
+
+
 def _histogram_points(metric: Mapping[str, Any], origin: Labels, wanted: Container[str]) -> Iterable[Point]:
     name, data = metric["name"], metric["histogram"]
     want_buckets, want_count = name + BUCKET in wanted, name + COUNT in wanted
@@ -160,7 +187,7 @@ def _histogram_points(metric: Mapping[str, Any], origin: Labels, wanted: Contain
 
 def parse_metrics_line(line: str, wanted: Container[str] = WANTED) -> list[Point]:
     """The points of one OTLP/JSON line (an ``ExportMetricsServiceRequest``, as the SDK's and the Collector's
-    file exporters write them). Sums and histograms only; lines of other signals (``resourceSpans``, ...)
+    file exporters write them). Sums, gauges and histograms only; lines of other signals (``resourceSpans``, ...)
     give ``[]``. Raises ValueError for a line that is not such an object."""
     try:
         request = json.loads(line)
@@ -182,6 +209,8 @@ def parse_metrics_line(line: str, wanted: Container[str] = WANTED) -> list[Point
                         points.extend(_sum_points(metric, origin, wanted))
                     elif "histogram" in metric:
                         points.extend(_histogram_points(metric, origin, wanted))
+                    elif "gauge" in metric:
+                        points.extend(_gauge_points(metric, origin, wanted))
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"malformed OTLP metrics: {type(exc).__name__} {exc}") from None
     return points
@@ -247,6 +276,15 @@ class Differencer:
         return out
 
 
+def split_gauges(points: Iterable[Point]) -> tuple[list[Point], list[Point]]:
+    """``(counter points, gauge points)``: the first go to a ``Differencer``, the second are kept as they are."""
+    counters: list[Point] = []
+    gauges: list[Point] = []
+    for p in points:
+        (gauges if p.metric in GAUGES else counters).append(p)
+    return counters, gauges
+
+
 # ------------------------------------------------------------------------------------------------ figures
 
 
@@ -297,6 +335,9 @@ class Figures:
     latency: Counter[float] = field(default_factory=lambda: Counter(dict.fromkeys(LATENCY_BOUNDS, 0.0)))
     """operation.duration: upper bound -> cumulative count. Every bound of the conventions is present, so that
     buckets with no increment (differencing drops zeros) still bound the interpolation."""
+    ejections: Counter[str] = field(default_factory=Counter)  # storage endpoint -> times a client ejected it
+    node_failures: Counter[str] = field(default_factory=Counter)  # storage endpoint -> confirmed failures
+    fallbacks: Counter[str] = field(default_factory=Counter)  # storage endpoint -> keys read from another replica
 
     def add(self, inc: Increment) -> None:
         metric, value = inc.metric, inc.value
@@ -314,6 +355,12 @@ class Figures:
             self.latency[float(inc.attr(LE, "+Inf"))] += value
         elif metric == c.RETRY_DELAY_METRIC + COUNT:
             self.retried_operations += value
+        elif metric == c.NODE_FAILURES_METRIC:
+            self.node_failures[endpoint_name(inc)] += value
+        elif metric == c.FALLBACKS_METRIC:
+            self.fallbacks[endpoint_name(inc)] += value
+        elif metric == c.EJECTIONS_METRIC:
+            self.ejections[endpoint_name(inc)] += value
 
     @property
     def ops_per_s(self) -> float | None:
@@ -357,15 +404,23 @@ class Figures:
         return histogram_quantile(q, self.latency)
 
 
-Filter = Callable[[Increment], bool]
+Filter = Callable[[_Labelled], bool]
+
+
+def _per_operation(metric: str) -> bool:
+    """Whether ``metric`` (``#bucket`` / ``#count`` suffix allowed) carries ``mooncake.operation``."""
+    return c.OPERATION in c.METRIC_ATTRIBUTES.get(metric.partition("#")[0], frozenset({c.OPERATION}))
 
 
 def make_filter(operations: Iterable[str] | None = None, hosts: Iterable[str] | None = None) -> Filter:
-    """Keep increments of these operations and hosts (None or empty: all)."""
+    """Keep increments (and gauge points) of these operations and hosts (None or empty: all). Metrics that are
+    not per operation (``node.ejections``, ``nodes.ejected``) are kept whatever the operations."""
     ops, hs = set(operations or ()), set(hosts or ())
 
-    def keep(inc: Increment) -> bool:
-        return (not ops or inc.attr(c.OPERATION) in ops) and (not hs or inc.who("host") in hs)
+    def keep(inc: _Labelled) -> bool:
+        if hs and inc.who("host") not in hs:
+            return False
+        return not ops or inc.attr(c.OPERATION) in ops or not _per_operation(inc.metric)
 
     return keep
 
@@ -406,6 +461,82 @@ def by_origin(
         return (-(f.exhaustion_rate or 0.0), -(f.failure_rate or 0.0), -(f.retry_rate or 0.0), -f.operations)
 
     return sorted(groups.items(), key=badness)
+
+
+# ------------------------------------------------------------------------------------------------ storage nodes
+
+OTHER_ENDPOINTS = "other endpoints"
+"""The series of a node chart that sums the endpoints not drawn on their own."""
+LOOKBACK_S = 300.0
+"""A process's gauge value counts as current while it is at most this much older than the newest one (as
+Prometheus' default lookback: a process that stopped reporting stops counting)."""
+
+
+def endpoint_name(item: _Labelled) -> str:
+    """A storage endpoint as ``address:port`` (``[v6]:port``); the address alone without a port (``_OTHER``, the
+    endpoints past ``MAX_ENDPOINT_ATTRIBUTES``); ``unknown`` without an address."""
+    address, port = item.attr(c.SERVER_ADDRESS), item.attr(c.SERVER_PORT)
+    if not address:
+        return "unknown"
+    if not port:
+        return address
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    """One storage endpoint's counts in a window."""
+
+    endpoint: str
+    ejections: float
+    failures: float
+    fallbacks: float
+
+
+def storage_nodes(figures: Figures) -> list[NodeRow]:
+    """Every endpoint with an ejection, a confirmed failure or a replica fallback in ``figures``; the worst first
+    (failures, then ejections, then fallbacks, all descending; then by name)."""
+    names = set(figures.ejections) | set(figures.node_failures) | set(figures.fallbacks)
+    rows = [NodeRow(e, figures.ejections[e], figures.node_failures[e], figures.fallbacks[e]) for e in names]
+    return sorted(rows, key=lambda r: (-r.failures, -r.ejections, -r.fallbacks, r.endpoint))
+
+
+NODE_COUNTS: dict[str, str] = {"ejections": "ejections", "failures": "node_failures", "fallbacks": "fallbacks"}
+"""``NodeRow`` field -> the ``Figures`` counter it sums."""
+
+
+def node_series(
+    series: Iterable[tuple[float, Figures]], count: str, endpoints: Iterable[str]
+) -> list[tuple[float, dict[str, float]]]:
+    """Per bin of ``series`` (``time_series``): the ``count`` (a ``NODE_COUNTS`` key) of each of ``endpoints``
+    (0 where none), and under ``OTHER_ENDPOINTS`` the sum of every other endpoint, when any has one."""
+    shown = list(endpoints)
+    bins = [(t, getattr(f, NODE_COUNTS[count])) for t, f in series]
+    rest = any(n for _, counter in bins for e, n in counter.items() if e not in shown)
+    rows = []
+    for t, counter in bins:
+        row = {e: float(counter[e]) for e in shown}
+        if rest:
+            row[OTHER_ENDPOINTS] = float(sum(n for e, n in counter.items() if e not in shown))
+        rows.append((t, row))
+    return rows
+
+
+def ejected_now(gauges: Iterable[Point], start: float, end: float, keep: Filter | None = None) -> tuple[float, int]:
+    """``(endpoints ejected, processes reporting)``: the sum over reporting processes of each one's latest
+    ``nodes.ejected`` value with ``start < time <= end``, of those no more than ``LOOKBACK_S`` older than the
+    newest. ``(0.0, 0)`` when no process reported one."""
+    latest: dict[tuple[Labels, Labels], Point] = {}
+    for p in gauges:
+        if p.metric == c.EJECTED_METRIC and start < p.time <= end and (keep is None or keep(p)):
+            seen = latest.get((p.origin, p.attrs))
+            if seen is None or p.time > seen.time:
+                latest[p.origin, p.attrs] = p
+    if not latest:
+        return 0.0, 0
+    newest = max(p.time for p in latest.values())
+    current = [p.value for p in latest.values() if p.time >= newest - LOOKBACK_S]
+    return float(sum(current)), len(current)
 
 
 def hosts_of(increments: Iterable[Increment]) -> list[str]:

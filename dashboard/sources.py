@@ -5,7 +5,8 @@
 * ``PrometheusSource``: the Prometheus HTTP API (``/api/v1/query_range``) over urllib, with the series
   names of the Prometheus translation (``telemetry/CONVENTIONS.md``).
 
-Both return ``Increment``s (see ``metrics``), so every figure is computed by the same code.
+Both return ``Increment``s (see ``metrics``) and the gauges' values as reported, so every figure is computed by
+the same code.
 """
 
 from __future__ import annotations
@@ -22,7 +23,18 @@ from typing import Any, Protocol
 
 from tq_mooncake.telemetry import conventions as c
 
-from .metrics import BUCKET, COUNT, WANTED, Differencer, Increment, Point, TailReader, file_list, labels
+from .metrics import (
+    BUCKET,
+    COUNT,
+    WANTED,
+    Differencer,
+    Increment,
+    Point,
+    TailReader,
+    file_list,
+    labels,
+    split_gauges,
+)
 from .metrics import parse_metrics_line as parse_line
 
 FILE_PATTERNS = ("*.jsonl", "*.json")
@@ -39,6 +51,7 @@ class Snapshot:
     skipped_lines: int = 0  # malformed lines skipped so far (file source)
     last_problem: str = ""  # why the last skipped line was skipped
     error: str | None = None  # the source could not be read at all
+    gauges: list[Point] = field(default_factory=list)  # values of the gauges in metrics.GAUGES, as reported
 
 
 class Source(Protocol):
@@ -63,6 +76,7 @@ class FileSource:
         self._tail = TailReader()
         self._diff = Differencer()
         self._increments: list[Increment] = []
+        self._gauges: list[Point] = []
         self._newest: float | None = None
         self._files: set[Path] = set()
         self.skipped_lines = 0
@@ -85,10 +99,15 @@ class FileSource:
                 if points:
                     newest = max(p.time for p in points)
                     self._newest = newest if self._newest is None else max(self._newest, newest)
-                self._increments.extend(self._diff.add(points))
-        if self._newest is not None and self._increments and self._increments[0].time < self._newest - self.retention_s:
+                counters, gauges = split_gauges(points)
+                self._increments.extend(self._diff.add(counters))
+                self._gauges.extend(gauges)
+        if self._newest is not None:
             horizon = self._newest - self.retention_s
-            self._increments = [i for i in self._increments if i.time >= horizon]
+            if self._increments and self._increments[0].time < horizon:
+                self._increments = [i for i in self._increments if i.time >= horizon]
+            if self._gauges and self._gauges[0].time < horizon:
+                self._gauges = [g for g in self._gauges if g.time >= horizon]
         return new
 
     def load(self, start: float, end: float) -> Snapshot:
@@ -99,6 +118,7 @@ class FileSource:
             return Snapshot(
                 [i for i in self._increments if start < i.time <= end],
                 newest=self._newest,
+                gauges=[g for g in self._gauges if start < g.time <= end],
                 files=len(self._files),
                 skipped_lines=self.skipped_lines,
                 last_problem=self.last_problem,
@@ -114,6 +134,10 @@ PROMETHEUS_SERIES: dict[str, str] = {
     "mooncake_client_keys_failed_total": c.KEYS_FAILED_METRIC,
     "mooncake_client_operation_duration_seconds_bucket": c.OPERATION_DURATION_METRIC + BUCKET,
     "mooncake_client_retry_delay_seconds_count": c.RETRY_DELAY_METRIC + COUNT,
+    "mooncake_client_node_ejections_total": c.EJECTIONS_METRIC,
+    "mooncake_client_node_failures_total": c.NODE_FAILURES_METRIC,
+    "mooncake_client_replica_fallbacks_total": c.FALLBACKS_METRIC,
+    "mooncake_client_nodes_ejected": c.EJECTED_METRIC,
 }
 """Prometheus series name -> the dashboard's metric name (the exporter's translation of CONVENTIONS.md)."""
 assert set(PROMETHEUS_SERIES.values()) == WANTED
@@ -124,6 +148,8 @@ PROMETHEUS_LABELS: dict[str, str] = {
     "mooncake_attempt": c.ATTEMPT,
     "mooncake_result": c.RESULT,
     "error_type": c.ERROR_TYPE,
+    "server_address": c.SERVER_ADDRESS,
+    "server_port": c.SERVER_PORT,
     "le": "le",
 }
 
@@ -142,7 +168,7 @@ class PrometheusSource:
     """Counters from a Prometheus server at ``url`` (e.g. ``http://127.0.0.1:9090``). Each ``load`` runs one
     ``query_range`` for the dashboard's series (plus ``target_info`` for host, pid and service names) and
     differences the values per series as the file source does: a series first seen inside the range counts
-    from zero, a drop is a counter reset."""
+    from zero, a drop is a counter reset. Gauges (``metrics.GAUGES``) are kept as evaluated at each step."""
 
     url: str
     timeout_s: float = 10.0
@@ -199,8 +225,13 @@ class PrometheusSource:
                 if math.isfinite(value):
                     points.append(Point(name, origin, attrs, float(t), value))
         points.sort(key=lambda p: p.time)
-        increments = [i for i in Differencer().add(points) if start < i.time <= end]
-        return Snapshot(increments, newest=max((p.time for p in points), default=None))
+        counters, gauges = split_gauges(points)
+        increments = [i for i in Differencer().add(counters) if start < i.time <= end]
+        return Snapshot(
+            increments,
+            newest=max((p.time for p in points), default=None),
+            gauges=[g for g in gauges if start < g.time <= end],
+        )
 
 
 def _origins(target_info: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[tuple[str, str], ...]]:

@@ -1,18 +1,30 @@
 """The Streamlit page under ``streamlit.testing.v1.AppTest``: tiles with their values, changes and alerts,
-filters, the empty states, malformed lines counted, and attribute text rendered as text."""
+filters, the empty states, malformed lines counted, attribute text rendered as text, and the storage nodes view
+on files the SDK exported."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow.ipc
 import pytest
+from opentelemetry.exporter.otlp.json.file import FileMetricExporter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
 from streamlit.testing.v1 import AppTest
 
+from tq_mooncake.client.codes import ErrorCode
+from tq_mooncake.client.observer import OperationSummary
+from tq_mooncake.client.replica_routing import RoutingReport
 from tq_mooncake.cluster import free_port
 from tq_mooncake.dashboard import app as app_module
+from tq_mooncake.telemetry import OTelObserver, metric_views
+from tq_mooncake.telemetry.conventions import Operation, Outcome
 
 pytestmark = pytest.mark.pure
 
@@ -203,3 +215,61 @@ def test_attribute_text_is_rendered_as_text_never_as_markup(folder):
     assert not any("<script" in t or "<img" in t for t in markdown(at))  # never Markdown or HTML
     at.multiselect(key="hosts").set_value([HOSTILE]).run()
     assert tiles(at)["Retry rate"][0] == "15.0%"
+
+
+def export_node_loss(folder: Path) -> None:
+    """Real exported metrics (the SDK's file exporter, the project's views): two gets and a put that lost keys to
+    TRANSFER_FAIL on two storage endpoints, three ejections, and one endpoint ejected now."""
+    reader = PeriodicExportingMetricReader(FileMetricExporter(folder / "metrics-node-b-8.jsonl"), 3_600_000)
+    resource = Resource({"host.name": "node-b", "process.pid": 8, "service.name": "svc"})
+    provider = MeterProvider(metric_readers=[reader], resource=resource, views=metric_views())
+    obs = OTelObserver(None, provider, ejected_nodes=lambda: 1)
+    try:
+        for endpoint in ("127.0.0.1:12345", "127.0.0.1:12345", "10.0.0.2:23456"):
+            obs.node_ejected(endpoint)
+        for operation, routing in (
+            (Operation.GET, RoutingReport(down={"127.0.0.1:12345"}, fallbacks=Counter({"127.0.0.1:12345": 2}))),
+            (Operation.GET, RoutingReport(fallbacks=Counter({"127.0.0.1:12345": 1, "10.0.0.2:23456": 4}))),
+            (Operation.PUT, RoutingReport(down={"127.0.0.1:12345", "10.0.0.2:23456"})),
+        ):
+            scope = obs.operation(operation, 4)
+            scope.attempt(0, 1, 4, 0.0).end(Counter({ErrorCode.TRANSFER_FAIL: 2}), 0, routing)
+            scope.end(OperationSummary(Outcome.SUCCESS, 1, 2, 2, 0, 0.0, 0))
+        assert provider.force_flush(10_000)
+    finally:
+        provider.shutdown()
+
+
+def chart_data(chart: Any) -> tuple[dict[str, Any], Any]:
+    """An Altair chart's Vega-Lite spec and its data (a pandas frame)."""
+    (dataset,) = chart.proto.datasets
+    return json.loads(chart.proto.spec), pyarrow.ipc.open_stream(dataset.data.data).read_pandas()
+
+
+def test_the_storage_nodes_view_shows_what_the_client_exported(folder):
+    at = run_app()
+    assert "Storage nodes" not in [h.value for h in at.subheader]  # no operations yet: the empty state
+    export_node_loss(folder)
+    at = run_app()
+    assert "Storage nodes" in [h.value for h in at.subheader]
+    shown = tiles(at)
+    assert shown["Ejected now"][0] == "1" and shown["Ejections"][0] == "3"
+    assert shown["Confirmed failures"][0] == "3" and shown["Replica fallbacks"][0] == "7"
+    table = at.dataframe[1].value  # after the per-host table
+    assert table.to_dict("list") == {
+        "endpoint": ["127.0.0.1:12345", "10.0.0.2:23456"],
+        "ejections": [2.0, 1.0],
+        "confirmed failures": [2.0, 1.0],
+        "replica fallbacks (keys)": [3.0, 4.0],
+    }
+    charts = [chart_data(chart) for chart in at.get("vega_lite_chart")]
+    assert len(charts) == 4 + 3  # the four charts above, then ejections, failures, fallbacks over time
+    (retry_spec, _), *_, (ejections, _), (failures, _), (fallbacks, per_interval) = charts
+    for spec in (ejections, failures, fallbacks):  # the retry-rate chart's time axis
+        assert spec["encoding"]["x"]["scale"] == retry_spec["encoding"]["x"]["scale"]
+    assert per_interval.groupby("series")["keys"].sum().to_dict() == {"10.0.0.2:23456": 4.0, "127.0.0.1:12345": 3.0}
+    at.multiselect(key="ops").set_value(["put"]).run()
+    shown = tiles(at)  # puts: their failures only; ejections are not per operation
+    assert (shown["Confirmed failures"][0], shown["Replica fallbacks"][0], shown["Ejections"][0]) == ("2", "0", "3")
+    at.multiselect(key="hosts").set_value(["node-b"]).run()
+    assert tiles(at)["Ejected now"][0] == "1"

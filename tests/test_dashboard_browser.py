@@ -1,6 +1,7 @@
 """The dashboard in Debian's headless Chromium: a real client process with injected faults exports metrics,
 ``tq-mooncake dashboard``'s command serves them on a free loopback port, and the tiles the browser shows
-equal what the injector did. Uses the same code path as the README's screenshot."""
+equal what the injector did; the storage nodes view shows its table. Uses the same code path as the README's
+screenshot."""
 
 from __future__ import annotations
 
@@ -45,6 +46,36 @@ def hostile_line(t_ns: int, name: str = "mooncake.client.keys", result: str = "o
     return json.dumps({"resourceMetrics": [{"resource": res, "scopeMetrics": [{"metrics": [metric]}]}]})
 
 
+PAGE_JS = """
+const metrics = {};
+for (const m of document.querySelectorAll('[data-testid="stMetric"]')) {
+  const label = m.querySelector('[data-testid="stMetricLabel"]');
+  const value = m.querySelector('[data-testid="stMetricValue"]');
+  if (label && value) metrics[label.innerText.trim()] = value.innerText.trim();
+}
+return {
+  headings: Array.from(document.querySelectorAll("h3"), h => h.innerText.trim()),
+  tables: document.querySelectorAll('[data-testid="stDataFrame"]').length,
+  metrics: metrics,
+};
+"""
+"""The page's h3 headings, its number of tables and its metrics (label -> value), in one WebDriver round trip."""
+
+
+def node_line(t_ns: int) -> str:
+    """The same process: 5 confirmed failures of a storage endpoint whose address is markup (text only, too)."""
+    attrs = {"mooncake.operation": "get", "server.address": HOSTILE, "server.port": "12345"}
+    dp = {
+        "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attrs.items()],
+        "startTimeUnixNano": str(t_ns - 10**9),
+        "timeUnixNano": str(t_ns),
+        "asInt": "5",
+    }
+    metric = {"name": "mooncake.client.node.failures", "sum": {"dataPoints": [dp], "aggregationTemporality": 2}}
+    res = {"attributes": [{"key": "host.name", "value": {"stringValue": HOSTILE}}]}
+    return json.dumps({"resourceMetrics": [{"resource": res, "scopeMetrics": [{"metrics": [metric]}]}]})
+
+
 def test_the_browser_shows_the_retry_and_exhaustion_rates_the_injector_caused(shared_master, tmp_path):
     assert Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file(), "run `make setup` (chromium, chromium-driver)"
     folder = tmp_path / "telemetry"
@@ -53,7 +84,7 @@ def test_the_browser_shows_the_retry_and_exhaustion_rates_the_injector_caused(sh
     assert tally.total == 40 and tally.retried == 14 and tally.outcome(Outcome.EXHAUSTED) == 6
     metrics_file = next(folder.glob("metrics-*.jsonl"))
     newest = max(int(dp["timeUnixNano"]) for dp in _points(metrics_file))
-    (folder / "metrics-hostile-1.jsonl").write_text(hostile_line(newest) + "\n")
+    (folder / "metrics-hostile-1.jsonl").write_text(hostile_line(newest) + "\n" + node_line(newest) + "\n")
 
     with RunningApp(["--dir", str(folder), "--refresh", "1"], tmp_path / "dashboard.log") as app:
         assert app.command[app.command.index("--server.address") + 1] == "127.0.0.1"
@@ -63,6 +94,8 @@ def test_the_browser_shows_the_retry_and_exhaustion_rates_the_injector_caused(sh
             with open(folder / "metrics-hostile-1.jsonl", "a") as f:
                 f.write(hostile_line(time.time_ns(), "mooncake.client.operations", "success", 10) + "\n")
             wait_until(lambda: read_tiles(driver).get("Retry rate") == "28.0%", 30, "the page to refresh itself")
+            wait_until(lambda: driver.execute_script(PAGE_JS)["tables"] == 2, 30, "the storage nodes table")
+            page = driver.execute_script(PAGE_JS)
             shot = screenshot(driver, tmp_path / "dashboard.png")
             xss = driver.execute_script("return window.__xss === undefined ? null : window.__xss")
             scripts = driver.execute_script(
@@ -71,7 +104,9 @@ def test_the_browser_shows_the_retry_and_exhaustion_rates_the_injector_caused(sh
 
     assert tiles["Retry rate"] == percent(tally.retried / tally.total) == "35.0%"  # 14 / 40, then 14 / 50: 28.0%
     assert tiles["Exhaustion rate"] == percent(tally.outcome(Outcome.EXHAUSTED) / tally.total) == "15.0%"
-    assert xss is None and scripts == 0  # the host name was shown as text, never run
+    assert "Storage nodes" in page["headings"]  # and its table: the second one, after the per-host table
+    assert page["metrics"]["Confirmed failures"] == "5" and page["metrics"]["Ejected now"] == "0"  # the client: 0
+    assert xss is None and scripts == 0  # host and endpoint names were shown as text, never run
     assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

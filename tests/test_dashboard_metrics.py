@@ -22,7 +22,9 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
+from tq_mooncake.client.codes import ErrorCode
 from tq_mooncake.client.observer import NOOP_OBSERVER
+from tq_mooncake.client.replica_routing import RoutingReport
 from tq_mooncake.cluster import free_port
 from tq_mooncake.dashboard import metrics as m
 from tq_mooncake.dashboard.sample_run import Tally, fault_plan, make_client, run
@@ -30,7 +32,7 @@ from tq_mooncake.dashboard.settings import Thresholds
 from tq_mooncake.dashboard.sources import FileSource, PrometheusSource
 from tq_mooncake.dashboard.tiles import percent, tiles
 from tq_mooncake.telemetry import OTelObserver, conventions, metric_views
-from tq_mooncake.telemetry.conventions import Outcome
+from tq_mooncake.telemetry.conventions import Operation, Outcome
 from tq_mooncake.testing import RecordingObserver
 
 OPS = conventions.OPERATIONS_METRIC
@@ -388,3 +390,85 @@ def test_figures_from_real_exported_files_equal_what_the_injector_did(faulty_cli
     assert figures.operations == both.total + third.total  # a reset, not a negative rate
     assert figures.key_failures == both.key_failures + third.key_failures
     assert source.skipped_lines == 0
+
+
+# ------------------------------------------------------------------------------------------------ storage nodes
+
+A, B, V6 = "127.0.0.1:12345", "10.0.0.2:23456", "[::1]:7001"
+
+
+def attempt(obs: OTelObserver, operation: Operation, routing: RoutingReport) -> None:
+    """One attempt of a new call that lost keys to TRANSFER_FAIL, with what routing did in it."""
+    scope = obs.operation(operation, 4)
+    scope.attempt(0, 1, 4, 0.0).end(Counter({ErrorCode.TRANSFER_FAIL: 2}), 0, routing)
+
+
+@pytest.mark.pure
+def test_storage_node_figures_from_real_exported_files_equal_what_was_emitted(tmp_path):
+    path = tmp_path / f"metrics-{socket.gethostname()}-{os.getpid()}.jsonl"
+    provider = recorder(path)
+    ejected = [2]
+    obs = OTelObserver(None, provider, ejected_nodes=lambda: ejected[0])
+    source = FileSource(tmp_path)
+    began = time.time()
+    try:
+        for endpoint in (A, A, V6):
+            obs.node_ejected(endpoint)
+        attempt(obs, Operation.GET, RoutingReport(down={A}, fallbacks=Counter({A: 2, B: 1})))
+        attempt(obs, Operation.PUT, RoutingReport(down={A, B}))
+        assert provider.force_flush(10_000)
+        first_end = time.time()
+        ejected[0] = 1
+        obs.node_ejected(B)
+        attempt(obs, Operation.GET, RoutingReport(fallbacks=Counter({A: 3})))
+        many = [f"10.1.{i // 200}.{i % 200}:7000" for i in range(255)]  # 3 endpoints known: 253 more, then _OTHER
+        for endpoint in many:
+            obs.node_ejected(endpoint)
+        assert provider.force_flush(10_000)
+    finally:
+        provider.shutdown()
+    end = time.time()
+    snap = source.load(began - 1, end)
+    whole = m.window_figures(snap.increments, began - 1, end)
+
+    rows = m.storage_nodes(whole)
+    assert rows[:3] == [m.NodeRow(A, 2, 2, 5), m.NodeRow(B, 1, 1, 1), m.NodeRow("_OTHER", 2, 0, 0)]
+    assert {r.endpoint: (r.ejections, r.failures, r.fallbacks) for r in rows[3:]} == {
+        V6: (1, 0, 0),
+        **{e: (1, 0, 0) for e in many[:253]},
+    }
+    assert sum(whole.ejections.values()) == 3 + 1 + 255 and sum(whole.node_failures.values()) == 3
+    assert m.ejected_now(snap.gauges, began - 1, end) == (1.0, 1)  # the latest value
+    assert m.ejected_now(snap.gauges, began - 1, first_end) == (2.0, 1)
+
+    # over time, in the bins of the retry-rate chart: the first bin ends at the first export
+    series = m.time_series(snap.increments, began - 1, end, first_end - (began - 1))
+    assert len(series) >= 2
+    fallbacks = m.node_series(series, "fallbacks", [A])
+    assert fallbacks[0] == (first_end, {A: 2.0, m.OTHER_ENDPOINTS: 1.0})
+    assert [sum(row[k] for _, row in fallbacks[1:]) for k in (A, m.OTHER_ENDPOINTS)] == [3.0, 0.0]
+    failures = m.node_series(series, "failures", [A, B])
+    assert failures[0][1] == {A: 2.0, B: 1.0} and all(row == {A: 0.0, B: 0.0} for _, row in failures[1:])
+
+    # the operation filter applies to failures and fallbacks, not to ejections nor the gauge (not per operation)
+    puts = m.make_filter(["put"])
+    put_figures = m.window_figures(snap.increments, began - 1, end, puts)
+    assert put_figures.node_failures == Counter({A: 1, B: 1}) and not put_figures.fallbacks
+    assert put_figures.ejections == whole.ejections
+    assert m.ejected_now(snap.gauges, began - 1, end, puts) == (1.0, 1)
+    elsewhere = m.make_filter(None, ["another-host"])
+    assert not m.storage_nodes(m.window_figures(snap.increments, began - 1, end, elsewhere))
+    assert m.ejected_now(snap.gauges, began - 1, end, elsewhere) == (0.0, 0)
+
+
+@pytest.mark.pure
+def test_ejected_now_sums_each_process_latest_value_and_drops_processes_that_stopped_reporting():
+    def gauge(host: str, t: float, value: float) -> m.Point:
+        return m.Point(conventions.EJECTED_METRIC, m.labels({"host": host, "process": "1"}), (), t, value)
+
+    points = [gauge("a", 100, 3), gauge("a", 400, 1), gauge("b", 390, 2), gauge("c", 50, 5)]
+    assert m.ejected_now(points, 0, 1000) == (3.0, 2)  # a: 1 (its latest), b: 2; c reported 350 s before a
+    assert m.ejected_now(points, 0, 200) == (8.0, 2)  # at 200 s: a's 3 and c's 5
+    assert m.ejected_now(points, 0, 40) == (0.0, 0)
+    assert m.endpoint_name(m.Increment("x", (), m.labels({"server.address": "_OTHER"}), 0, 1)) == "_OTHER"
+    assert m.endpoint_name(m.Increment("x", (), (), 0, 1)) == "unknown"

@@ -1,15 +1,18 @@
 """The Prometheus source against Debian's real ``prometheus``: it scrapes a client process's
 ``TQ_MOONCAKE_PROMETHEUS_PORT`` endpoint while the same process writes JSON-lines files; the Prometheus source
-and the file source give the same figures, and both equal what the injector did."""
+and the file source give the same figures, and both equal what the injector did; the same for the storage-node
+counts of a process that reports node loss."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,23 +32,23 @@ def ready(url: str) -> bool:
     return http_ok(f"{url}/-/ready")
 
 
-@pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[tuple[str, int]]:
+@contextlib.contextmanager
+def running_prometheus(folder: Path) -> Iterator[tuple[str, int]]:
     """A private Prometheus on a free loopback port scraping ``127.0.0.1:<target port>`` every second."""
     assert Path(PROMETHEUS).is_file(), "run `make setup` (Debian package prometheus)"
     target, port = free_port(), free_port()
-    config = tmp_path / "prometheus.yml"
+    config = folder / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         f"scrape_configs:\n  - job_name: tq-mooncake\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
     )
     url = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "prometheus.log", "wb") as log:
+    with open(folder / "prometheus.log", "wb") as log:
         proc = subprocess.Popen(
             [
                 PROMETHEUS,
                 f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--storage.tsdb.path={folder / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{port}",
                 "--log.level=warn",
             ],
@@ -55,7 +58,7 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[str, int]]:
         )
     try:
         wait_until(lambda: ready(url) or proc.poll() is not None, 30, "prometheus to be ready")
-        assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+        assert proc.poll() is None, (folder / "prometheus.log").read_text()[-3000:]
         yield url, target
     finally:
         proc.terminate()
@@ -64,6 +67,28 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[str, int]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def prometheuses(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[str, int]]]:
+    """One Prometheus per test of this module, all started at the first: Prometheus scrapes a new target only
+    some 5 s after it starts (its discovery and scrape managers update every 5 s), which the later tests then
+    no longer wait for. Separate servers keep each test's series apart."""
+    with contextlib.ExitStack() as stack:
+        yield {
+            name: stack.enter_context(running_prometheus(tmp_path_factory.mktemp(f"prometheus-{name}")))
+            for name in ("rates", "nodes")
+        }
+
+
+@pytest.fixture
+def prometheus(prometheuses: dict[str, tuple[str, int]]) -> tuple[str, int]:
+    return prometheuses["rates"]
+
+
+@pytest.fixture
+def nodes_prometheus(prometheuses: dict[str, tuple[str, int]]) -> tuple[str, int]:
+    return prometheuses["nodes"]
 
 
 def same(a: m.Figures, b: m.Figures) -> None:
@@ -131,3 +156,80 @@ def test_the_prometheus_source_returns_the_same_rates_as_the_files(shared_master
     (file_origin, _), *_ = m.by_origin(FileSource(folder).load(end - 900, end).increments, end - 900, end)
     assert origin == file_origin  # host, pid and service from target_info, as in the files' resource
     assert all(i.time > began for i in from_prometheus.increments)
+
+
+NODE_LOSS = """
+import json, sys
+from collections import Counter
+from tq_mooncake import telemetry
+from tq_mooncake.client.codes import ErrorCode
+from tq_mooncake.client.replica_routing import RoutingReport
+from tq_mooncake.telemetry import OTelObserver
+from tq_mooncake.telemetry.conventions import Operation
+
+configured = telemetry.configure()
+obs = OTelObserver(configured.tracer_provider, configured.meter_provider, ejected_nodes=lambda: 1)
+for endpoint in ["127.0.0.1:12345", "127.0.0.1:12345"] + [f"10.1.0.{i}:7000" for i in range(256)]:
+    obs.node_ejected(endpoint)  # 257 endpoints: the last one is counted under _OTHER
+for operation, down, fallbacks in (("get", {"127.0.0.1:12345"}, {"10.1.0.1:7000": 3}), ("put", {"10.1.0.1:7000"}, {})):
+    scope = obs.operation(Operation(operation), 4)
+    routing = RoutingReport(down=down, fallbacks=Counter(fallbacks))
+    scope.attempt(0, 1, 4, 0.0).end(Counter({ErrorCode.TRANSFER_FAIL: 2}), 0, routing)
+configured.force_flush()
+print(json.dumps({"ready": True}), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_the_prometheus_source_shows_the_storage_node_counts_of_the_files(nodes_prometheus, tmp_path):
+    """A process reports node loss (through the real OTelObserver and configure()'s exporters); Prometheus' and
+    the files' figures per storage endpoint equal what it emitted, ``_OTHER`` (no port) included."""
+    url, target = nodes_prometheus
+    folder = tmp_path / "telemetry"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TQ_MOONCAKE_"))}
+    env.update(
+        TQ_MOONCAKE_PROMETHEUS_PORT=str(target),
+        TQ_MOONCAKE_TELEMETRY_DIR=str(folder),
+        OTEL_SERVICE_NAME="prom-nodes-test",
+        OTEL_METRIC_EXPORT_INTERVAL="600000",
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", NODE_LOSS], env=env, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    source = PrometheusSource(url)
+    try:
+        assert json.loads(child.stdout.readline()) == {"ready": True}
+
+        def scraped() -> m.Figures:
+            return m.window_figures(source.load(time.time() - 60, time.time()).increments, 0, math.inf)
+
+        wait_until(lambda: sum(scraped().ejections.values()) == 258, 30, "prometheus to scrape the node counters")
+        end = time.time()
+        from_prometheus = source.load(end - 60, end)
+        child.stdin.write("done\n")
+        child.stdin.flush()
+        assert child.wait(30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        for stream in (child.stdin, child.stdout):
+            stream.close()
+
+    from_files = FileSource(folder).load(end - 60, end)
+    expected = {
+        "127.0.0.1:12345": (2, 1, 0),
+        "10.1.0.1:7000": (1, 1, 3),
+        "_OTHER": (1, 0, 0),
+        **{f"10.1.0.{i}:7000": (1, 0, 0) for i in (0, *range(2, 255))},
+    }
+    for snap in (from_prometheus, from_files):
+        assert snap.error is None
+        rows = m.storage_nodes(m.window_figures(snap.increments, end - 60, end))
+        assert {r.endpoint: (r.ejections, r.failures, r.fallbacks) for r in rows} == expected
+        assert rows[0].endpoint in ("127.0.0.1:12345", "10.1.0.1:7000")  # the failures first
+        assert m.ejected_now(snap.gauges, end - 60, end) == (1.0, 1)
+    put = m.make_filter(["put"])
+    assert m.window_figures(from_prometheus.increments, end - 60, end, put).node_failures == Counter(
+        {"10.1.0.1:7000": 1}
+    )
