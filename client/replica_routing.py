@@ -62,9 +62,9 @@ MAX_PROBES = 64
 
 @dataclass
 class RoutingReport:
-    """What routing did in one attempt, for its span and metrics: endpoints confirmed down (probe refused, or a
-    direct read failed and then the probe), keys read from another replica by the endpoint routed around, keys failed fast, and
-    whether writes were steered."""
+    """What routing did in one attempt, for its span and metrics: endpoints confirmed down (a probe refused or
+    unanswered after a failed transfer or direct read), keys read from another replica by the endpoint routed
+    around, keys failed fast, and whether writes were steered."""
 
     down: set[str] = field(default_factory=set)
     fallbacks: Counter[str] = field(default_factory=Counter)
