@@ -348,3 +348,18 @@ def test_endpoint_attributes_split_host_and_port_and_tolerate_odd_names():
     assert c.endpoint_attributes("[::1]:9") == ((c.SERVER_ADDRESS, "::1"), (c.SERVER_PORT, 9))
     assert c.endpoint_attributes("memory") == ((c.SERVER_ADDRESS, "memory"),)
     assert not RoutingReport()
+
+
+def test_under_p2p_handshake_writes_are_steered_only_to_the_clients_own_segment():
+    """Under P2PHANDSHAKE a replica's endpoint is not its segment's name: only the client's own segment
+    (``get_hostname()``) can be named; a pure client only asks for fewer replicas."""
+    base = type("Cfg", (), {"with_hard_pin": False, "replica_num": 2})()
+    health = NodeHealth(NodeHealthPolicy(), FakeClock())
+    health.seen([A, B, C])
+    own = ReplicaRouter(_Store({A}), health, "10.0.0.9:7", FakeClock(), endpoints_are_segments=False)
+    own.confirm([A], RoutingReport())
+    cfg = own.steered(base, 2)
+    assert list(cfg.preferred_segments) == ["10.0.0.9:7"] and cfg.replica_num == 1
+    pure = ReplicaRouter(_Store(set()), health, None, FakeClock(), endpoints_are_segments=False)
+    cfg = pure.steered(base, 3)
+    assert list(cfg.preferred_segments) == [] and cfg.replica_num == 2
