@@ -203,14 +203,16 @@ class PutChunk:
         self, router: ReplicaRouter, report: RoutingReport, failed: list[int], where: dict[str, list[Location]]
     ) -> None:
         """Some writes failed with a transfer-class code: the endpoints that just took writes are live; probe the
-        other known ones (the failed writes' endpoints are not reported); steer the retries; keys replaced in
-        place are removed and written as new."""
-        self._steer = True
-        self._remove_first.update(p for p in failed if p in self._in_place)
+        other known ones (the failed writes' endpoints are not reported). If one is down (or ejected), the retries
+        are steered and keys replaced in place are removed and written as new; else the failure was the keys' own
+        and they are retried as they were."""
         live = {loc.endpoint for locs in where.values() for loc in locs}
         for endpoint in live:
             router.health.success(endpoint)
-        router.confirm([e for e in router.health.healthy() if e not in live], report)
+        down = router.confirm([e for e in router.health.healthy() if e not in live], report)
+        if down or router.health.any_ejected():
+            self._steer = True
+            self._remove_first.update(p for p in failed if p in self._in_place)
 
 
 def _per_key(positions: list[int], got: Sequence[int]) -> dict[int, int]:

@@ -102,9 +102,11 @@ class Telemetry:
     _stoppers: list[Callable[[], object]] = field(default_factory=list, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
-    def observer(self, budget_tokens: Callable[[], float] | None = None) -> OTelObserver:
+    def observer(
+        self, budget_tokens: Callable[[], float] | None = None, ejected_nodes: Callable[[], int] | None = None
+    ) -> OTelObserver:
         """An ``OTelObserver`` on these providers."""
-        return OTelObserver(self.tracer_provider, self.meter_provider, budget_tokens)
+        return OTelObserver(self.tracer_provider, self.meter_provider, budget_tokens, ejected_nodes)
 
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
         """Export everything recorded so far (spans, then a metric collection)."""

@@ -38,8 +38,8 @@ def test_the_demo_runs_the_product_and_leaves_nothing_behind(tmp_path):
     port = free_port()
     folder = tmp_path / "telemetry"
     # Two batches: the keys are fixed and the failing ones picked by a seeded hash, so both batches hold a key
-    # whose retries run out (about 3 s of back-off each), and a storage node is killed after the first.
-    args = ["--batches", "2", "--kill-every", "1", "--exhaust-rate", "0.001"]
+    # whose retries run out (the default 4 attempts), and a storage node is killed after the first.
+    args = ["--batches", "2", "--kill-every", "0.1", "--exhaust-rate", "0.001"]
     args += ["--dashboard-port", str(port), "--telemetry-dir", str(folder)]
     proc = subprocess.Popen(
         [str(CLI), "demo", *args],

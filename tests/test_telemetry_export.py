@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tq_mooncake.client import ErrorCode, Operation, Outcome
 from tq_mooncake.client.observer import OperationSummary
+from tq_mooncake.client.replica_routing import RoutingReport
 from tq_mooncake.cluster import free_port, wait_until
 from tq_mooncake.telemetry import OTelObserver, conventions, metric_views
 from tq_mooncake.telemetry.pipeline import _otlp_exporters, build_resource
@@ -165,11 +166,13 @@ def receiver() -> Iterator[Receiver]:
 
 
 def drive(observer: OTelObserver) -> None:
-    """One ``put`` of 10 keys whose first attempt fails 3 with TRANSFER_FAIL and whose retry succeeds; 2 keys got
-    fewer replicas than asked."""
+    """One ``put`` of 10 keys whose first attempt fails 3 with TRANSFER_FAIL (on a storage endpoint found down and
+    ejected) and whose steered retry succeeds; 2 keys got fewer replicas than asked."""
     scope = observer.operation(Operation.PUT, 10)
-    scope.attempt(0, 1, 10, 0.0).end(Counter({ErrorCode.TRANSFER_FAIL: 3}), 700)
-    scope.attempt(0, 2, 3, 0.01).end(Counter(), 300)
+    down = RoutingReport(down={"127.0.0.1:9"}, fallbacks=Counter({"127.0.0.1:9": 1}))
+    scope.attempt(0, 1, 10, 0.0).end(Counter({ErrorCode.TRANSFER_FAIL: 3}), 700, down)
+    observer.node_ejected("127.0.0.1:9")
+    scope.attempt(0, 2, 3, 0.01).end(Counter(), 300, RoutingReport(steered=True))
     scope.end(OperationSummary(Outcome.SUCCESS_AFTER_RETRY, 2, 7, 3, 0, 0.01, 1000, keys_under_replicated=2))
 
 
@@ -178,11 +181,14 @@ DRIVE_SOURCE = textwrap.dedent(
     from collections import Counter
     from tq_mooncake.client import ErrorCode, Operation, Outcome
     from tq_mooncake.client.observer import OperationSummary
+    from tq_mooncake.client.replica_routing import RoutingReport
 
     def drive(observer):
         scope = observer.operation(Operation.PUT, 10)
-        scope.attempt(0, 1, 10, 0.0).end(Counter({ErrorCode.TRANSFER_FAIL: 3}), 700)
-        scope.attempt(0, 2, 3, 0.01).end(Counter(), 300)
+        down = RoutingReport(down={"127.0.0.1:9"}, fallbacks=Counter({"127.0.0.1:9": 1}))
+        scope.attempt(0, 1, 10, 0.0).end(Counter({ErrorCode.TRANSFER_FAIL: 3}), 700, down)
+        observer.node_ejected("127.0.0.1:9")
+        scope.attempt(0, 2, 3, 0.01).end(Counter(), 300, RoutingReport(steered=True))
         scope.end(OperationSummary(Outcome.SUCCESS_AFTER_RETRY, 2, 7, 3, 0, 0.01, 1000, keys_under_replicated=2))
     """
 )
@@ -244,7 +250,7 @@ def test_otlp_exporters_deliver_spans_and_metrics_to_a_real_receiver(receiver, p
     reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=600_000)
     meter_provider = MeterProvider(metric_readers=[reader], resource=resource, views=metric_views())
     try:
-        observer = OTelObserver(tracer_provider, meter_provider, budget_tokens=lambda: 4.0)
+        observer = OTelObserver(tracer_provider, meter_provider, budget_tokens=lambda: 4.0, ejected_nodes=lambda: 1)
         drive(observer)
         assert tracer_provider.force_flush(10_000) and meter_provider.force_flush(10_000)
         wait_until(lambda: len(receiver.spans()) >= 3 and receiver.metrics(), 10, "OTLP export")
@@ -301,7 +307,7 @@ def test_configure_reads_the_environment_and_flushes_at_exit(receiver, tmp_path,
         assert configure(otlp_endpoint="http://127.0.0.1:9", set_global=False) is telemetry  # once per process
         assert trace.get_tracer_provider() is telemetry.tracer_provider
         assert metrics.get_meter_provider() is telemetry.meter_provider
-        observer = OTelObserver(budget_tokens=lambda: 4.0)  # the global providers
+        observer = OTelObserver(budget_tokens=lambda: 4.0, ejected_nodes=lambda: 1)  # the global providers
         drive(observer)
         print(json.dumps({"pid": os.getpid(), "protocol": telemetry.otlp_protocol,
                           "files": [str(telemetry.trace_file), str(telemetry.metrics_file)]}))
@@ -357,7 +363,7 @@ def test_configure_validates_its_settings_and_honours_the_sampler(tmp_path):
                 errors.append(type(exc).__name__ + ": " + str(exc))
         assert threading.active_count() == threads, "a failed configure() left threads running"
         telemetry = configure(telemetry_dir={str(tmp_path)!r}, service_name="argument-name")
-        drive(telemetry.observer())
+        drive(telemetry.observer(ejected_nodes=lambda: 1))
         telemetry.shutdown()
         telemetry.shutdown()  # idempotent
         print(json.dumps({{"errors": errors, "files": [str(telemetry.trace_file), str(telemetry.metrics_file)],
@@ -403,7 +409,8 @@ def test_the_prometheus_endpoint_serves_translated_names_on_loopback():
                 import sys
                 from tq_mooncake.telemetry import configure
                 telemetry = configure()
-                observer = telemetry.observer(budget_tokens=lambda: 6.0)  # kept: the gauge holds it weakly
+                # kept: the gauges hold it weakly
+                observer = telemetry.observer(budget_tokens=lambda: 6.0, ejected_nodes=lambda: 1)
                 drive(observer)
                 print(telemetry.prometheus_port, flush=True)
                 sys.stdin.readline()  # scraped; exit
