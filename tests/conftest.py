@@ -22,6 +22,33 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def background_jobs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """Slow background work that selected tests will wait for, started before the first test so that it runs
+    while the rest of the suite does (which mostly waits on processes, leaving the CPUs idle): for each module
+    that defines ``start_background(tmp_path_factory)`` and has a selected test using its ``jobs`` fixture, that
+    function is called once here; what it returns (with a ``kill()``), or the exception it raised (for those tests
+    to fail with, not the whole session), is this dict's value under the module's name, for the module's ``jobs``
+    fixture. Everything started is killed at the end of the session, whatever happened."""
+    started: dict[str, Any] = {}
+    try:
+        for item in request.session.items:
+            module = getattr(item, "module", None)
+            start = getattr(module, "start_background", None)
+            if start is not None and module.__name__ not in started and "jobs" in getattr(item, "fixturenames", ()):
+                try:
+                    started[module.__name__] = start(tmp_path_factory)
+                except Exception as exc:  # noqa: BLE001 - re-raised by the module's jobs fixture
+                    started[module.__name__] = exc
+        yield started
+    finally:
+        for jobs in started.values():
+            if not isinstance(jobs, Exception):
+                jobs.kill()
+
+
 @pytest.fixture(scope="session")
 def shared_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MasterProcess]:
     """One master (HTTP metadata server on) for the tests that do not break it; keys are unique per test."""
@@ -29,27 +56,38 @@ def shared_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MasterPr
     try:
         yield master
     finally:
-        master.stop()
+        master.stop(timeout=0)  # SIGKILL: the fixtures of its clients (session, module) ended before this one
 
 
 @pytest.fixture
-def start_master(tmp_path: Path) -> Iterator[Callable[..., MasterProcess]]:
-    """Start a private master: ``start_master(client_ttl=2, http_metadata=True)``. Stopped at teardown."""
+def private_masters() -> Iterator[list[MasterProcess]]:
+    """The masters this test started with ``start_master``, SIGKILLed at teardown: nothing is left to stop
+    gracefully by then (a TERM costs up to 1 s a master). The fixtures of clients and storage nodes ask for this
+    one, so their teardown (closing each client, stopping each node) always comes first."""
     started: list[MasterProcess] = []
+    yield started
+    stop_all(started, timeout=0)
+
+
+@pytest.fixture
+def start_master(tmp_path: Path, private_masters: list[MasterProcess]) -> Callable[..., MasterProcess]:
+    """Start a private master: ``start_master(client_ttl=2, http_metadata=True)``. Stopped at teardown."""
 
     def start(**kwargs: Any) -> MasterProcess:
         master = MasterProcess(tmp_path, **kwargs)
-        started.append(master)
+        private_masters.append(master)
         return master.start()
 
-    yield start
-    stop_all(started)
+    return start
 
 
 @pytest.fixture
-def start_storage_nodes(tmp_path: Path) -> Iterator[Callable[..., list[StorageNodeProcess]]]:
+def start_storage_nodes(
+    tmp_path: Path, private_masters: list[MasterProcess]
+) -> Iterator[Callable[..., list[StorageNodeProcess]]]:
     """Start storage processes for a master, side by side: ``start_storage_nodes(master, n, segment="64MB")``;
-    tests may kill them. All are stopped at teardown."""
+    tests may kill them. All are stopped at teardown: those of a private master (SIGKILLed next) with SIGKILL,
+    the others with TERM, so that they unmount their segments from a master that lives on (the shared one)."""
     started: list[StorageNodeProcess] = []
 
     def start(master: MasterProcess, n: int, segment: str = "64MB") -> list[StorageNodeProcess]:
@@ -59,7 +97,9 @@ def start_storage_nodes(tmp_path: Path) -> Iterator[Callable[..., list[StorageNo
         return nodes
 
     yield start
-    stop_all(started)
+    doomed = [node for node in started if any(node.master is master for master in private_masters)]
+    stop_all(doomed, timeout=0)
+    stop_all([node for node in started if node not in doomed])
 
 
 @pytest.fixture
@@ -71,9 +111,9 @@ def start_storage_node(
 
 
 @pytest.fixture
-def closed_at_teardown() -> Iterator[list[MooncakeBatchClient]]:
-    """A list of clients closed at the end of the test, one after another: Mooncake's close holds the GIL for
-    its 1-2 s, so closing side by side only makes every close slower."""
+def closed_at_teardown(private_masters: list[MasterProcess]) -> Iterator[list[MooncakeBatchClient]]:
+    """A list of clients closed at the end of the test, one after another (before any private master stops):
+    Mooncake's close holds the GIL for its 1-2 s, so closing side by side only makes every close slower."""
     clients: list[MooncakeBatchClient] = []
     yield clients
     for client in clients:

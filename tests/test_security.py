@@ -3,8 +3,10 @@ never carries keys or values."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import uuid
@@ -25,7 +27,7 @@ from tq_mooncake.client import (
     codec,
     integrity,
 )
-from tq_mooncake.cluster import LOOPBACK, MasterProcess, StorageNodeProcess
+from tq_mooncake.cluster import LOOPBACK, MasterProcess, StorageNodeProcess, start_all, stop_all
 from tq_mooncake.telemetry.pipeline import file_pipeline
 
 
@@ -113,20 +115,30 @@ def test_local_services_bind_loopback(tmp_path):
     """What tq_mooncake starts binds 127.0.0.1, except two listeners Mooncake 0.3.13 does not let a caller
     bind: the master's embedded HTTP metadata server (it ignores --http_metadata_server_host) and the transfer
     engine of every store process (MC_TCP_BIND_ADDRESS chooses only the address it advertises)."""
-    with MasterProcess(tmp_path, http_metadata=False).start() as master:
-        assert _listening(master.pid) == {(LOOPBACK, master.rpc_port), (LOOPBACK, master.metrics_port)}
-    with MasterProcess(tmp_path).start() as master:
+    # Both masters side by side, and the storage node closing its store while the client is made and closed:
+    # each stop costs a second or two, mostly waiting.
+    quiet, master = MasterProcess(tmp_path, http_metadata=False), MasterProcess(tmp_path)
+    node = StorageNodeProcess(master, tmp_path, "16MB")
+    try:
+        start_all([quiet, master])
+        assert _listening(quiet.pid) == {(LOOPBACK, quiet.rpc_port), (LOOPBACK, quiet.metrics_port)}
         listening = _listening(master.pid)
         assert {(LOOPBACK, master.rpc_port), (LOOPBACK, master.metrics_port)} <= listening
         assert {(ip, port) for ip, port in listening if not _loopback(ip)} <= {("0.0.0.0", master.http_port)}
-        with StorageNodeProcess(master, tmp_path, "16MB").start() as node:
-            assert len(_listening(node.pid)) <= 2  # the transfer engine's data and handshake ports only
+        node.start()
+        assert len(_listening(node.pid)) <= 2  # the transfer engine's data and handshake ports only
+        node.kill(signal.SIGTERM)  # it unmounts its segment and exits meanwhile
         before = _listening(os.getpid())
         client = MooncakeBatchClient(master.client_config())
         try:
             assert len(_listening(os.getpid()) - before) <= 2  # the same two, and nothing of ours
         finally:
             client.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.proc.wait(timeout=10)  # type: ignore[union-attr]
+    finally:
+        stop_all([node])  # before the masters: a node closing its store needs its master
+        stop_all([quiet, master], timeout=0)  # SIGKILL: nothing is left to stop gracefully
 
 
 def test_the_prometheus_endpoint_binds_loopback():

@@ -4,6 +4,7 @@ because TQ, Ray and telemetry are set up once per process)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -109,14 +110,27 @@ def test_bootstrap_starts_a_master_when_none_answers_and_stops_only_that_one(tmp
 # ------------------------------------------------------------------------------------------ end to end
 class Background:
     """A command started now in its own session, with its output in ``log``; ``wait()`` returns its exit code
-    (or fails the test at ``timeout``); ``kill()`` ends it and whatever it left running (Ray's processes)."""
+    (or fails the test at ``timeout``); ``kill()`` ends it and whatever it left running (Ray's processes).
+
+    It runs while the rest of the suite does, at the lowest priority, so that it takes the CPU time the suite
+    leaves idle instead of slowing the tests that run meanwhile: nice 19 for it and all it starts, and, where
+    the kernel schedules by session (autogroup, Debian's default: each session gets an equal share of the CPUs
+    whatever the nice values in it), nice 19 for its session's group too."""
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> None:
         self.log = log
+        self.killed = False
         with open(log, "w") as out:
-            self.proc = subprocess.Popen(
-                args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            self.proc = subprocess.Popen(  # nice execs the command: the same pid, leading its own session
+                ["nice", "-n", "19", *args],
+                cwd=cwd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
+        with contextlib.suppress(OSError):  # no autogroup scheduling here: the nice value alone does it
+            Path(f"/proc/{self.proc.pid}/autogroup").write_text("19")
 
     def wait(self, timeout: float) -> int:
         try:
@@ -125,6 +139,10 @@ class Background:
             self.kill()
 
     def kill(self) -> None:
+        """Idempotent: the group is signalled once (a later call could hit a new group that reused the id)."""
+        if self.killed:
+            return
+        self.killed = True
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -170,7 +188,8 @@ def tq_e2e_files(folder: Path) -> Path:
 
 
 class Jobs:
-    """The TQ processes of this module, started together when the first test asks: one runs the scenarios of
+    """The TQ processes of this module, started together (before the session's first test, see
+    ``start_background``, or when the first test asks): one runs the scenarios of
     tests/jobs/tq_roundtrip.py in one Ray session, the other TQ's own e2e suite. Each brings up its own Ray, TQ
     and masters and mostly waits; side by side they take little longer than the longer alone."""
 
@@ -241,9 +260,24 @@ class Jobs:
         return rc, (self.dir("e2e") / "e2e.log").read_text()
 
 
-@pytest.fixture(scope="module")
-def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
+def start_background(tmp_path_factory: pytest.TempPathFactory) -> Jobs:
+    """Start the TQ processes: called by tests/conftest.py's ``background_jobs`` before the session's first test
+    when a test of this module that uses ``jobs`` is selected (they then run while the rest of the suite does)."""
     started = Jobs(tmp_path_factory.mktemp("tq-jobs"))
+    try:
+        started.start()
+    except BaseException:
+        started.kill()
+        raise
+    return started
+
+
+@pytest.fixture(scope="module")
+def jobs(background_jobs: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
+    early = background_jobs.get(__name__)
+    if isinstance(early, Exception):
+        raise early
+    started = early if early is not None else Jobs(tmp_path_factory.mktemp("tq-jobs"))
     try:
         yield started
     finally:
