@@ -87,7 +87,7 @@ class PutChunk:
         """Complete replicas of each written position (asked of the master after the write when
         ``replica_num`` > 1; one replica is what a successful write of one means)."""
         self.routing: RoutingReport | None = None
-        """What routing did in the last attempt (None without a router)."""
+        """What routing did in the last attempt (None where it did nothing)."""
 
     def _block(self, size: int) -> tuple[np.ndarray, int]:
         block = self._arena.take(max(size, 1))
@@ -150,11 +150,11 @@ class PutChunk:
         if not self._routed:
             self._route()
         router = self._router
-        report = self.routing = RoutingReport() if router is not None else None
+        self.routing = None  # made only when routing acts: nothing on the healthy path
         replicate = self._replicate
-        if router is not None and report is not None and (self._steer or router.degraded()):
+        if router is not None and (self._steer or router.degraded()):
             replicate = router.steered(self._replicate, self._replica_num)
-            report.steered = replicate is not self._replicate
+            self.routing = RoutingReport(steered=replicate is not self._replicate)
         again = [p for p in pending if p in self._remove_first]
         if again:
             self._store.batch_remove([self._keys[p] for p in again], True)
@@ -195,8 +195,10 @@ class PutChunk:
                 self.replicas.update(zip(written, counts, strict=True))
         if self._replica_num == 1:
             self.replicas.update(dict.fromkeys(written, 1))
-        if router is not None and report is not None and failed:
-            self._after_transfer_failure(router, report, failed, where or {})
+        if router is not None and failed:
+            if self.routing is None:
+                self.routing = RoutingReport()
+            self._after_transfer_failure(router, self.routing, failed, where or {})
         return result, sum(self._items[p].size for p in written)
 
     def _after_transfer_failure(
@@ -316,11 +318,12 @@ class GetChunk:
 
     def __call__(self, pending: list[int]) -> tuple[Sequence[int], int]:
         router = self._router
-        report = self.routing = RoutingReport() if router is not None else None
+        self.routing = None  # made only when routing acts: nothing on the healthy path
         codes = {pos: self._sized(pos) for pos in pending}
         reading = [pos for pos in pending if codes[pos] == 0]
         direct: dict[int, tuple[Location, str, float]] = {}  # position -> (replica, endpoint avoided, queried at)
-        if router is not None and report is not None and reading and router.degraded():
+        if router is not None and reading and router.degraded():
+            report = self.routing = RoutingReport()
             queried_at = router.now()
             where = router.where([self._keys[p] for p in reading])
             for pos in reading:
@@ -340,12 +343,14 @@ class GetChunk:
             for pos, n in zip(via_store, got, strict=True):
                 codes[pos], moved = self._take(pos, int(n))
                 nbytes += moved
-        if router is not None and report is not None:
+        if router is not None:
             failed = [pos for pos in via_store if codes[pos] in TRANSFER_CODES]
             if failed:
-                self._after_transfer_failure(router, report, failed, via_store, direct, codes)
-        if direct and router is not None and report is not None:
-            nbytes += self._read_direct(router, report, direct, codes)
+                if self.routing is None:
+                    self.routing = RoutingReport()
+                self._after_transfer_failure(router, self.routing, failed, via_store, direct, codes)
+        if direct and router is not None and self.routing is not None:  # direct reads come only from routing
+            nbytes += self._read_direct(router, self.routing, direct, codes)
         return [codes[pos] for pos in pending], nbytes
 
     def _after_transfer_failure(

@@ -165,22 +165,11 @@ class ReplicaReadingStore:
     def __init__(self, store: Any, reader: ReplicaReader) -> None:
         self._store = store
         self._reader = reader
+        self.batch_read_replicas = reader.batch_read_replicas
+        self.probe_endpoint = reader.probe
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
-
-    def batch_read_replicas(
-        self,
-        keys: Sequence[str],
-        endpoints: Sequence[str],
-        ptrs: Sequence[int],
-        addresses: Sequence[int],
-        sizes: Sequence[int],
-    ) -> list[int]:
-        return self._reader.batch_read_replicas(keys, endpoints, ptrs, addresses, sizes)
-
-    def probe_endpoint(self, endpoint: str, timeout_s: float) -> bool | None:
-        return self._reader.probe(endpoint, timeout_s)
 
     def close(self) -> Any:
         self._reader.close()

@@ -104,7 +104,7 @@ class _Instruments:
         self.operation_duration = histogram(c.OPERATION_DURATION_METRIC)
         self.attempt_duration = histogram(c.ATTEMPT_DURATION_METRIC)
         self.retry_delay = histogram(c.RETRY_DELAY_METRIC)
-        self._budget_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the gauge sources and the endpoint attributes
         self._budget_sources: weakref.WeakSet[OTelObserver] = weakref.WeakSet()
         gauges = ((c.RETRY_BUDGET_METRIC, self._observe_budget), (c.EJECTED_METRIC, self._observe_ejected))
         for name, callback in gauges:
@@ -115,7 +115,7 @@ class _Instruments:
     def endpoint(self, endpoint: str) -> tuple[tuple[str, str | int], ...]:
         """The metric attributes of storage endpoint ``endpoint``: its own for the first
         ``MAX_ENDPOINT_ATTRIBUTES`` endpoints, ``_OTHER`` after."""
-        with self._budget_lock:
+        with self._lock:
             found = self._endpoints.get(endpoint)
             if found is None:
                 if len(self._endpoints) >= c.MAX_ENDPOINT_ATTRIBUTES:
@@ -124,18 +124,18 @@ class _Instruments:
             return found
 
     def add_budget_source(self, observer: OTelObserver) -> None:
-        with self._budget_lock:
+        with self._lock:
             self._budget_sources.add(observer)
 
     def _observe_budget(self, options: CallbackOptions) -> Iterable[Observation]:
-        with self._budget_lock:
+        with self._lock:
             sources = [o._budget_tokens for o in self._budget_sources if o._budget_tokens is not None]
         if not sources:
             return []
         return [Observation(float(sum(read() for read in sources)))]
 
     def _observe_ejected(self, options: CallbackOptions) -> Iterable[Observation]:
-        with self._budget_lock:
+        with self._lock:
             sources = [o._ejected_nodes for o in self._budget_sources if o._ejected_nodes is not None]
         if not sources:
             return []
