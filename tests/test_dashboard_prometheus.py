@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,29 +102,38 @@ def same(a: m.Figures, b: m.Figures) -> None:
     assert (a.retry_rate, a.exhaustion_rate, a.ops_per_s) == (b.retry_rate, b.exhaustion_rate, b.ops_per_s)
 
 
-def test_the_prometheus_source_returns_the_same_rates_as_the_files(shared_master, prometheus, tmp_path):
-    url, target = prometheus
-    folder = tmp_path / "telemetry"
+@contextlib.contextmanager
+def exporting_child(argv: list[str], target: int, folder: Path, service: str, **popen: Any) -> Iterator[Any]:
+    """A Python child (``argv`` after the interpreter) exporting to the scrape port ``target`` and to JSON-lines
+    files in ``folder`` as ``service`` (no inherited OTel/TQ settings); killed at the end if it still runs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TQ_MOONCAKE_"))}
     env.update(
         TQ_MOONCAKE_PROMETHEUS_PORT=str(target),
         TQ_MOONCAKE_TELEMETRY_DIR=str(folder),
-        OTEL_SERVICE_NAME="prom-dashboard-test",
+        OTEL_SERVICE_NAME=service,
         OTEL_METRIC_EXPORT_INTERVAL="600000",
     )
-    args = ["--master", shared_master.address, "--metadata", shared_master.metadata_server, "--operations", "40"]
     child = subprocess.Popen(
-        [sys.executable, "-m", "tq_mooncake.dashboard.sample_run", *args, "--wait"],
-        env=env,
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        [sys.executable, *argv], env=env, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **popen
     )
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        for stream in (child.stdin, child.stdout):
+            stream.close()
+
+
+def test_the_prometheus_source_returns_the_same_rates_as_the_files(shared_master, prometheus, tmp_path):
+    url, target = prometheus
+    folder = tmp_path / "telemetry"
+    args = ["--master", shared_master.address, "--metadata", shared_master.metadata_server, "--operations", "40"]
+    argv = ["-m", "tq_mooncake.dashboard.sample_run", *args, "--wait"]
     began = time.time() - 1
     source = PrometheusSource(url)
-    try:
+    with exporting_child(argv, target, folder, "prom-dashboard-test", stderr=subprocess.DEVNULL) as child:
         tally = Tally.from_json(json.loads(child.stdout.readline()))
         assert tally.total == 40 and tally.retried == 14 and tally.outcome(Outcome.EXHAUSTED) == 6
 
@@ -137,12 +147,6 @@ def test_the_prometheus_source_returns_the_same_rates_as_the_files(shared_master
         child.stdin.write("done\n")
         child.stdin.flush()
         assert child.wait(30) == 0
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(10)
-        for stream in (child.stdin, child.stdout):
-            stream.close()
 
     assert from_prometheus.error is None
     prom = m.window_figures(from_prometheus.increments, end - 900, end)
@@ -186,18 +190,8 @@ def test_the_prometheus_source_shows_the_storage_node_counts_of_the_files(nodes_
     the files' figures per storage endpoint equal what it emitted, ``_OTHER`` (no port) included."""
     url, target = nodes_prometheus
     folder = tmp_path / "telemetry"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TQ_MOONCAKE_"))}
-    env.update(
-        TQ_MOONCAKE_PROMETHEUS_PORT=str(target),
-        TQ_MOONCAKE_TELEMETRY_DIR=str(folder),
-        OTEL_SERVICE_NAME="prom-nodes-test",
-        OTEL_METRIC_EXPORT_INTERVAL="600000",
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", NODE_LOSS], env=env, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
     source = PrometheusSource(url)
-    try:
+    with exporting_child(["-c", NODE_LOSS], target, folder, "prom-nodes-test") as child:
         assert json.loads(child.stdout.readline()) == {"ready": True}
 
         def scraped() -> m.Figures:
@@ -209,12 +203,6 @@ def test_the_prometheus_source_shows_the_storage_node_counts_of_the_files(nodes_
         child.stdin.write("done\n")
         child.stdin.flush()
         assert child.wait(30) == 0
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(10)
-        for stream in (child.stdin, child.stdout):
-            stream.close()
 
     from_files = FileSource(folder).load(end - 60, end)
     expected = {
