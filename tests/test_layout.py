@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.pure
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("client", "telemetry", "transferqueue", "cluster", "cli", "dashboard", "testing")
+PACKAGES = ("client", "telemetry", "transferqueue", "cluster", "cli", "dashboard", "testing", "autoload")
 
 # What each package may import at run time (imports under `if TYPE_CHECKING:` are types only, not edges).
 ALLOWED: dict[str, set[str]] = {
@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "testing": {"client", "telemetry"},  # doubles and helpers for tests
     "dashboard": {"telemetry", "cluster", "client"},  # the app reads telemetry; its tools run workloads
     "cli": {"client", "telemetry", "cluster", "dashboard", "testing"},
+    "autoload": {"transferqueue"},  # the .pth hook: imports the TQ backend once TQ itself is imported
 }
 
 

@@ -1,0 +1,233 @@
+"""tq_mooncake.autoload: the post-import hook, the ``.pth`` line the install ships (editable and wheel), and
+what an interpreter imports at start with it (nothing of TQ or torch)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import uuid
+import warnings
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tq_mooncake import autoload
+from tq_mooncake.autoload import ENV_SWITCH, PostImportHook
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_pth() -> ModuleType:
+    """scripts/build_pth.py (the build command), loaded by path as setuptools does."""
+    spec = importlib.util.spec_from_file_location("build_pth_under_test", ROOT / "scripts" / "build_pth.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def python(code: str, *, env: dict[str, str] | None = None, exe: str = sys.executable) -> dict:
+    """Run ``code`` in a fresh interpreter (its environment without our switch unless ``env`` sets it); the JSON
+    it prints."""
+    return pythons([(code, env)], exe=exe)[0]
+
+
+def pythons(runs: list[tuple[str, dict[str, str] | None]], exe: str = sys.executable) -> list[dict]:
+    """``python()`` for each ``(code, env)``, the interpreters running side by side."""
+    base = {k: v for k, v in os.environ.items() if k != ENV_SWITCH}
+    procs = [
+        subprocess.Popen([exe, "-c", code], env={**base, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for code, env in runs
+    ]
+    reports = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err.decode()[-3000:]
+            reports.append(json.loads(out.decode().strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    return reports
+
+
+# ------------------------------------------------------------------------------------------ the hook (pure)
+@pytest.fixture
+def package(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A fresh importable package (unique name) in ``tmp_path``; the import system is restored afterwards."""
+    name = f"fake_tq_{uuid.uuid4().hex[:8]}"
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "__init__.py").write_text("LOADED = True\n")
+    (folder / "sub.py").write_text("VALUE = 1\n")
+    meta_path = list(sys.meta_path)
+    sys.path.insert(0, str(tmp_path))
+    importlib.invalidate_caches()
+    try:
+        yield name, folder
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.meta_path[:] = meta_path
+        for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[mod]
+
+
+def arm(name: str, callback) -> PostImportHook:
+    hook = PostImportHook(name, callback)
+    sys.meta_path.insert(0, hook)
+    return hook
+
+
+@pytest.mark.pure
+def test_the_hook_fires_once_after_the_module_ran_and_leaves_its_loader_alone(package):
+    name, folder = package
+    seen: list[ModuleType] = []
+    hook = arm(name, lambda module: seen.append(module) or importlib.import_module(f"{name}.sub"))
+    module = importlib.import_module(name)
+    assert seen == [module] and module.LOADED  # called with the executed module
+    assert f"{name}.sub" in sys.modules  # the callback may import the module's submodules
+    assert hook not in sys.meta_path  # one-shot
+    assert module.__loader__ is module.__spec__.loader and type(module.__loader__).__name__ == "SourceFileLoader"
+    assert Path(module.__file__) == folder / "__init__.py"
+    importlib.reload(module)
+    assert len(seen) == 1
+
+
+@pytest.mark.pure
+def test_the_hook_ignores_other_names_and_absent_modules(package):
+    name, _ = package
+    seen: list[ModuleType] = []
+    hook = arm(f"{name}_absent", seen.append)
+    importlib.import_module(name)  # another name: not touched
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(f"{name}_absent")  # absent: the usual error, nothing called
+    assert seen == [] and hook in sys.meta_path
+
+
+@pytest.mark.pure
+def test_an_import_that_raises_leaves_the_hook_armed_for_the_next_try(package):
+    name, folder = package
+    (folder / "__init__.py").write_text("raise RuntimeError('broken install')\n")
+    seen: list[ModuleType] = []
+    hook = arm(name, seen.append)
+    with pytest.raises(RuntimeError, match="broken install"):
+        importlib.import_module(name)
+    assert seen == [] and hook in sys.meta_path
+    (folder / "__init__.py").write_text("LOADED = True\n")
+    module = importlib.import_module(name)
+    assert seen == [module]
+
+
+@pytest.mark.pure
+def test_a_failing_callback_warns_and_the_import_still_succeeds(package):
+    name, _ = package
+
+    def broken(_module: ModuleType) -> None:
+        raise ImportError("no Mooncake wheel")
+
+    arm(name, broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = importlib.import_module(name)
+    assert module.LOADED
+    assert any(issubclass(w.category, RuntimeWarning) and "no Mooncake wheel" in str(w.message) for w in caught)
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize(
+    ("value", "on"), [("", True), ("1", True), ("yes", True), ("0", False), (" Off ", False), ("FALSE", False)]
+)
+def test_the_environment_switch(value, on):
+    assert autoload.enabled({ENV_SWITCH: value}) is on
+    assert autoload.enabled({}) is True
+
+
+# ------------------------------------------------------------------------------------------ real interpreters
+# What a fresh interpreter has imported once `site` ran (sys.modules read before the report imports json).
+START_REPORT = (
+    "import sys; r = {'modules': sorted(sys.modules),"
+    " 'armed': [type(f).__name__ for f in sys.meta_path].count('PostImportHook')};"
+    " import json; print(json.dumps(r))"
+)
+HEAVY = {"transfer_queue", "torch", "ray", "numpy", "mooncake", "tq_mooncake.transferqueue", "tq_mooncake.client"}
+TQ_REPORT = (
+    "import sys, json; {first}; from transfer_queue.storage.managers.base import StorageManagerFactory as F;"
+    "print(json.dumps({{'observed': F._registry.get('MooncakeStoreObserved', type).__name__,"
+    " 'stock': F._registry['MooncakeStore'].__name__, 'autoload_file': getattr(sys.modules.get("
+    "'tq_mooncake.autoload'), '__file__', None)}}))"
+)
+
+
+def test_a_fresh_interpreter_arms_the_hook_and_imports_nothing_else_of_ours_tq_or_torch():
+    on, off = python(START_REPORT), python(START_REPORT, env={ENV_SWITCH: "0"})
+    assert on["armed"] == 1 and off["armed"] == 0
+    assert set(on["modules"]) - set(off["modules"]) == {"tq_mooncake", "tq_mooncake.autoload"}
+    assert not HEAVY & set(on["modules"])
+
+
+@pytest.mark.parametrize("value", ["0", "false", " NO", "off", "1", "", "anything"])
+def test_the_pth_line_and_the_module_agree_on_the_switch(value):
+    report = python(START_REPORT, env={ENV_SWITCH: value})
+    on = autoload.enabled({ENV_SWITCH: value})
+    assert report["armed"] == int(on) and ("tq_mooncake.autoload" in report["modules"]) is on
+
+
+def test_importing_transfer_queue_registers_the_backend_and_the_switch_turns_it_off():
+    on, submodule_first, off = pythons(
+        [
+            (TQ_REPORT.format(first="import transfer_queue"), None),
+            (TQ_REPORT.format(first="import transfer_queue.storage.managers.base"), None),
+            (TQ_REPORT.format(first="import transfer_queue"), {ENV_SWITCH: "0"}),
+        ]
+    )
+    assert on["observed"] == "ObservedMooncakeStorageManager" and on["stock"] == "StockNameStorageManager"
+    assert submodule_first["observed"] == "ObservedMooncakeStorageManager"
+    assert off == {"observed": "type", "stock": "MooncakeStorageManager", "autoload_file": None}
+
+
+def site_packages(prefix: Path | None = None) -> Path:
+    scheme = {"base": str(prefix), "platbase": str(prefix)} if prefix else None
+    return Path(sysconfig.get_paths(vars=scheme)["purelib"])
+
+
+def test_the_editable_install_has_the_pth_line_the_build_writes():
+    module = build_pth()
+    assert (site_packages() / module.PTH_NAME).read_text() == module.PTH_LINE
+
+
+def test_a_wheel_install_ships_the_pth_line_and_registers_in_a_fresh_environment(tmp_path):
+    """The wheel built from this tree has the line at its root; installed (no deps) into a new virtual
+    environment that finds TQ and the rest in ours, importing TQ there registers the backend from the wheel."""
+    module = build_pth()
+    source = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for rel in tracked.splitlines():
+        if (ROOT / rel).is_file() and not rel.startswith(("tests/", "docs/", "deploy/", "bench/")):
+            (source / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, source / rel)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    wheels = tmp_path / "wheels"
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)], check=True)
+    (wheel,) = wheels.glob("tq_mooncake-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read(module.PTH_NAME).decode() == module.PTH_LINE
+        assert "tq_mooncake/autoload/__init__.py" in zf.namelist()
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    exe = str(venv / "bin" / "python")
+    subprocess.run([*pip, "--python", exe, "install", "--no-deps", str(wheel)], check=True)
+    target = site_packages(venv)
+    assert (target / module.PTH_NAME).read_text() == module.PTH_LINE
+    (target / "zz_deps.pth").write_text(f"{site_packages()}\n")  # TQ, torch, ...: ours (after the wheel's files)
+    report = python(TQ_REPORT.format(first="import transfer_queue"), exe=exe)
+    assert report["observed"] == "ObservedMooncakeStorageManager"
+    assert Path(report["autoload_file"]).is_relative_to(target)  # the wheel's copy, not this checkout's
