@@ -10,6 +10,9 @@ the arguments, else from the standard environment, else from defaults:
   (the default, as the OTLP specification says).
 * ``metric_export_interval_s``: ``OTEL_METRIC_EXPORT_INTERVAL`` (ms), default 60 s.
 * ``sampler``: ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``, default ``parentbased_always_on``.
+* span export delay: ``OTEL_BSP_SCHEDULE_DELAY`` (ms), default ``SPAN_EXPORT_DELAY_MS`` (0.5 s, not the SDK's 5 s):
+  Ray ends its workers with SIGKILL (no atexit, no flush) at ``ray.shutdown()``, so what a worker's batch
+  processor still holds then is lost; here that is at most the last half second of spans.
 * ``telemetry_dir``: ``TQ_MOONCAKE_TELEMETRY_DIR``; no files without one.
 * ``prometheus_port``: ``TQ_MOONCAKE_PROMETHEUS_PORT`` (0: any free port); no scrape endpoint without one.
 
@@ -49,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("grpc", "http/protobuf")
 LOOPBACK = "127.0.0.1"
+SPAN_EXPORT_DELAY_MS = 500  # the batch span processor's schedule delay (the SDK's default is 5000)
 
 
 def metric_views() -> list[View]:
@@ -160,6 +164,12 @@ def _otlp_exporters(endpoint: str | None, protocol: str) -> tuple[Any, Any]:
     )
 
 
+def _batch_processor(exporter: Any) -> BatchSpanProcessor:
+    """A batch span processor exporting every ``SPAN_EXPORT_DELAY_MS`` unless ``OTEL_BSP_SCHEDULE_DELAY`` says."""
+    delay = None if _env("OTEL_BSP_SCHEDULE_DELAY") else SPAN_EXPORT_DELAY_MS
+    return BatchSpanProcessor(exporter, schedule_delay_millis=delay)
+
+
 def _add_exporters(
     tracer_provider: TracerProvider,
     readers: list[MetricReader],
@@ -174,7 +184,7 @@ def _add_exporters(
     added: dict[str, Any] = {}
     if use_otlp:
         span_exporter, metric_exporter = _otlp_exporters(otlp_endpoint, protocol)
-        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+        tracer_provider.add_span_processor(_batch_processor(span_exporter))
         readers.append(PeriodicExportingMetricReader(metric_exporter, export_interval_millis=interval_ms))
         added.update(otlp_endpoint=otlp_endpoint or _env("OTEL_EXPORTER_OTLP_ENDPOINT"), otlp_protocol=protocol)
     if folder is not None:
@@ -184,7 +194,7 @@ def _add_exporters(
 
         Path(folder).mkdir(parents=True, exist_ok=True)
         trace_file, metrics_file = telemetry_files(folder)
-        tracer_provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(trace_file)))
+        tracer_provider.add_span_processor(_batch_processor(JsonLinesSpanExporter(trace_file)))
         file_exporter = FileMetricExporter(metrics_file)
         readers.append(PeriodicExportingMetricReader(file_exporter, export_interval_millis=interval_ms))
         added.update(trace_file=trace_file, metrics_file=metrics_file)

@@ -24,22 +24,27 @@ from transfer_queue.storage.managers.base import StorageManagerFactory
 import tq_mooncake.transferqueue as tqm
 from tq_mooncake.client import NonRetryableError
 from tq_mooncake.cluster import LOOPBACK, free_port
+from tq_mooncake.transferqueue.manager import StockNameStorageManager
 from tq_mooncake.transferqueue.telemetry_section import telemetry_enabled
 
 JOB = Path(__file__).parent / "jobs" / "tq_roundtrip.py"
+E2E_CONFTEST = Path(__file__).parent / "jobs" / "tq_e2e_conftest.py"
 FAST_RETRY = {"initial_backoff_s": 0.01, "max_backoff_s": 0.05}
 
 
 def test_importing_registers_the_backend_its_client_and_its_bootstrap():
     assert StorageManagerFactory._registry["MooncakeStoreObserved"] is tqm.ObservedMooncakeStorageManager
+    assert StorageManagerFactory._registry["MooncakeStore"] is StockNameStorageManager
     assert StorageClientFactory._registry["MooncakeStoreObservedClient"] is tqm.ObservedMooncakeClient
     assert StorageBootstrapProvider.get_provider("MooncakeStoreObserved") is not None
     tqm.register()  # idempotent: the stock client is still found behind the switch
     from transfer_queue.storage.clients.mooncake_client import MooncakeStoreClient
+    from transfer_queue.storage.managers.mooncake_manager import MooncakeStorageManager
 
     from tq_mooncake.transferqueue import registry
 
     assert registry._stock["client"] is MooncakeStoreClient
+    assert registry._stock["manager"] is MooncakeStorageManager
 
 
 def test_tq_interface_on_a_real_master_through_the_stock_name_with_replace_stock(shared_master, keyspace):
@@ -165,12 +170,28 @@ def section(**overrides: Any) -> dict[str, Any]:
 
 
 FAULTS = {"seed": 3, "rules": [{"code": "TRANSFER_FAIL", "fraction": 0.1, "attempts": [1]}]}
+# event_loop: a key's 1st and 2nd get attempts fail (the first get succeeds on its 3rd), then its 4th-6th (the
+# second get runs out of its 3 attempts); its first clear attempt fails.
+LOOP_FAULTS = {
+    "seed": 4,
+    "rules": [
+        {"code": "TRANSFER_FAIL", "operations": ["get"], "attempts": [1, 2, 4, 5, 6]},
+        {"code": "TRANSFER_FAIL", "operations": ["clear"], "attempts": [1]},
+    ],
+}
+LOOP_RETRY = {"max_attempts": 3, "initial_backoff_s": 0.05, "max_backoff_s": 0.2}
 # The scenarios of tests/jobs/tq_roundtrip.py, in the order one process runs them (the first configures
-# telemetry for the process): name -> (backend, its section, samples, read_in_worker).
-SCENARIOS: dict[str, tuple[str, dict[str, Any], int, bool]] = {
-    "faults": ("MooncakeStoreObserved", {"replica_num": 1, "fault_injection": FAULTS}, 300, False),
-    "replace_stock": ("MooncakeStore", {"replace_stock": True, "telemetry": {"enabled": False}}, 64, False),
-    "ray_worker": ("MooncakeStoreObserved", {"telemetry": {"enabled": False}}, 32, True),
+# telemetry for the process): name -> (backend, its section, samples, mode).
+SCENARIOS: dict[str, tuple[str, dict[str, Any], int, str]] = {
+    "faults": ("MooncakeStoreObserved", {"replica_num": 1, "fault_injection": FAULTS}, 300, "roundtrip"),
+    "replace_stock": ("MooncakeStore", {"replace_stock": True, "telemetry": {"enabled": False}}, 64, "roundtrip"),
+    "ray_worker": ("MooncakeStoreObserved", {"telemetry": {"enabled": False}}, 32, "ray_worker"),
+    "event_loop": (
+        "MooncakeStoreObserved",
+        {"telemetry": {"enabled": False}, "retry": LOOP_RETRY, "fault_injection": LOOP_FAULTS},
+        64,
+        "event_loop",
+    ),
 }
 
 
@@ -203,10 +224,10 @@ class Jobs:
         work.mkdir()
         telemetry = {"telemetry_dir": str(self.telemetry_dir), "service_name": "tq-e2e"}
         scenarios = {}
-        for name, (backend, overrides, samples, in_worker) in SCENARIOS.items():
+        for name, (backend, overrides, samples, mode) in SCENARIOS.items():
             sec = section(**{"telemetry": telemetry, **overrides})
             conf = {"controller": {"polling_mode": True}, "backend": {"storage_backend": backend, backend: sec}}
-            scenarios[name] = {"conf": conf, "samples": samples, "read_in_worker": in_worker}
+            scenarios[name] = {"conf": conf, "samples": samples, "mode": mode}
         (work / "conf.json").write_text(json.dumps(scenarios))
         args = [sys.executable, str(JOB), str(work / "conf.json"), str(work / "out.json")]
         self.runs["scenarios"] = Background(args, work / "job.log", env)
@@ -237,19 +258,24 @@ class Jobs:
             run.kill()
 
     def _start_e2e(self, env: dict[str, str]) -> None:
+        """TQ's e2e files under ``TQ_TEST_BACKEND=MooncakeStoreObserved`` (tests/jobs/tq_e2e_conftest.py adds
+        that config entry), in an environment with no ``TQ_MOONCAKE_*`` variable of ours and no ``-p`` plugin:
+        the install's autoload alone registers the backend, in pytest's process and in TQ's Ray workers."""
         work = self.dir("e2e")
         work.mkdir()
         tests = tq_e2e_files(work / "tests")
-        e2e_env = {
-            **env,
-            "TQ_TEST_BACKEND": "MooncakeStore",
-            "TQ_MOONCAKE_REPLACE_STOCK": "1",
-            "TQ_MOONCAKE_TELEMETRY_DIR": str(work / "telemetry"),
+        (tests / "conftest.py").write_bytes(E2E_CONFTEST.read_bytes())
+        extra = {"telemetry": {"telemetry_dir": str(work / "telemetry"), "service_name": "tq-e2e"}}
+        (tests / "observed_section.json").write_text(json.dumps(extra))
+        e2e_env = {k: v for k, v in env.items() if not k.startswith("TQ_MOONCAKE_")}
+        e2e_env |= {
+            "TQ_TEST_BACKEND": "MooncakeStoreObserved",
+            # TQ's e2e files read these two for the master's and the metadata server's addresses.
             "TQ_MOONCAKE_METADATA_SERVER": f"{LOOPBACK}:{free_port()}",
             "TQ_MOONCAKE_MASTER_SERVER": f"{LOOPBACK}:{free_port()}",
         }
-        args = [sys.executable, "-m", "pytest", "-p", "tq_mooncake.transferqueue", "-q", "-p", "no:cacheprovider"]
-        args += ["--timeout", "300", "-o", "addopts=", str(tests)]
+        args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout", "300", "-o", "addopts="]
+        args += ["-rA", str(tests)]
         self.runs["e2e"] = Background(args, work / "e2e.log", e2e_env, cwd=work)
 
     def e2e_result(self) -> tuple[int, str]:
@@ -300,8 +326,13 @@ def read_lines(folder: Path, prefix: str) -> list[dict[str, Any]]:
 
 
 def spans(folder: Path) -> list[dict[str, Any]]:
+    return [span for _, span in spans_by_process(folder)]
+
+
+def spans_by_process(folder: Path) -> list[tuple[int, dict[str, Any]]]:
+    """Every span in the trace files of ``folder``, with the ``process.pid`` of its resource."""
     return [
-        span
+        (attributes(rs["resource"]["attributes"]).get("process.pid", 0), span)
         for line in read_lines(folder, "traces")
         for rs in line["resourceSpans"]
         for ss in rs["scopeSpans"]
@@ -353,23 +384,46 @@ def test_tq_end_to_end_with_faults_retries_every_failure_and_reports_the_attempt
 
 def test_tq_stock_backend_name_uses_our_client_with_replace_stock(jobs):
     out = jobs.result("replace_stock")
-    assert out["client_type"] == "ObservedMooncakeClient"
+    assert out["client_type"] == "ObservedMooncakeClient" and out["manager_type"] == "StockNameStorageManager"
     assert out["mismatched_fields"] == [] and out["listed_after_clear"] == 0
+    assert out["closed_with_tq"]  # tq.close() closed our client (TQ's stock manager never closes its own)
 
 
-def test_a_ray_worker_reads_through_our_backend_with_the_setup_hook(jobs):
-    """TQ builds a storage client in every process that calls tq.init(); Ray's worker_process_setup_hook
-    (the one documented setting) registers the backend in fresh workers."""
+def test_importing_transfer_queue_registers_the_backend_in_the_driver_and_in_a_fresh_ray_worker(jobs):
+    """No import of ours, no setup hook, no variable: the install's autoload registered the backend in the job's
+    process when it imported TQ, and in a Ray worker that only unpickled a function using TQ."""
     out = jobs.result("ray_worker")
-    assert out["worker"] == {"client_type": "ObservedMooncakeClient", "mismatched_fields": []}
+    assert out["registered_at_import"] and out["client_type"] == "ObservedMooncakeClient"
+    assert out["worker"] == {"registered": True, "client_type": "ObservedMooncakeClient", "mismatched_fields": []}
+    assert out["closed_with_tq"]
 
 
-def test_tqs_own_mooncake_e2e_tests_pass_on_our_client(jobs):
-    """TQ's tests/e2e for ``TQ_TEST_BACKEND=MooncakeStore``, with the stock backend switched to our client by
-    ``TQ_MOONCAKE_REPLACE_STOCK=1`` (and our bootstrap: nothing pkills the suite's other masters)."""
+def test_tqs_async_get_and_clear_run_off_the_callers_event_loop_with_tqs_results_and_errors(jobs):
+    """TQ 0.1.11 calls the storage client's get and clear inside ``async def``: the caller's loop froze for a
+    whole retrying read. Ours run in a worker thread: while they ran (retries and back-off included), the
+    caller's 5 ms ticker kept ticking; the data and the error are what the calls return and raise."""
+    out = jobs.result("event_loop")
+    print(f"event loop: longest stall per call (ms) {out['max_stall_ms']}, call time (s) {out['call_s']}")
+    assert out["mismatched_fields"] == [] and out["listed_after_clear"] == 0
+    assert out["second_get_error"] == "RetriesExhaustedError"
+    assert out["get_on_loop_thread"] == [False, False] and out["clear_on_loop_thread"] == [False]
+    assert out["get_loop_ticked"] == [True, True] and out["clear_loop_ticked"] == [True]
+
+
+def test_tqs_own_mooncake_e2e_tests_pass_on_our_backend_name_with_nothing_but_the_install(jobs):
+    """TQ's tests/e2e with ``storage_backend: MooncakeStoreObserved`` and no import, hook, plugin or variable of
+    ours (see ``Jobs._start_e2e``): they pass, its Ray-worker tests included, and the worker's spans show that
+    the worker's storage calls went through our client."""
     rc, output = jobs.e2e_result()
     summary = [line for line in output.splitlines() if " passed" in line and " in " in line]
     assert rc == 0, output[-6000:]
     print(f"TQ e2e on tq-mooncake: {summary[-1] if summary else '?'}")
-    names = {span["name"] for span in spans(jobs.dir("e2e") / "telemetry")}
-    assert {"mooncake.put", "mooncake.get", "mooncake.clear"} <= names  # our client served TQ's tests
+    passed = {line.rsplit("::", 1)[-1] for line in output.splitlines() if line.startswith("PASSED ")}
+    assert {"test_kv_api_inside_remote_worker[sync]", "test_kv_api_inside_remote_worker[async]"} <= passed
+    driver = jobs.runs["e2e"].proc.pid
+    by_process: dict[int, set[str]] = {}
+    for pid, span in spans_by_process(jobs.dir("e2e") / "telemetry"):
+        by_process.setdefault(pid, set()).add(span["name"])
+    assert {"mooncake.put", "mooncake.get", "mooncake.clear"} <= by_process.pop(driver, set())
+    workers = [names for names in by_process.values() if {"mooncake.put", "mooncake.get", "mooncake.clear"} <= names]
+    assert workers, by_process  # a Ray worker (another process) put, read and cleared through our client

@@ -10,7 +10,7 @@ from transfer_queue.storage.clients.base import StorageClientFactory
 from transfer_queue.storage.managers.base import StorageManagerFactory
 
 from .bootstrap import MasterLease, bootstrap_master
-from .manager import CLIENT_NAME, ObservedMooncakeStorageManager
+from .manager import CLIENT_NAME, ObservedMooncakeStorageManager, StockNameStorageManager
 from .storage_client import ObservedMooncakeClient
 
 BACKEND_NAME = "MooncakeStoreObserved"
@@ -18,7 +18,7 @@ STOCK_BACKEND = "MooncakeStore"
 STOCK_CLIENT = "MooncakeStoreClient"
 
 _lock = threading.Lock()
-_stock: dict[str, Any] = {}  # the stock client class and bootstrap, as found before we wrapped them
+_stock: dict[str, Any] = {}  # the stock client class, manager and bootstrap, as found before we wrapped them
 _replaced = False
 
 
@@ -46,7 +46,8 @@ def _stock_or_observed_bootstrap(conf: Any) -> Any:
 
 def register() -> None:
     """Register the ``MooncakeStoreObserved`` backend, and the ``replace_stock`` switch on TQ's
-    ``MooncakeStore`` backend; idempotent."""
+    ``MooncakeStore`` backend (its client and bootstrap; its manager runs our client's calls off the loop and
+    closes it); idempotent."""
     with _lock:
         StorageClientFactory.register(CLIENT_NAME)(ObservedMooncakeClient)
         StorageManagerFactory.register(BACKEND_NAME)(ObservedMooncakeStorageManager)
@@ -54,7 +55,9 @@ def register() -> None:
         if not _stock:
             _stock["client"] = StorageClientFactory._registry[STOCK_CLIENT]
             _stock["bootstrap"] = StorageBootstrapProvider.get_provider(STOCK_BACKEND)
+            _stock["manager"] = StorageManagerFactory._registry[STOCK_BACKEND]
             StorageClientFactory.register(STOCK_CLIENT)(_stock_or_observed_client)
+            StorageManagerFactory.register(STOCK_BACKEND)(StockNameStorageManager)
             StorageBootstrapProvider.register_provider(STOCK_BACKEND)(_stock_or_observed_bootstrap)
 
 
