@@ -10,11 +10,11 @@ Importing this module registers, with TransferQueue 0.1.11's registries:
   kills one it did not start);
 * a switch on TQ's own ``MooncakeStore`` backend: with ``replace_stock: true`` in ``backend.MooncakeStore``
   (or after ``replace_stock()``, or with ``TQ_MOONCAKE_REPLACE_STOCK=1`` in the environment at import) it
-  uses this client and bootstrap instead of the stock ones; without it, nothing about the stock backend
-  changes.
+  uses this client and bootstrap instead of the stock ones, and its manager runs our client's ``get`` and
+  ``clear`` off the caller's event loop; without it, nothing about the stock backend changes.
 
-Import it in every process that calls ``tq.init()`` (TQ creates storage clients there), e.g. with Ray's
-``runtime_env={"worker_process_setup_hook": "tq_mooncake.transferqueue.register"}``.
+Nobody needs to import it: the install's ``tq_mooncake.autoload`` hook does, in every process, right after
+that process imports ``transfer_queue``.
 """
 
 from __future__ import annotations
