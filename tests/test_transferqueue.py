@@ -408,6 +408,7 @@ def test_tqs_async_get_and_clear_run_off_the_callers_event_loop_with_tqs_results
     assert out["second_get_error"] == "RetriesExhaustedError"
     assert out["get_on_loop_thread"] == [False, False] and out["clear_on_loop_thread"] == [False]
     assert out["get_loop_ticked"] == [True, True] and out["clear_loop_ticked"] == [True]
+    assert out["get_caller_context"] == [True, True] and out["clear_caller_context"] == [True]  # spans nest
 
 
 def test_tqs_own_mooncake_e2e_tests_pass_on_our_backend_name_with_nothing_but_the_install(jobs):

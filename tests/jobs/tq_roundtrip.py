@@ -12,6 +12,7 @@ the install's autoload registered it (``registered_at_import`` says so).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import sys
 import threading
@@ -30,6 +31,8 @@ from transfer_queue.storage.managers.base import StorageManagerFactory
 
 # Before anything of ours is imported: did `import transfer_queue` alone register the backend?
 REGISTERED_AT_IMPORT = "MooncakeStoreObserved" in StorageManagerFactory._registry
+# Set by the async caller; the storage calls report whether they see it (OpenTelemetry's context is a contextvar).
+CALLER = contextvars.ContextVar("caller", default=None)
 
 
 def batch(n: int) -> TensorDict:
@@ -105,7 +108,7 @@ class Ticker:
 def watch_calls(storage_client: Any, ticker: Ticker, loop_thread: int, out: dict[str, Any]) -> None:
     """Wrap the client's ``get`` and ``clear`` (instance attributes: the manager calls them through the
     instance): each records whether it ran on the loop's thread and whether the ticker ticked while it ran (it
-    waits up to 5 s for a tick; on the loop's thread none can come)."""
+    waits up to 5 s for a tick; on the loop's thread none can come), and whether it saw the caller's context."""
     for name in ("get", "clear"):
         method = getattr(storage_client, name)
 
@@ -116,6 +119,7 @@ def watch_calls(storage_client: Any, ticker: Ticker, loop_thread: int, out: dict
             finally:
                 out.setdefault(f"{_name}_on_loop_thread", []).append(threading.get_ident() == loop_thread)
                 out.setdefault(f"{_name}_loop_ticked", []).append(ticker.ticked.wait(5.0))
+                out.setdefault(f"{_name}_caller_context", []).append(CALLER.get() == "async caller")
 
         setattr(storage_client, name, watched)
 
@@ -125,6 +129,7 @@ async def async_roundtrip(keys: list[str], data: TensorDict, storage_client: Any
     fails), with TQ's async API while a ticker runs; the loop's longest stall during each."""
     ticker = Ticker()
     task = asyncio.create_task(ticker.run())
+    CALLER.set("async caller")
     watch_calls(storage_client, ticker, threading.get_ident(), out)
     try:
         await asyncio.sleep(0.02)
