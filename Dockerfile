@@ -17,6 +17,8 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The build command that writes tq_mooncake-autoload.pth (pyproject.toml [tool.setuptools.cmdclass]).
+COPY scripts/build_pth.py ./scripts/build_pth.py
 COPY client ./client
 COPY telemetry ./telemetry
 COPY transferqueue ./transferqueue
@@ -24,6 +26,7 @@ COPY cluster ./cluster
 COPY cli ./cli
 COPY dashboard ./dashboard
 COPY testing ./testing
+COPY autoload ./autoload
 RUN pip install ".[cpu,telemetry,dashboard]" torch==2.13.0 \
     && rm -rf /src/build /src/*.egg-info
 

@@ -221,7 +221,10 @@ def test_dockerfile_copies_every_package_and_dockerignore_keeps_them(services: d
     text = DOCKERFILE.read_text()
     copied = {src for line in re.findall(r"^COPY (.+)$", text, re.M) for src in line.split()[:-1]}
     package_dirs = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
-    assert package_dirs | {"pyproject.toml", "README.md"} <= copied
+    build_commands = {
+        v.rsplit(".", 1)[0].replace(".", "/") + ".py" for v in PYPROJECT["tool"]["setuptools"]["cmdclass"].values()
+    }
+    assert package_dirs | build_commands | {"pyproject.toml", "README.md"} <= copied
     for src in copied:
         assert (ROOT / src).exists(), f"the Dockerfile copies {src}, which does not exist"
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
