@@ -38,7 +38,7 @@ class PostImportHook:
     It finds nothing itself: it asks the finders after it and, when one finds ``name``, wraps that loader's
     ``exec_module`` (the module's ``__loader__`` and ``__spec__.loader`` stay the real loader). Other names cost
     one string comparison. An import of ``name`` that raises leaves the hook armed for the next try. An
-    exception from ``callback`` is turned into a ``RuntimeWarning``; the import itself still succeeds.
+    exception from ``callback`` is turned into a ``RuntimeWarning`` (see ``fire``); the import still succeeds.
     """
 
     def __init__(self, name: str, callback: "Callable[[ModuleType], None]") -> None:
@@ -66,14 +66,24 @@ class PostImportHook:
         return spec
 
     def fire(self, module: "ModuleType") -> None:
-        """Disarm, then run the callback on the imported ``module``."""
+        """Disarm, then run the callback on the imported ``module``; an exception from it becomes a
+        ``RuntimeWarning`` (logged as an error where warnings are errors: ``-W error`` must not break the import)."""
         self.remove()
         try:
             self.callback(module)
         except Exception as exc:  # a broken registration must never break `import transfer_queue`
             import warnings
 
-            warnings.warn(f"tq-mooncake: {self.name} was imported, but {exc!r}", RuntimeWarning, stacklevel=2)
+            message = (
+                f"tq-mooncake: {self.name} was imported, but {self.callback.__name__} failed: {exc!r}. "
+                f"`import tq_mooncake.transferqueue` shows the traceback; {ENV_SWITCH}=0 turns this hook off."
+            )
+            try:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            except Warning:
+                import logging
+
+                logging.getLogger(__name__).error(message)
 
     def remove(self) -> None:
         """Take this hook off ``sys.meta_path`` (no-op when it is not there)."""
@@ -106,7 +116,8 @@ class _RunThenCall:
 
 
 def register_backend(_module: "ModuleType | None" = None) -> None:
-    """Import ``tq_mooncake.transferqueue``, which registers the backend with TQ's registries (idempotent)."""
+    """Import ``tq_mooncake.transferqueue``, which registers the backend with TQ's registries (idempotent; all or
+    nothing)."""
     import tq_mooncake.transferqueue  # noqa: F401
 
 

@@ -143,6 +143,22 @@ def test_a_failing_callback_warns_and_the_import_still_succeeds(package):
 
 
 @pytest.mark.pure
+def test_where_warnings_are_errors_a_failing_callback_is_logged_and_the_import_still_succeeds(package, caplog):
+    name, _ = package
+
+    def broken(_module: ModuleType) -> None:
+        raise ImportError("no Mooncake wheel")
+
+    arm(name, broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as under `python -W error`
+        module = importlib.import_module(name)
+    assert module.LOADED
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("no Mooncake wheel" in m and "TQ_MOONCAKE_AUTOLOAD=0" in m for m in messages), messages
+
+
+@pytest.mark.pure
 @pytest.mark.parametrize(
     ("value", "on"), [("", True), ("1", True), ("yes", True), ("0", False), (" Off ", False), ("FALSE", False)]
 )

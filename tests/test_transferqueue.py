@@ -47,6 +47,47 @@ def test_importing_registers_the_backend_its_client_and_its_bootstrap():
     assert registry._stock["manager"] is MooncakeStorageManager
 
 
+def test_register_puts_the_switch_back_after_tq_re_registers_its_own_backend():
+    """A reloaded TQ module re-registers TQ's stock manager, client and bootstrap: ``register()`` wraps them
+    again (else, after ``replace_stock``, our client would run under TQ's manager: on the loop, never closed)."""
+    from transfer_queue.storage.clients.mooncake_client import MooncakeStoreClient
+    from transfer_queue.storage.managers.mooncake_manager import MooncakeStorageManager
+
+    from tq_mooncake.transferqueue import registry
+
+    StorageManagerFactory.register("MooncakeStore")(MooncakeStorageManager)
+    StorageClientFactory.register("MooncakeStoreClient")(MooncakeStoreClient)
+    StorageBootstrapProvider.register_provider("MooncakeStore")(registry._stock["bootstrap"])
+    tqm.register()
+    assert StorageManagerFactory._registry["MooncakeStore"] is StockNameStorageManager
+    assert StorageClientFactory._registry["MooncakeStoreClient"] is registry._stock_or_observed_client
+    assert StorageBootstrapProvider.get_provider("MooncakeStore").__wrapped__ is registry._stock_or_observed_bootstrap
+    assert registry._stock["client"] is MooncakeStoreClient and registry._stock["manager"] is MooncakeStorageManager
+    assert getattr(registry._stock["bootstrap"], "__wrapped__", None) is not registry._stock_or_observed_bootstrap
+
+
+def test_a_registration_that_fails_midway_leaves_tqs_registries_as_they_were(monkeypatch):
+    """All or nothing: no half-registered backend (say, a manager without its bootstrap provider)."""
+    from tq_mooncake.transferqueue import registry
+
+    registries = (StorageClientFactory._registry, StorageManagerFactory._registry, StorageBootstrapProvider._providers)
+    for reg in registries:  # as if nothing of ours were registered yet
+        for name in ("MooncakeStoreObserved", "MooncakeStoreObservedClient", "mooncakestoreobserved"):
+            monkeypatch.delitem(reg, name, raising=False)
+    before = [dict(reg) for reg in registries]
+
+    def drifted(name: str):
+        raise AttributeError("TQ's API changed")
+
+    monkeypatch.setattr(StorageBootstrapProvider, "register_provider", drifted)
+    with pytest.raises(AttributeError, match="API changed"):
+        registry.register()
+    assert [dict(reg) for reg in registries] == before
+    monkeypatch.undo()
+    tqm.register()
+    assert StorageManagerFactory._registry["MooncakeStoreObserved"] is tqm.ObservedMooncakeStorageManager
+
+
 def test_tq_interface_on_a_real_master_through_the_stock_name_with_replace_stock(shared_master, keyspace):
     config = {**shared_master.client_config(), "replace_stock": True, "client_name": "MooncakeStoreClient"}
     client = StorageClientFactory.create("MooncakeStoreClient", config)
@@ -409,6 +450,7 @@ def test_tqs_async_get_and_clear_run_off_the_callers_event_loop_with_tqs_results
     assert out["get_on_loop_thread"] == [False, False] and out["clear_on_loop_thread"] == [False]
     assert out["get_loop_ticked"] == [True, True] and out["clear_loop_ticked"] == [True]
     assert out["get_caller_context"] == [True, True] and out["clear_caller_context"] == [True]  # spans nest
+    assert out["put_on_loop_thread"] == [False] and out["put_caller_context"] == [True]  # TQ's executor, our context
 
 
 def test_tqs_own_mooncake_e2e_tests_pass_on_our_backend_name_with_nothing_but_the_install(jobs):

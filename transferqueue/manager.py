@@ -20,9 +20,10 @@ class OffLoopCalls(MooncakeStorageManager):
     TQ 0.1.11 runs only ``put_data``'s client call in ``run_in_executor``; its ``get_data`` and ``clear_data``
     call the client inside ``async def``, so a retrying read (back-off sleeps included) froze the caller's event
     loop for the whole call. Here the whole synchronous part (keys, the client call, TQ's merge into a
-    TensorDict) runs in ``asyncio.to_thread`` (the loop's default executor, as TQ's put, with the caller's
-    context, so an active span parents ours). Results and exceptions are those of TQ's methods. With another
-    client (TQ's stock one under the stock name) TQ's methods run unchanged.
+    TensorDict) runs in ``asyncio.to_thread`` (the loop's default executor, as TQ's put, and with the caller's
+    context, so an active span parents ours; our client's ``put`` carries it through TQ's ``run_in_executor``
+    itself). Results and exceptions are those of TQ's methods. With another client (TQ's stock one under the
+    stock name) TQ's methods run unchanged.
     """
 
     def _ours(self) -> bool:

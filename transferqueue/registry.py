@@ -47,18 +47,36 @@ def _stock_or_observed_bootstrap(conf: Any) -> Any:
 def register() -> None:
     """Register the ``MooncakeStoreObserved`` backend, and the ``replace_stock`` switch on TQ's
     ``MooncakeStore`` backend (its client and bootstrap; its manager runs our client's calls off the loop and
-    closes it); idempotent."""
+    closes it); idempotent, and it puts the switch back where TQ re-registered its own (a reloaded module).
+    All or nothing: if any step raises, TQ's registries are left as they were."""
+    registries = (StorageClientFactory._registry, StorageManagerFactory._registry, StorageBootstrapProvider._providers)
     with _lock:
-        StorageClientFactory.register(CLIENT_NAME)(ObservedMooncakeClient)
-        StorageManagerFactory.register(BACKEND_NAME)(ObservedMooncakeStorageManager)
-        StorageBootstrapProvider.register_provider(BACKEND_NAME)(_observed_bootstrap)
-        if not _stock:
-            _stock["client"] = StorageClientFactory._registry[STOCK_CLIENT]
-            _stock["bootstrap"] = StorageBootstrapProvider.get_provider(STOCK_BACKEND)
-            _stock["manager"] = StorageManagerFactory._registry[STOCK_BACKEND]
-            StorageClientFactory.register(STOCK_CLIENT)(_stock_or_observed_client)
-            StorageManagerFactory.register(STOCK_BACKEND)(StockNameStorageManager)
-            StorageBootstrapProvider.register_provider(STOCK_BACKEND)(_stock_or_observed_bootstrap)
+        saved = [dict(registry) for registry in registries]
+        try:
+            _register()
+        except BaseException:
+            for registry, before in zip(registries, saved, strict=True):
+                registry.clear()
+                registry.update(before)
+            raise
+
+
+def _register() -> None:
+    StorageClientFactory.register(CLIENT_NAME)(ObservedMooncakeClient)
+    StorageManagerFactory.register(BACKEND_NAME)(ObservedMooncakeStorageManager)
+    StorageBootstrapProvider.register_provider(BACKEND_NAME)(_observed_bootstrap)
+    client = StorageClientFactory._registry[STOCK_CLIENT]
+    if client is not _stock_or_observed_client:
+        _stock["client"] = client
+        StorageClientFactory.register(STOCK_CLIENT)(_stock_or_observed_client)
+    bootstrap = StorageBootstrapProvider.get_provider(STOCK_BACKEND)
+    if getattr(bootstrap, "__wrapped__", None) is not _stock_or_observed_bootstrap:
+        _stock["bootstrap"] = bootstrap
+        StorageBootstrapProvider.register_provider(STOCK_BACKEND)(_stock_or_observed_bootstrap)
+    manager = StorageManagerFactory._registry[STOCK_BACKEND]
+    if manager is not StockNameStorageManager:
+        _stock["manager"] = manager
+        StorageManagerFactory.register(STOCK_BACKEND)(StockNameStorageManager)
 
 
 def replace_stock() -> None:

@@ -11,9 +11,11 @@ The config is TQ's backend section (a dict or ``DictConfig``): the ``MooncakeSto
 from __future__ import annotations
 
 import atexit
+import contextvars
+import functools
 import logging
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from transfer_queue.storage.clients.base import StorageKVClient
@@ -83,7 +85,14 @@ class ObservedMooncakeClient(StorageKVClient):
         """The store (what TQ's ``close()`` reaches for to ``remove_all`` under the stock backend name)."""
         return self.client.store
 
-    def put(self, keys: list[str], values: list[Any]) -> list[Any] | None:
+    @property
+    def put(self) -> Callable[[list[str], list[Any]], list[Any] | None]:
+        """``put(keys, values)``, bound to the context of the thread that looks it up: TQ's ``put_data`` looks it
+        up on the caller's loop and runs it with ``run_in_executor``, which (unlike ``asyncio.to_thread``) drops
+        the caller's context, so our put span would lose its parent."""
+        return functools.partial(contextvars.copy_context().run, self._put)
+
+    def _put(self, keys: list[str], values: list[Any]) -> list[Any] | None:
         return self.client.put(keys, values)
 
     def get(self, keys: list[str], shapes: Any = None, dtypes: Any = None, custom_backend_meta: Any = None) -> list:

@@ -109,17 +109,18 @@ def watch_calls(storage_client: Any, ticker: Ticker, loop_thread: int, out: dict
     """Wrap the client's ``get`` and ``clear`` (instance attributes: the manager calls them through the
     instance): each records whether it ran on the loop's thread and whether the ticker ticked while it ran (it
     waits up to 5 s for a tick; on the loop's thread none can come), and whether it saw the caller's context."""
-    for name in ("get", "clear"):
+    for name in ("get", "clear", "_put"):  # `put` is a property binding `_put` to the caller's context
         method = getattr(storage_client, name)
 
         def watched(*args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
             ticker.ticked.clear()
+            key = _name.lstrip("_")
             try:
                 return _method(*args, **kwargs)
             finally:
-                out.setdefault(f"{_name}_on_loop_thread", []).append(threading.get_ident() == loop_thread)
-                out.setdefault(f"{_name}_loop_ticked", []).append(ticker.ticked.wait(5.0))
-                out.setdefault(f"{_name}_caller_context", []).append(CALLER.get() == "async caller")
+                out.setdefault(f"{key}_on_loop_thread", []).append(threading.get_ident() == loop_thread)
+                out.setdefault(f"{key}_loop_ticked", []).append(ticker.ticked.wait(5.0))
+                out.setdefault(f"{key}_caller_context", []).append(CALLER.get() == "async caller")
 
         setattr(storage_client, name, watched)
 
