@@ -3,17 +3,17 @@ what an interpreter imports at start with it (nothing of TQ or torch)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
 import uuid
 import warnings
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +24,7 @@ from tq_mooncake import autoload
 from tq_mooncake.autoload import ENV_SWITCH, PostImportHook
 
 ROOT = Path(__file__).resolve().parents[1]
+WHEEL_JOB = ROOT / "tests" / "jobs" / "wheel_install.py"
 
 
 def build_pth() -> ModuleType:
@@ -197,19 +198,6 @@ def test_the_pth_line_and_the_module_agree_on_the_switch(value):
     assert report["armed"] == int(on) and ("tq_mooncake.autoload" in report["modules"]) is on
 
 
-def test_importing_transfer_queue_registers_the_backend_and_the_switch_turns_it_off():
-    on, submodule_first, off = pythons(
-        [
-            (TQ_REPORT.format(first="import transfer_queue"), None),
-            (TQ_REPORT.format(first="import transfer_queue.storage.managers.base"), None),
-            (TQ_REPORT.format(first="import transfer_queue"), {ENV_SWITCH: "0"}),
-        ]
-    )
-    assert on["observed"] == "ObservedMooncakeStorageManager" and on["stock"] == "StockNameStorageManager"
-    assert submodule_first["observed"] == "ObservedMooncakeStorageManager"
-    assert off == {"observed": "type", "stock": "MooncakeStorageManager", "autoload_file": None}
-
-
 def site_packages(prefix: Path | None = None) -> Path:
     scheme = {"base": str(prefix), "platbase": str(prefix)} if prefix else None
     return Path(sysconfig.get_paths(vars=scheme)["purelib"])
@@ -220,30 +208,96 @@ def test_the_editable_install_has_the_pth_line_the_build_writes():
     assert (site_packages() / module.PTH_NAME).read_text() == module.PTH_LINE
 
 
-def test_a_wheel_install_ships_the_pth_line_and_registers_in_a_fresh_environment(tmp_path):
+def test_importing_transfer_queue_registers_the_backend_and_the_switch_turns_it_off(jobs):
+    on, submodule_first, off = (jobs.report(name) for name in ("on", "submodule_first", "off"))
+    assert on["observed"] == "ObservedMooncakeStorageManager" and on["stock"] == "StockNameStorageManager"
+    assert submodule_first["observed"] == "ObservedMooncakeStorageManager"
+    assert off == {"observed": "type", "stock": "MooncakeStorageManager", "autoload_file": None}
+
+
+def test_a_wheel_install_ships_the_pth_line_and_registers_in_a_fresh_environment(jobs):
     """The wheel built from this tree has the line at its root; installed (no deps) into a new virtual
-    environment that finds TQ and the rest in ours, importing TQ there registers the backend from the wheel."""
+    environment that finds TQ and the rest in ours, importing TQ there registers the backend from the wheel
+    (tests/jobs/wheel_install.py)."""
     module = build_pth()
-    source = tmp_path / "src"
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for rel in tracked.splitlines():
-        if (ROOT / rel).is_file() and not rel.startswith(("tests/", "docs/", "deploy/", "bench/")):
-            (source / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, source / rel)
-    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    wheels = tmp_path / "wheels"
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)], check=True)
-    (wheel,) = wheels.glob("tq_mooncake-*.whl")
-    with zipfile.ZipFile(wheel) as zf:
-        assert zf.read(module.PTH_NAME).decode() == module.PTH_LINE
-        assert "tq_mooncake/autoload/__init__.py" in zf.namelist()
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    exe = str(venv / "bin" / "python")
-    subprocess.run([*pip, "--python", exe, "install", "--no-deps", str(wheel)], check=True)
-    target = site_packages(venv)
-    assert (target / module.PTH_NAME).read_text() == module.PTH_LINE
-    (target / "zz_deps.pth").write_text(f"{site_packages()}\n")  # TQ, torch, ...: ours (after the wheel's files)
-    report = python(TQ_REPORT.format(first="import transfer_queue"), exe=exe)
-    assert report["observed"] == "ObservedMooncakeStorageManager"
-    assert Path(report["autoload_file"]).is_relative_to(target)  # the wheel's copy, not this checkout's
+    out = jobs.report("wheel")
+    assert out["wheel_pth"] == module.PTH_LINE and out["wheel_has_autoload"]
+    assert out["installed_pth"] == module.PTH_LINE
+    assert out["report"]["observed"] == "ObservedMooncakeStorageManager"
+    assert Path(out["report"]["autoload_file"]).is_relative_to(out["site_packages"])  # the wheel's copy
+
+
+# ------------------------------------------------------------------------------------------ background jobs
+class Jobs:
+    """This module's slow interpreters (each imports TQ, about 4 s; the wheel job also builds and installs),
+    started side by side before the session's first test (``start_background``) or when a test first asks."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self) -> None:
+        base = {k: v for k, v in os.environ.items() if k != ENV_SWITCH}
+        runs = {
+            "on": ([sys.executable, "-c", TQ_REPORT.format(first="import transfer_queue")], {}),
+            "submodule_first": (
+                [sys.executable, "-c", TQ_REPORT.format(first="import transfer_queue.storage.managers.base")],
+                {},
+            ),
+            "off": ([sys.executable, "-c", TQ_REPORT.format(first="import transfer_queue")], {ENV_SWITCH: "0"}),
+            "wheel": ([sys.executable, str(WHEEL_JOB), str(ROOT), str(self.folder / "wheel"), "-"], {}),
+        }
+        (self.folder / "wheel").mkdir()
+        for name, (args, env) in runs.items():
+            args = [a if a != "-" else str(self.folder / "wheel.json") for a in args]
+            with open(self.folder / f"{name}.out", "w") as out, open(self.folder / f"{name}.err", "w") as err:
+                self.procs[name] = subprocess.Popen(
+                    ["nice", "-n", "19", *args], env={**base, **env}, stdout=out, stderr=err, start_new_session=True
+                )
+
+    def report(self, name: str) -> dict:
+        """What job ``name`` printed (or, for ``wheel``, wrote), once it ended with 0 (within 300 s)."""
+        if not self.procs:
+            self.start()
+        proc = self.procs[name]
+        try:
+            rc = proc.wait(timeout=300)
+        finally:
+            self.kill_one(proc)
+        assert rc == 0, (self.folder / f"{name}.err").read_text()[-3000:]
+        if name == "wheel":
+            return json.loads((self.folder / "wheel.json").read_text())
+        return json.loads((self.folder / f"{name}.out").read_text().strip().splitlines()[-1])
+
+    @staticmethod
+    def kill_one(proc: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            self.kill_one(proc)
+
+
+def start_background(tmp_path_factory: pytest.TempPathFactory) -> Jobs:
+    """Called by tests/conftest.py's ``background_jobs`` before the first test when a test here uses ``jobs``."""
+    started = Jobs(tmp_path_factory.mktemp("autoload-jobs"))
+    try:
+        started.start()
+    except BaseException:
+        started.kill()
+        raise
+    return started
+
+
+@pytest.fixture(scope="module")
+def jobs(background_jobs: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
+    early = background_jobs.get(__name__)
+    if isinstance(early, Exception):
+        raise early
+    started = early if early is not None else Jobs(tmp_path_factory.mktemp("autoload-jobs"))
+    try:
+        yield started
+    finally:
+        started.kill()

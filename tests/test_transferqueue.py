@@ -225,7 +225,7 @@ LOOP_RETRY = {"max_attempts": 3, "initial_backoff_s": 0.05, "max_backoff_s": 0.2
 # telemetry for the process): name -> (backend, its section, samples, mode).
 SCENARIOS: dict[str, tuple[str, dict[str, Any], int, str]] = {
     "faults": ("MooncakeStoreObserved", {"replica_num": 1, "fault_injection": FAULTS}, 300, "roundtrip"),
-    "replace_stock": ("MooncakeStore", {"replace_stock": True, "telemetry": {"enabled": False}}, 64, "roundtrip"),
+    "replace_stock": ("MooncakeStore", {"replace_stock": True, "telemetry": {"enabled": False}}, 64, "ray_worker"),
     "ray_worker": ("MooncakeStoreObserved", {"telemetry": {"enabled": False}}, 32, "ray_worker"),
     "event_loop": (
         "MooncakeStoreObserved",
@@ -428,6 +428,8 @@ def test_tq_stock_backend_name_uses_our_client_with_replace_stock(jobs):
     assert out["client_type"] == "ObservedMooncakeClient" and out["manager_type"] == "StockNameStorageManager"
     assert out["mismatched_fields"] == [] and out["listed_after_clear"] == 0
     assert out["closed_with_tq"]  # tq.close() closed our client (TQ's stock manager never closes its own)
+    # the config's replace_stock took effect in a fresh Ray worker too (registered there by the install alone)
+    assert out["worker"] == {"registered": True, "client_type": "ObservedMooncakeClient", "mismatched_fields": []}
 
 
 def test_importing_transfer_queue_registers_the_backend_in_the_driver_and_in_a_fresh_ray_worker(jobs):

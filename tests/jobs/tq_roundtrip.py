@@ -73,7 +73,7 @@ def compare(put: TensorDict, got: TensorDict) -> list[str]:
     return bad
 
 
-@ray.remote
+@ray.remote(max_calls=1)  # a fresh worker process each time (TQ keeps its session in module globals)
 def read_in_worker(keys: list[str], data: TensorDict) -> dict[str, Any]:
     """In a fresh Ray worker: attach to the running TQ and read the batch back with its own storage client."""
     registered = "MooncakeStoreObserved" in StorageManagerFactory._registry  # unpickling this imported TQ
