@@ -28,25 +28,41 @@ def background_jobs(
 ) -> Iterator[dict[str, Any]]:
     """Slow background work that selected tests will wait for, started before the first test so that it runs
     while the rest of the suite does (which mostly waits on processes, leaving the CPUs idle): for each module
-    that defines ``start_background(tmp_path_factory)`` and has a selected test using its ``jobs`` fixture, that
-    function is called once here; what it returns (with a ``kill()``), or the exception it raised (for those tests
-    to fail with, not the whole session), is this dict's value under the module's name, for the module's ``jobs``
-    fixture. Everything started is killed at the end of the session, whatever happened."""
+    that defines ``BACKGROUND_JOBS`` (a class built on a folder, with ``start()`` and ``kill()``) and has a
+    selected test using the ``jobs`` fixture, one is built and started here; it, or the exception its start raised
+    (for those tests to fail with, not the whole session), is this dict's value under the module's name.
+    Everything started is killed at the end of the session, whatever happened."""
     started: dict[str, Any] = {}
     try:
         for item in request.session.items:
             module = getattr(item, "module", None)
-            start = getattr(module, "start_background", None)
-            if start is not None and module.__name__ not in started and "jobs" in getattr(item, "fixturenames", ()):
-                try:
-                    started[module.__name__] = start(tmp_path_factory)
-                except Exception as exc:  # noqa: BLE001 - re-raised by the module's jobs fixture
-                    started[module.__name__] = exc
+            jobs_class = getattr(module, "BACKGROUND_JOBS", None)
+            if jobs_class is None or module.__name__ in started or "jobs" not in getattr(item, "fixturenames", ()):
+                continue
+            jobs = jobs_class(tmp_path_factory.mktemp(module.__name__.rpartition(".")[2]))
+            try:
+                jobs.start()
+                started[module.__name__] = jobs
+            except Exception as exc:  # noqa: BLE001 - re-raised by the jobs fixture
+                jobs.kill()
+                started[module.__name__] = exc
         yield started
     finally:
         for jobs in started.values():
             if not isinstance(jobs, Exception):
                 jobs.kill()
+
+
+@pytest.fixture(scope="module")
+def jobs(request: pytest.FixtureRequest, background_jobs: dict[str, Any]) -> Iterator[Any]:
+    """The requesting module's ``BACKGROUND_JOBS``, as ``background_jobs`` started them; killed at the module's end."""
+    started = background_jobs[request.module.__name__]
+    if isinstance(started, Exception):
+        raise started
+    try:
+        yield started
+    finally:
+        started.kill()
 
 
 @pytest.fixture(scope="session")

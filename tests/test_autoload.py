@@ -3,12 +3,10 @@ what an interpreter imports at start with it (nothing of TQ or torch)."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -19,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from background import Background  # tests/support
 
 from tq_mooncake import autoload
 from tq_mooncake.autoload import ENV_SWITCH, PostImportHook
@@ -230,14 +229,15 @@ def test_a_wheel_install_ships_the_pth_line_and_registers_in_a_fresh_environment
 # ------------------------------------------------------------------------------------------ background jobs
 class Jobs:
     """This module's slow interpreters (each imports TQ, about 4 s; the wheel job also builds and installs),
-    started side by side before the session's first test (``start_background``) or when a test first asks."""
+    started side by side before the session's first test (tests/conftest.py's ``background_jobs``)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.runs: dict[str, Background] = {}
 
     def start(self) -> None:
         base = {k: v for k, v in os.environ.items() if k != ENV_SWITCH}
+        (self.folder / "wheel").mkdir()
         runs = {
             "on": ([sys.executable, "-c", TQ_REPORT.format(first="import transfer_queue")], {}),
             "submodule_first": (
@@ -245,59 +245,28 @@ class Jobs:
                 {},
             ),
             "off": ([sys.executable, "-c", TQ_REPORT.format(first="import transfer_queue")], {ENV_SWITCH: "0"}),
-            "wheel": ([sys.executable, str(WHEEL_JOB), str(ROOT), str(self.folder / "wheel"), "-"], {}),
+            "wheel": ([sys.executable, str(WHEEL_JOB), str(ROOT), str(self.folder / "wheel"), str(self.wheel)], {}),
         }
-        (self.folder / "wheel").mkdir()
         for name, (args, env) in runs.items():
-            args = [a if a != "-" else str(self.folder / "wheel.json") for a in args]
-            with open(self.folder / f"{name}.out", "w") as out, open(self.folder / f"{name}.err", "w") as err:
-                self.procs[name] = subprocess.Popen(
-                    ["nice", "-n", "19", *args], env={**base, **env}, stdout=out, stderr=err, start_new_session=True
-                )
+            self.runs[name] = Background(args, self.folder / f"{name}.log", {**base, **env})
+
+    @property
+    def wheel(self) -> Path:
+        """Where the wheel job writes what it saw."""
+        return self.folder / "wheel.json"
 
     def report(self, name: str) -> dict:
-        """What job ``name`` printed (or, for ``wheel``, wrote), once it ended with 0 (within 300 s)."""
-        if not self.procs:
-            self.start()
-        proc = self.procs[name]
-        try:
-            rc = proc.wait(timeout=300)
-        finally:
-            self.kill_one(proc)
-        assert rc == 0, (self.folder / f"{name}.err").read_text()[-3000:]
+        """What job ``name`` printed last (or, for ``wheel``, wrote), once it ended with 0 (within 300 s)."""
+        rc = self.runs[name].wait(timeout=300)
+        log = (self.folder / f"{name}.log").read_text()
+        assert rc == 0, log[-3000:]
         if name == "wheel":
-            return json.loads((self.folder / "wheel.json").read_text())
-        return json.loads((self.folder / f"{name}.out").read_text().strip().splitlines()[-1])
-
-    @staticmethod
-    def kill_one(proc: subprocess.Popen) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+            return json.loads(self.wheel.read_text())
+        return json.loads([line for line in log.splitlines() if line.startswith("{")][-1])
 
     def kill(self) -> None:
-        for proc in self.procs.values():
-            self.kill_one(proc)
+        for run in self.runs.values():
+            run.kill()
 
 
-def start_background(tmp_path_factory: pytest.TempPathFactory) -> Jobs:
-    """Called by tests/conftest.py's ``background_jobs`` before the first test when a test here uses ``jobs``."""
-    started = Jobs(tmp_path_factory.mktemp("autoload-jobs"))
-    try:
-        started.start()
-    except BaseException:
-        started.kill()
-        raise
-    return started
-
-
-@pytest.fixture(scope="module")
-def jobs(background_jobs: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
-    early = background_jobs.get(__name__)
-    if isinstance(early, Exception):
-        raise early
-    started = early if early is not None else Jobs(tmp_path_factory.mktemp("autoload-jobs"))
-    try:
-        yield started
-    finally:
-        started.kill()
+BACKGROUND_JOBS = Jobs  # started by tests/conftest.py's background_jobs; the `jobs` fixture

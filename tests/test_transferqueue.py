@@ -4,19 +4,16 @@ because TQ, Ray and telemetry are set up once per process)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from background import Background  # tests/support
 from transfer_queue.storage.bootstrap import StorageBootstrapProvider
 from transfer_queue.storage.clients.base import StorageClientFactory
 from transfer_queue.storage.managers.base import StorageManagerFactory
@@ -154,48 +151,6 @@ def test_bootstrap_starts_a_master_when_none_answers_and_stops_only_that_one(tmp
 
 
 # ------------------------------------------------------------------------------------------ end to end
-class Background:
-    """A command started now in its own session, with its output in ``log``; ``wait()`` returns its exit code
-    (or fails the test at ``timeout``); ``kill()`` ends it and whatever it left running (Ray's processes).
-
-    It runs while the rest of the suite does, at the lowest priority, so that it takes the CPU time the suite
-    leaves idle instead of slowing the tests that run meanwhile: nice 19 for it and all it starts, and, where
-    the kernel schedules by session (autogroup, Debian's default: each session gets an equal share of the CPUs
-    whatever the nice values in it), nice 19 for its session's group too."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> None:
-        self.log = log
-        self.killed = False
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(  # nice execs the command: the same pid, leading its own session
-                ["nice", "-n", "19", *args],
-                cwd=cwd,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        with contextlib.suppress(OSError):  # no autogroup scheduling here: the nice value alone does it
-            Path(f"/proc/{self.proc.pid}/autogroup").write_text("19")
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        """Idempotent: the group is signalled once (a later call could hit a new group that reused the id)."""
-        if self.killed:
-            return
-        self.killed = True
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-
-
 def section(**overrides: Any) -> dict[str, Any]:
     return {
         "auto_init": True,
@@ -250,8 +205,8 @@ def tq_e2e_files(folder: Path) -> Path:
 
 
 class Jobs:
-    """The TQ processes of this module, started together (before the session's first test, see
-    ``start_background``, or when the first test asks): one runs the scenarios of
+    """The TQ processes of this module, started together before the session's first test (tests/conftest.py's
+    ``background_jobs``): one runs the scenarios of
     tests/jobs/tq_roundtrip.py in one Ray session, the other TQ's own e2e suite. Each brings up its own Ray, TQ
     and masters and mostly waits; side by side they take little longer than the longer alone."""
 
@@ -284,8 +239,6 @@ class Jobs:
 
     def result(self, name: str) -> dict[str, Any]:
         """What scenario ``name`` saw, once the scenarios process has ended (with 0, within 300 s)."""
-        if not self.runs:
-            self.start()
         rc = self.runs["scenarios"].wait(timeout=300)
         log = (self.dir("scenarios") / "job.log").read_text()
         assert rc == 0, log[-4000:]
@@ -321,34 +274,11 @@ class Jobs:
 
     def e2e_result(self) -> tuple[int, str]:
         """TQ's e2e suite's exit code and output, once it has ended (within 420 s)."""
-        if not self.runs:
-            self.start()
         rc = self.runs["e2e"].wait(timeout=420)
         return rc, (self.dir("e2e") / "e2e.log").read_text()
 
 
-def start_background(tmp_path_factory: pytest.TempPathFactory) -> Jobs:
-    """Start the TQ processes: called by tests/conftest.py's ``background_jobs`` before the session's first test
-    when a test of this module that uses ``jobs`` is selected (they then run while the rest of the suite does)."""
-    started = Jobs(tmp_path_factory.mktemp("tq-jobs"))
-    try:
-        started.start()
-    except BaseException:
-        started.kill()
-        raise
-    return started
-
-
-@pytest.fixture(scope="module")
-def jobs(background_jobs: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
-    early = background_jobs.get(__name__)
-    if isinstance(early, Exception):
-        raise early
-    started = early if early is not None else Jobs(tmp_path_factory.mktemp("tq-jobs"))
-    try:
-        yield started
-    finally:
-        started.kill()
+BACKGROUND_JOBS = Jobs  # started by tests/conftest.py's background_jobs; the `jobs` fixture
 
 
 def attributes(items: list[dict[str, Any]]) -> dict[str, Any]:
