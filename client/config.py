@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .node_health import NodeHealthPolicy
+from .numbers import is_int, is_number
 from .retry import Clock, RetryBudget, RetryPolicy
 
 GiB = 1 << 30
@@ -226,7 +227,7 @@ class RetryConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name != "max_attempts" and _is_int(value) and abs(value) > sys.float_info.max:
+            if f.name != "max_attempts" and is_int(value) and abs(value) > sys.float_info.max:
                 raise ValueError(f"retry.{f.name} must be a finite number, got {_short(value)}")
         self.policy()  # validates the policy fields
         self.budget()  # validates the budget fields
@@ -326,7 +327,7 @@ class ClientConfig:
             _check_count(name, getattr(self, name), low, high)
         for name, high in _SIZES:
             value = getattr(self, name)
-            if not _is_int(value) or not 0 <= value <= high:
+            if not is_int(value) or not 0 <= value <= high:
                 raise ValueError(f"{name} must be a size in bytes from 0 to {high}, got {_short(value)}")
         _check_setup_timeout(self.setup_timeout_s)
         for name in ("hard_pin", "allow_pickle", "tensor_checksum", "clear_force"):
@@ -388,7 +389,7 @@ def _node_health(value: Any) -> NodeHealthPolicy:
 
 
 def _check_count(name: str, value: Any, low: int, high: int | None) -> None:
-    if _is_int(value) and value >= low and (high is None or value <= high):
+    if is_int(value) and value >= low and (high is None or value <= high):
         return
     accepted = f">= {low}" if high is None else f"from {low} to {high}"
     raise ValueError(f"{name} must be an integer {accepted}, got {_short(value)}")
@@ -396,15 +397,11 @@ def _check_count(name: str, value: Any, low: int, high: int | None) -> None:
 
 def _check_setup_timeout(value: Any) -> None:
     # The chained comparison also refuses NaN and infinity, and compares huge ints exactly (no overflow).
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_SETUP_TIMEOUT_S:
+    if is_number(value) and 0 < value <= MAX_SETUP_TIMEOUT_S:
         return
     raise ValueError(
         f"setup_timeout_s must be a number of seconds > 0 and <= {MAX_SETUP_TIMEOUT_S:g}, got {_short(value)}"
     )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _items(value: Any) -> dict[Any, Any] | None:

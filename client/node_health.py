@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from .numbers import is_int, is_number
 from .retry import Clock
 
 MAX_ENDPOINTS = 4096
@@ -45,7 +46,7 @@ class NodeHealthPolicy:
         if not isinstance(self.enabled, bool):
             raise ValueError(f"node_health.enabled must be true or false, got {self.enabled!r}")
         n = self.consecutive_failures
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1000:
+        if not is_int(n) or not 1 <= n <= 1000:
             raise ValueError(f"node_health.consecutive_failures must be an integer from 1 to 1000, got {n!r}")
         for name, low, high in (
             ("base_ejection_s", 0.0, 86400.0),
@@ -55,7 +56,7 @@ class NodeHealthPolicy:
             ("read_lease_s", 0.001, 3600.0),
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            if not is_number(value) or not low <= value <= high:
                 raise ValueError(f"node_health.{name} must be a number from {low:g} to {high:g}, got {value!r}")
         if self.max_ejection_s < self.base_ejection_s:
             raise ValueError(

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .numbers import is_int, is_number
+
 Clock = Callable[[], float]
 Jitter = Callable[[], float]  # returns a float in [0, 1)
 
@@ -36,13 +38,13 @@ class RetryPolicy:
     deadline_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+        if not is_int(self.max_attempts) or self.max_attempts < 1:
             raise ValueError(f"retry.max_attempts must be an integer >= 1, got {self.max_attempts!r}")
         for name in ("initial_backoff_s", "max_backoff_s", "deadline_s"):
             value = getattr(self, name)
-            if not _is_number(value) or value < 0 or not math.isfinite(value):
+            if not is_number(value) or value < 0 or not math.isfinite(value):
                 raise ValueError(f"retry.{name} must be a finite number >= 0, got {value!r}")
-        if not _is_number(self.multiplier) or self.multiplier < 1 or not math.isfinite(self.multiplier):
+        if not is_number(self.multiplier) or self.multiplier < 1 or not math.isfinite(self.multiplier):
             raise ValueError(f"retry.multiplier must be a finite number >= 1, got {self.multiplier!r}")
         if self.max_backoff_s < self.initial_backoff_s:
             raise ValueError(
@@ -72,10 +74,6 @@ class RetryPolicy:
 
     def deadline(self, clock: Clock = time.monotonic) -> Deadline:
         return Deadline(self.deadline_s, clock)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Deadline:
@@ -142,9 +140,9 @@ class RetryBudget:
         ttl_s: float = 10.0,
         clock: Clock = time.monotonic,
     ) -> None:
-        if not _is_number(ratio) or ratio < 0 or not math.isfinite(ratio):
+        if not is_number(ratio) or ratio < 0 or not math.isfinite(ratio):
             raise ValueError(f"retry.budget_ratio must be a finite number >= 0, got {ratio!r}")
-        if not _is_number(min_per_s) or min_per_s < 0 or not math.isfinite(min_per_s):
+        if not is_number(min_per_s) or min_per_s < 0 or not math.isfinite(min_per_s):
             raise ValueError(f"retry.budget_min_per_s must be a finite number >= 0, got {min_per_s!r}")
         self.ratio = float(ratio)
         self.min_per_s = float(min_per_s)
