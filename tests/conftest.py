@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from in_memory_otel import Otel  # tests/support
 
 from tq_mooncake.client import MooncakeBatchClient
 from tq_mooncake.cluster import MasterProcess, StorageNodeProcess, start_all, stop_all
@@ -63,6 +64,16 @@ def jobs(request: pytest.FixtureRequest, background_jobs: dict[str, Any]) -> Ite
         yield started
     finally:
         started.kill()
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    """The real SDK with in-memory exporters for one test (``tests/support/in_memory_otel.py``)."""
+    started = Otel.start()
+    try:
+        yield started
+    finally:
+        started.shutdown()
 
 
 @pytest.fixture(scope="session")

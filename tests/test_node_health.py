@@ -8,11 +8,6 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tq_mooncake.client import ClientConfig, ErrorCode
 from tq_mooncake.client.node_health import NodeHealth, NodeHealthPolicy
@@ -20,9 +15,7 @@ from tq_mooncake.client.replica_reader import ReplicaReader
 from tq_mooncake.client.replica_routing import ReplicaRouter, RoutingReport
 from tq_mooncake.client.replicas import Location
 from tq_mooncake.telemetry import conventions as c
-from tq_mooncake.telemetry import metric_views
 from tq_mooncake.telemetry.conventions import Operation
-from tq_mooncake.telemetry.instruments import OTelObserver
 from tq_mooncake.testing.clock import FakeClock
 
 pytestmark = pytest.mark.pure
@@ -312,35 +305,22 @@ def test_a_silent_endpoint_fails_its_probe_within_the_timeout_and_is_not_probed_
 
 
 # ------------------------------------------------------------------------------------------ telemetry
-def test_an_attempts_routing_report_becomes_span_attributes_and_per_endpoint_metrics():
-    spans = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader], views=metric_views())
-    observer = OTelObserver(tracer_provider, meter_provider, ejected_nodes=lambda: 1)
+def test_an_attempts_routing_report_becomes_span_attributes_and_per_endpoint_metrics(otel):
+    observer = otel.observer(ejected_nodes=lambda: 1)
     scope = observer.operation(Operation.GET, 4)
     attempt = scope.attempt(0, 1, 4, 0.0)
     attempt.end(Counter(), 100, RoutingReport(down={A}, fallbacks=Counter({A: 3}), unreachable=1))
     observer.node_ejected(A)
-    (span,) = spans.get_finished_spans()
+    (span,) = otel.finished()
     assert span.attributes[c.SERVER_ADDRESS] == "10.0.0.1" and span.attributes[c.SERVER_PORT] == 1
     assert span.attributes[c.NODES_DOWN] == 1 and span.attributes[c.KEYS_FALLBACK] == 3
     assert span.attributes[c.KEYS_UNREACHABLE] == 1 and c.STEERED not in span.attributes
-    got: dict[str, dict[frozenset, Any]] = {}
-    for rm in reader.get_metrics_data().resource_metrics:
-        for sm in rm.scope_metrics:
-            for m in sm.metrics:
-                got[m.name] = {
-                    frozenset(dp.attributes.items()): getattr(dp, "value", None) for dp in m.data.data_points
-                }
+    got = otel.metrics()
     where = {(c.SERVER_ADDRESS, "10.0.0.1"), (c.SERVER_PORT, 1)}
     assert got[c.FALLBACKS_METRIC] == {frozenset({*where, (c.OPERATION, "get")}): 3}
     assert got[c.NODE_FAILURES_METRIC] == {frozenset({*where, (c.OPERATION, "get")}): 1}
     assert got[c.EJECTIONS_METRIC] == {frozenset(where): 1}
     assert got[c.EJECTED_METRIC] == {frozenset(): 1}
-    tracer_provider.shutdown()
-    meter_provider.shutdown()
 
 
 def test_endpoint_attributes_split_host_and_port_and_tolerate_odd_names():

@@ -5,16 +5,10 @@ the telemetry names the endpoint. Real master, real storage processes, real Open
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tq_mooncake.client import (
     ClientConfig,
@@ -27,34 +21,8 @@ from tq_mooncake.client import (
 )
 from tq_mooncake.client.replica_reader import ReplicaReader
 from tq_mooncake.telemetry import conventions as c
-from tq_mooncake.telemetry import metric_views
 
 CLIENT_TTL = 30  # TQ's value: the master lists the dead process's replicas for the whole test
-
-
-@pytest.fixture
-def otel() -> Iterator[tuple[InMemorySpanExporter, InMemoryMetricReader, dict[str, Any]]]:
-    spans = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader], views=metric_views())
-    try:
-        yield spans, reader, {"tracer_provider": tracer_provider, "meter_provider": meter_provider}
-    finally:
-        tracer_provider.shutdown()
-        meter_provider.shutdown()
-
-
-def _points(reader: InMemoryMetricReader) -> dict[str, dict[frozenset, Any]]:
-    out: dict[str, dict[frozenset, Any]] = {}
-    data = reader.get_metrics_data()
-    for rm in data.resource_metrics if data else []:
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                for dp in metric.data.data_points:
-                    out.setdefault(metric.name, {})[frozenset(dp.attributes.items())] = getattr(dp, "value", None)
-    return out
 
 
 def _replica_endpoints(store: Any, keys: list[str]) -> dict[str, list[str]]:
@@ -75,7 +43,7 @@ def _same(a: list[Any], b: list[Any]) -> bool:
 def test_a_killed_node_is_routed_around_with_no_failed_call(
     start_master, start_storage_nodes, closed_at_teardown, keyspace, otel
 ):
-    spans, reader, providers = otel
+    spans, providers = otel.spans, otel.providers
     master = start_master(client_ttl=CLIENT_TTL)
     dead, live = start_storage_nodes(master, 2)
     holder: list[FaultInjectingStore] = []
@@ -139,7 +107,7 @@ def test_a_killed_node_is_routed_around_with_no_failed_call(
     assert [s.attributes[c.ATTEMPT] for s in spans.get_finished_spans() if s.name == "mooncake.put.attempt"] == [1]
     assert _same(client.get(keys, custom_backend_meta=metas), again)
 
-    metrics = _points(reader)
+    metrics = otel.metrics()
     dead_attrs = {(c.SERVER_ADDRESS, host), (c.SERVER_PORT, int(port))}
     assert metrics[c.EJECTIONS_METRIC] == {frozenset(dead_attrs): 1}
     assert metrics[c.FALLBACKS_METRIC] == {frozenset({*dead_attrs, (c.OPERATION, "get")}): 2 * len(on_dead)}

@@ -15,11 +15,7 @@ from typing import Any
 import pytest
 import torch
 from opentelemetry.exporter.otlp.json.file import FileMetricExporter, FileSpanExporter
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tq_mooncake.client import (
@@ -33,41 +29,12 @@ from tq_mooncake.client import (
     RetriesExhaustedError,
 )
 from tq_mooncake.client.observer import NOOP_OBSERVER, OperationSummary
-from tq_mooncake.telemetry import OTelObserver, conventions, metric_views
+from tq_mooncake.telemetry import OTelObserver, conventions
 from tq_mooncake.testing import RecordingObserver
 
 BACKOFF = 0.005  # initial_backoff_s 0.01 with the jitter pinned at 0.5
 RETRY = {"initial_backoff_s": 0.01, "max_backoff_s": 0.02}
 TRANSFER_FAIL = int(ErrorCode.TRANSFER_FAIL)
-
-
-@dataclass
-class Otel:
-    spans: InMemorySpanExporter
-    tracer_provider: TracerProvider
-    reader: InMemoryMetricReader
-    meter_provider: MeterProvider
-
-    def observer(self, budget_tokens: Callable[[], float] | None = None) -> OTelObserver:
-        return OTelObserver(self.tracer_provider, self.meter_provider, budget_tokens)
-
-    def finished(self) -> list[ReadableSpan]:
-        return list(self.spans.get_finished_spans())
-
-    def metrics(self) -> dict[str, dict[frozenset, Any]]:
-        """metric name -> {frozenset(attributes): value (sums, gauges) or (count, sum) (histograms)}."""
-        return points(self.reader.get_metrics_data())
-
-
-def points(data: MetricsData | None) -> dict[str, dict[frozenset, Any]]:
-    out: dict[str, dict[frozenset, Any]] = {}
-    for rm in data.resource_metrics if data else []:
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                for dp in metric.data.data_points:
-                    value = (dp.count, dp.sum) if hasattr(dp, "bucket_counts") else dp.value
-                    out.setdefault(metric.name, {})[frozenset(dp.attributes.items())] = value
-    return out
 
 
 def attrs(**kw: Any) -> frozenset:
@@ -80,20 +47,6 @@ def attrs(**kw: Any) -> frozenset:
         "error_type": conventions.ERROR_TYPE,
     }
     return frozenset((names[k], v) for k, v in kw.items())
-
-
-@pytest.fixture
-def otel() -> Iterator[Otel]:
-    spans = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader], views=metric_views())
-    try:
-        yield Otel(spans, tracer_provider, reader, meter_provider)
-    finally:
-        tracer_provider.shutdown()
-        meter_provider.shutdown()
 
 
 CONFIGS: dict[str, dict[str, Any]] = {
