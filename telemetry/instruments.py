@@ -20,6 +20,7 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import weakref
@@ -105,11 +106,15 @@ class _Instruments:
         self.attempt_duration = histogram(c.ATTEMPT_DURATION_METRIC)
         self.retry_delay = histogram(c.RETRY_DELAY_METRIC)
         self._lock = threading.Lock()  # guards the gauge sources and the endpoint attributes
-        self._budget_sources: weakref.WeakSet[OTelObserver] = weakref.WeakSet()
-        gauges = ((c.RETRY_BUDGET_METRIC, self._observe_budget), (c.EJECTED_METRIC, self._observe_ejected))
-        for name, callback in gauges:
+        self._gauge_sources: weakref.WeakSet[OTelObserver] = weakref.WeakSet()
+        # gauge -> (the observers' reading function, its type): the sum over the process's observers
+        gauges = ((c.RETRY_BUDGET_METRIC, "_budget_tokens", float), (c.EJECTED_METRIC, "_ejected_nodes", int))
+        for name, source, kind in gauges:
             meter.create_observable_gauge(
-                name, callbacks=[callback], unit=c.UNITS[name], description=c.DESCRIPTIONS[name]
+                name,
+                callbacks=[functools.partial(self._observe_sum, source, kind)],
+                unit=c.UNITS[name],
+                description=c.DESCRIPTIONS[name],
             )
 
     def endpoint(self, endpoint: str) -> tuple[tuple[str, str | int], ...]:
@@ -123,23 +128,17 @@ class _Instruments:
                 found = self._endpoints[endpoint] = c.endpoint_attributes(endpoint)
             return found
 
-    def add_budget_source(self, observer: OTelObserver) -> None:
+    def add_gauge_source(self, observer: OTelObserver) -> None:
         with self._lock:
-            self._budget_sources.add(observer)
+            self._gauge_sources.add(observer)
 
-    def _observe_budget(self, options: CallbackOptions) -> Iterable[Observation]:
+    def _observe_sum(self, source: str, kind: type, options: CallbackOptions) -> Iterable[Observation]:
+        """The sum of ``source`` (an observer's reading function, or None) over the observers that have one."""
         with self._lock:
-            sources = [o._budget_tokens for o in self._budget_sources if o._budget_tokens is not None]
-        if not sources:
+            reads = [read for o in self._gauge_sources if (read := getattr(o, source)) is not None]
+        if not reads:
             return []
-        return [Observation(float(sum(read() for read in sources)))]
-
-    def _observe_ejected(self, options: CallbackOptions) -> Iterable[Observation]:
-        with self._lock:
-            sources = [o._ejected_nodes for o in self._budget_sources if o._ejected_nodes is not None]
-        if not sources:
-            return []
-        return [Observation(int(sum(read() for read in sources)))]
+        return [Observation(kind(sum(read() for read in reads)))]
 
 
 _INSTRUMENTS: weakref.WeakKeyDictionary[MeterProvider, _Instruments] = weakref.WeakKeyDictionary()
@@ -189,7 +188,7 @@ class OTelObserver:
         self._budget_tokens = budget_tokens
         self._ejected_nodes = ejected_nodes
         if budget_tokens is not None or ejected_nodes is not None:
-            self._instruments.add_budget_source(self)
+            self._instruments.add_gauge_source(self)
 
     def operation(self, operation: Operation, batch_size: int) -> _OperationScope:
         return _OperationScope(self, operation, batch_size)
