@@ -34,30 +34,15 @@ def build_pth() -> ModuleType:
     return module
 
 
-def python(code: str, *, env: dict[str, str] | None = None, exe: str = sys.executable) -> dict:
+def python(code: str, *, env: dict[str, str] | None = None) -> dict:
     """Run ``code`` in a fresh interpreter (its environment without our switch unless ``env`` sets it); the JSON
     it prints."""
-    return pythons([(code, env)], exe=exe)[0]
-
-
-def pythons(runs: list[tuple[str, dict[str, str] | None]], exe: str = sys.executable) -> list[dict]:
-    """``python()`` for each ``(code, env)``, the interpreters running side by side."""
     base = {k: v for k, v in os.environ.items() if k != ENV_SWITCH}
-    procs = [
-        subprocess.Popen([exe, "-c", code], env={**base, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for code, env in runs
-    ]
-    reports = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=120)
-            assert proc.returncode == 0, err.decode()[-3000:]
-            reports.append(json.loads(out.decode().strip().splitlines()[-1]))
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-    return reports
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**base, **(env or {})}, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------------------ the hook (pure)
@@ -197,14 +182,9 @@ def test_the_pth_line_and_the_module_agree_on_the_switch(value):
     assert report["armed"] == int(on) and ("tq_mooncake.autoload" in report["modules"]) is on
 
 
-def site_packages(prefix: Path | None = None) -> Path:
-    scheme = {"base": str(prefix), "platbase": str(prefix)} if prefix else None
-    return Path(sysconfig.get_paths(vars=scheme)["purelib"])
-
-
 def test_the_editable_install_has_the_pth_line_the_build_writes():
     module = build_pth()
-    assert (site_packages() / module.PTH_NAME).read_text() == module.PTH_LINE
+    assert (Path(sysconfig.get_paths()["purelib"]) / module.PTH_NAME).read_text() == module.PTH_LINE
 
 
 def test_importing_transfer_queue_registers_the_backend_and_the_switch_turns_it_off(jobs):
