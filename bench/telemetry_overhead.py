@@ -27,18 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from opentelemetry.exporter.otlp.json.file import FileMetricExporter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler
 
 from tq_mooncake.client import ErrorCode, MooncakeBatchClient, Operation, Outcome
 from tq_mooncake.client.observer import NOOP_OBSERVER, Observer, OperationSummary
 from tq_mooncake.cluster import MasterProcess
 from tq_mooncake.telemetry import OTelObserver, metric_views
 from tq_mooncake.telemetry.jsonl import JsonLinesSpanExporter
+from tq_mooncake.telemetry.metrics_file import JsonLinesMetricExporter
+from tq_mooncake.telemetry.sampling import KeepFailuresSampler
 
 
 class Switch:
@@ -51,15 +52,18 @@ class Switch:
         return self.target.operation(operation, batch_size)
 
 
-def sdk_providers(folder: Path | None, queue: int = 2048) -> tuple[TracerProvider, MeterProvider]:
-    """Always-on SDK providers exporting OTLP JSON lines into ``folder`` (None: recording only, no export)."""
-    tracer_provider = TracerProvider(sampler=ALWAYS_ON, shutdown_on_exit=False)
+def sdk_providers(
+    folder: Path | None, queue: int = 2048, sampler: Sampler = ALWAYS_ON
+) -> tuple[TracerProvider, MeterProvider]:
+    """SDK providers (always-on sampling unless ``sampler``) exporting OTLP JSON lines into ``folder`` as
+    ``configure`` does (None: recording only, no export)."""
+    tracer_provider = TracerProvider(sampler=sampler, shutdown_on_exit=False)
     readers = []
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         spans = BatchSpanProcessor(JsonLinesSpanExporter(folder / "traces.jsonl"), max_queue_size=queue)
         tracer_provider.add_span_processor(spans)
-        metrics = FileMetricExporter(folder / "metrics.jsonl")
+        metrics = JsonLinesMetricExporter(folder / "metrics.jsonl")
         readers.append(PeriodicExportingMetricReader(metrics, export_interval_millis=5000))
     meter_provider = MeterProvider(metric_readers=readers, views=metric_views(), shutdown_on_exit=False)
     return tracer_provider, meter_provider
@@ -130,8 +134,10 @@ def main() -> None:
                 for round_ in range(args.warmup + args.repeats):
                     for mode in names[round_ % 3 :] + names[: round_ % 3]:  # rotate the order every round
                         switch.target = modes[mode]
-                        put_s = timed(lambda: client.put(keys, values))
-                        get_s = timed(lambda: client.get(keys, custom_backend_meta=metas))
+                        start = time.perf_counter()
+                        metas = client.put(keys, values)  # each put writes new versions: read with its metadata
+                        put_s = time.perf_counter() - start
+                        get_s = timed(lambda metas=metas: client.get(keys, custom_backend_meta=metas))
                         if round_ >= args.warmup:
                             times[(mode, "put")].append(put_s)
                             times[(mode, "get")].append(get_s)
@@ -148,10 +154,11 @@ def main() -> None:
             tp, mp = sdk_providers(None)
             alone[("sdk record", failing)] = per_scope_us(OTelObserver(tp, mp), args.scopes, failing)
             alone[("sdk record 10", failing)] = per_scope_us(OTelObserver(tp, mp), args.scopes, failing, attempts=10)
-            tp, mp = sdk_providers(folder / f"alone-{failing}", queue=4 * args.scopes)
-            alone[("sdk export", failing)] = per_scope_us(OTelObserver(tp, mp), args.scopes, failing, flusher(tp, mp))
-            tp.shutdown()
-            mp.shutdown()
+            for mode, sampler in (("sdk export", ALWAYS_ON), ("sdk export, default", KeepFailuresSampler())):
+                tp, mp = sdk_providers(folder / f"alone-{mode}-{failing}", 4 * args.scopes, sampler)
+                alone[(mode, failing)] = per_scope_us(OTelObserver(tp, mp), args.scopes, failing, flusher(tp, mp))
+                tp.shutdown()
+                mp.shutdown()
 
     mib = total_bytes / (1 << 20)
     print(f"{args.keys} keys x {args.value_kib} KiB = {mib:.1f} MiB per call, {chunks} attempt(s) per call, ")
@@ -167,11 +174,12 @@ def main() -> None:
                 f"{total_bytes / med / 1e9:>6.2f} {ratio:>18.3f}"
             )
     print("\nobserver alone (no store): microseconds per operation scope + one attempt scope")
-    print("(sdk record: spans and metrics recorded, no exporter; sdk export: + OTLP JSON-lines files, flush included)")
-    print(f"{'mode':<13} {'clean attempt':>14} {'failed attempt':>15}")
-    print("(sdk record 10: the same with 10 attempts per operation, per attempt)")
-    for mode in ("off", "api", "sdk record", "sdk record 10", "sdk export"):
-        print(f"{mode:<13} {alone[(mode, False)]:>14.1f} {alone[(mode, True)]:>15.1f}")
+    print("(sdk record: spans and metrics recorded, always-on sampling, no exporter; sdk export: + OTLP JSON-lines")
+    print("files, flush included; sdk record 10: the same with 10 attempts per operation, per attempt;")
+    print("sdk export, default: configure()'s sampler, KeepFailuresSampler: failed calls kept, 1% of clean ones)")
+    print(f"{'mode':<20} {'clean attempt':>14} {'failed attempt':>15}")
+    for mode in ("off", "api", "sdk record", "sdk record 10", "sdk export", "sdk export, default"):
+        print(f"{mode:<20} {alone[(mode, False)]:>14.1f} {alone[(mode, True)]:>15.1f}")
     for op in ("put", "get"):
         delta = statistics.median(times[("sdk", op)]) - statistics.median(times[("off", op)])
         print(f"sdk - off, {op}: {delta / chunks * 1e6:+.1f} us per attempt (median difference; noisy at this scale)")
