@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +22,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, StatusCode
+
+from .rotating_file import RotatingFile
 
 logger = logging.getLogger(__name__)
 
@@ -162,33 +163,34 @@ def encode_spans(spans: Sequence[ReadableSpan], resources: _ResourceCache | None
         return upstream(spans).to_dict()
 
 
-class JsonLinesSpanExporter(SpanExporter):
-    """Appends each export as one OTLP JSON line to ``path`` (created with its folder); thread-safe."""
+def open_lines_file(target: str | os.PathLike[str] | RotatingFile) -> RotatingFile:
+    """``target`` itself, or a ``RotatingFile`` at that path with the default retention."""
+    return target if isinstance(target, RotatingFile) else RotatingFile(target)
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._lock = threading.Lock()
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends each export as one OTLP JSON line to ``target`` (a path, or a ``RotatingFile`` with its own
+    retention); thread-safe."""
+
+    def __init__(self, target: str | os.PathLike[str] | RotatingFile) -> None:
         self._resources = _ResourceCache()
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by shutdown()
+        self.file = open_lines_file(target)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
             payload = encode_spans(spans, self._resources)
             if payload is None:
                 return SpanExportResult.SUCCESS
-            line = json.dumps(payload, separators=(",", ":")) + "\n"
-            with self._lock:
-                if self._file.closed:
-                    return SpanExportResult.FAILURE
-                self._file.write(line)
-                self._file.flush()
+            if self.file.closed:
+                return SpanExportResult.FAILURE
+            self.file.append(json.dumps(payload, separators=(",", ":")) + "\n")
             return SpanExportResult.SUCCESS
         except Exception:  # an exporter must not raise into the SDK
-            logger.exception("writing spans to %s failed", self._file.name)
+            logger.exception("writing spans to %s failed", self.file.path)
             return SpanExportResult.FAILURE
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return True
 
     def shutdown(self) -> None:
-        with self._lock:
-            self._file.close()
+        self.file.close()

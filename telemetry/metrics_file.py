@@ -1,0 +1,108 @@
+"""``JsonLinesMetricExporter``: metrics as compact OTLP JSON lines, one ``{"resourceMetrics": [...]}`` per export.
+
+Compact because each line holds only what happened since the previous one: counters and histograms are exported
+with delta temporality, and a series with nothing new (a counter that did not move, a histogram with no
+observation) is left out, as is a metric with no series left; gauges are written every time (the current value,
+and a sign of life). So a line's size follows the activity of the interval, not every code and outcome ever seen,
+and a reader loses nothing by starting at any line (each line is self-contained: no running totals to difference).
+The encoding is the upstream OTLP/JSON encoder's; the Prometheus endpoint and OTLP exporters are other readers
+with their own (cumulative) temporality and are unaffected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+from opentelemetry.sdk.metrics import Counter, Histogram, ObservableCounter, ObservableUpDownCounter, UpDownCounter
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    HistogramDataPoint,
+    Metric,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    NumberDataPoint,
+    Sum,
+)
+
+from .jsonl import open_lines_file
+from .rotating_file import RotatingFile
+
+logger = logging.getLogger(__name__)
+
+DELTA = {
+    Counter: AggregationTemporality.DELTA,
+    ObservableCounter: AggregationTemporality.DELTA,
+    Histogram: AggregationTemporality.DELTA,
+    UpDownCounter: AggregationTemporality.CUMULATIVE,
+    ObservableUpDownCounter: AggregationTemporality.CUMULATIVE,
+}
+"""Delta for what only grows (counters, histograms); up-down counters stay cumulative (a level, not an event)."""
+
+
+def _moved(point: Any, data: Any) -> bool:
+    """Whether a data point says something new: a delta sum that changed, a delta histogram with observations;
+    cumulative sums and gauges always."""
+    delta = getattr(data, "aggregation_temporality", None) is AggregationTemporality.DELTA
+    if isinstance(point, HistogramDataPoint):
+        return not delta or point.count > 0
+    if isinstance(point, NumberDataPoint) and isinstance(data, Sum):
+        return not delta or point.value != 0
+    return True
+
+
+def compact(metrics_data: MetricsData) -> MetricsData | None:
+    """``metrics_data`` without the series that have nothing new (see ``_moved``), the metrics left empty, and
+    the scopes and resources left empty; None when nothing remains."""
+    resources = []
+    for rm in metrics_data.resource_metrics:
+        scopes = []
+        for sm in rm.scope_metrics:
+            kept: list[Metric] = []
+            for metric in sm.metrics:
+                data = metric.data
+                points = [p for p in data.data_points if _moved(p, data)]
+                if not points:
+                    continue
+                if len(points) != len(data.data_points):
+                    metric = dataclasses.replace(metric, data=dataclasses.replace(data, data_points=points))
+                kept.append(metric)
+            if kept:
+                scopes.append(dataclasses.replace(sm, metrics=kept))
+        if scopes:
+            resources.append(dataclasses.replace(rm, scope_metrics=scopes))
+    return MetricsData(resource_metrics=resources) if resources else None
+
+
+class JsonLinesMetricExporter(MetricExporter):
+    """Appends each collection, compacted (see the module docstring), as one OTLP JSON line to ``target`` (a path,
+    or a ``RotatingFile`` with its own retention)."""
+
+    def __init__(self, target: str | os.PathLike[str] | RotatingFile) -> None:
+        super().__init__(preferred_temporality=DELTA)
+        self.file = open_lines_file(target)
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        try:
+            data = compact(metrics_data)
+            if data is None:
+                return MetricExportResult.SUCCESS
+            from opentelemetry.exporter.otlp.json.common.metrics_encoder import encode_metrics
+
+            if self.file.closed:
+                return MetricExportResult.FAILURE
+            self.file.append(json.dumps(encode_metrics(data).to_dict(), separators=(",", ":")) + "\n")
+            return MetricExportResult.SUCCESS
+        except Exception:  # an exporter must not raise into the SDK
+            logger.exception("writing metrics to %s failed", self.file.path)
+            return MetricExportResult.FAILURE
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self.file.close()

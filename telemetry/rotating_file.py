@@ -1,0 +1,201 @@
+"""Bounded telemetry files: ``RotatingFile`` appends lines, rotates by size, keeps a bounded history and follows
+an external rotation; ``Retention`` is the pure policy that says which rotated files go.
+
+Names: the active file is ``<stem>.jsonl`` (e.g. ``traces-<host>-<pid>.jsonl``); a rotation renames it (same inode,
+so a reader tracking inodes loses nothing) to ``<stem>.<seq>.jsonl`` with ``seq`` zero-padded and increasing, and
+opens a new active file. The rotated names still end in ``.jsonl``, so globs and OTLP JSON-file readers keep
+finding them. Files that logrotate renamed (``.jsonl.1``, ``.jsonl-20261201``, compressed) are logrotate's to
+expire: the retention here only ever deletes its own ``<stem>.<seq>.jsonl`` files.
+
+External rotation: before each write the path is compared with the open file (one ``stat``); when the path was
+moved away or replaced (logrotate's ``create`` mode) the file is reopened at the path; after ``copytruncate`` the
+append-mode descriptor simply goes on at the new end. So no ``postrotate`` signal is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MIB = 1 << 20
+SUFFIX = ".jsonl"
+SEQ_DIGITS = 6
+
+
+@dataclass(frozen=True)
+class Backup:
+    """One rotated file: the active file (family) it came from, its sequence number, size and last write time."""
+
+    path: Path
+    family: Path
+    seq: int
+    size: int
+    mtime_ns: int = 0
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much of a process's telemetry is kept on disk.
+
+    * ``max_file_bytes``: an active file is rotated before a write would take it past this size (a single line
+      larger than that still gets a file of its own: lines are never split);
+    * ``max_backups``: rotated files kept per active file;
+    * ``max_total_bytes``: every file of the active files sharing this retention together, each active file
+      counted at ``max_file_bytes`` (so the cap holds between rotations too). Must allow the active files.
+
+    Oldest rotated files go first. Pure: ``expired`` only computes.
+    """
+
+    max_file_bytes: int = 32 * MIB
+    max_backups: int = 20
+    max_total_bytes: int = 768 * MIB
+
+    def __post_init__(self) -> None:
+        for name, least in (("max_file_bytes", 1), ("max_backups", 0), ("max_total_bytes", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+    def check_room(self, active_files: int) -> None:
+        """ValueError unless ``active_files`` active files fit in ``max_total_bytes``."""
+        if active_files * self.max_file_bytes > self.max_total_bytes:
+            raise ValueError(
+                f"max_total_bytes ({self.max_total_bytes}) must hold {active_files} active file(s) of max_file_bytes "
+                f"({self.max_file_bytes}) each"
+            )
+
+    def expired(self, backups: Sequence[Backup], active_files: int) -> list[Backup]:
+        """The rotated files to delete: the oldest past ``max_backups`` in each family, then the oldest of all (by
+        last write) while the total (the rest plus ``active_files`` full active files) exceeds ``max_total_bytes``."""
+        by_family: dict[Path, list[Backup]] = {}
+        for b in sorted(backups, key=lambda b: b.seq):
+            by_family.setdefault(b.family, []).append(b)
+        doomed: list[Backup] = []
+        kept: list[Backup] = []
+        for family in by_family.values():
+            cut = len(family) - self.max_backups
+            doomed += family[: max(cut, 0)]
+            kept += family[max(cut, 0) :]
+        total = sum(b.size for b in kept) + active_files * self.max_file_bytes
+        for b in sorted(kept, key=lambda b: (b.mtime_ns, b.seq)):
+            if total <= self.max_total_bytes:
+                break
+            doomed.append(b)
+            total -= b.size
+        return doomed
+
+
+def backups_of(active: Path) -> list[Backup]:
+    """The rotated files of active file ``active`` (``<stem>.<seq>.jsonl`` beside it) that exist now."""
+    stem = active.name[: -len(SUFFIX)] if active.name.endswith(SUFFIX) else active.name
+    pattern = re.compile(re.escape(stem) + r"\.(\d+)" + re.escape(SUFFIX) + "$")
+    found = []
+    try:
+        entries = list(os.scandir(active.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            found.append(Backup(Path(entry.path), active, int(m.group(1)), st.st_size, st.st_mtime_ns))
+    return found
+
+
+def backup_path(active: Path, seq: int) -> Path:
+    stem = active.name[: -len(SUFFIX)] if active.name.endswith(SUFFIX) else active.name
+    return active.with_name(f"{stem}.{seq:0{SEQ_DIGITS}d}{SUFFIX}")
+
+
+class RotatingFile:
+    """Appends whole lines to ``path`` (created with its folder), rotating and expiring as ``retention`` says.
+
+    ``group`` lists the active files that share the retention's total (this one included; default: this one),
+    e.g. a process's trace and metrics files. Thread-safe; ``append`` raises OSError when the disk refuses the
+    write (callers that must not raise catch it).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], retention: Retention | None = None, group: Sequence[Path] = ()):
+        self.path = Path(path)
+        self.retention = retention or Retention()
+        self.group = tuple(group) or (self.path,)
+        self.retention.check_room(len(self.group))
+        self.rotations = 0  # rotations done by this object
+        self.reopens = 0  # reopens after an external rotation
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def append(self, line: str) -> None:
+        """Write ``line`` (one or more complete lines, newline-terminated) at the end of the active file."""
+        data = line.encode("utf-8")
+        with self._lock:
+            if self._fd is None:
+                raise ValueError(f"{self.path} is closed")
+            self._follow_external_rotation()
+            size = os.fstat(self._fd).st_size
+            if size and size + len(data) > self.retention.max_file_bytes:
+                self._rotate()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+    def _follow_external_rotation(self) -> None:
+        assert self._fd is not None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        mine = os.fstat(self._fd)
+        if st is None or (st.st_ino, st.st_dev) != (mine.st_ino, mine.st_dev):
+            os.close(self._fd)
+            self._fd = None
+            self._fd = self._open()
+            self.reopens += 1
+
+    def _rotate(self) -> None:
+        assert self._fd is not None
+        seq = max((b.seq for b in backups_of(self.path)), default=0) + 1
+        try:
+            os.rename(self.path, backup_path(self.path, seq))
+        except OSError:
+            logger.exception("rotating %s failed; writing on to it", self.path)
+            return
+        os.close(self._fd)
+        self._fd = None
+        self._fd = self._open()
+        self.rotations += 1
+        self._expire()
+
+    def _expire(self) -> None:
+        backups = [b for active in self.group for b in backups_of(active)]
+        for b in self.retention.expired(backups, len(self.group)):
+            try:
+                os.unlink(b.path)
+            except FileNotFoundError:
+                pass  # a sibling's rotation expired it first
+            except OSError:
+                logger.exception("deleting rotated telemetry file %s failed", b.path)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
