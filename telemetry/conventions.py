@@ -204,6 +204,9 @@ DEFAULT_SERVICE_NAME = "tq-mooncake"
 # ------------------------------------------------------------------------------------------------ environment
 ENV_TELEMETRY_DIR = "TQ_MOONCAKE_TELEMETRY_DIR"
 ENV_PROMETHEUS_PORT = "TQ_MOONCAKE_PROMETHEUS_PORT"
+ENV_FILE_MB = "TQ_MOONCAKE_TELEMETRY_FILE_MB"  # rotate a telemetry file at this size (MiB)
+ENV_KEEP_FILES = "TQ_MOONCAKE_TELEMETRY_KEEP_FILES"  # rotated files kept per telemetry file
+ENV_MAX_MB = "TQ_MOONCAKE_TELEMETRY_MAX_MB"  # all of a process's telemetry files together (MiB)
 
 
 def endpoint_attributes(endpoint: str) -> tuple[tuple[str, str | int], ...]:

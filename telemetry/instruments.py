@@ -2,10 +2,11 @@
 
 Contract:
 
-* ``operation()`` starts the span ``mooncake.<op>`` (INTERNAL) as a child of the caller's current context
-  and never makes it current (the client ends it from ``end``); every ``attempt()`` starts
-  ``mooncake.<op>.attempt`` (CLIENT) with the operation span as its *explicit* parent, because attempts run
-  on worker threads that do not inherit the caller's contextvars.
+* ``operation()`` captures the caller's current context; when the call ends, ``end`` creates the span
+  ``mooncake.<op>`` (INTERNAL) in it, with its real start time and every attribute (outcome included, for a
+  sampler to see: ``sampling``), and then one ``mooncake.<op>.attempt`` (CLIENT) per ended attempt, as its
+  children, if the operation span is recording. No span is ever made current: attempts run on worker threads
+  that do not inherit the caller's contextvars, and nothing runs inside them.
 * A failed attempt gets status ERROR and ``error.type`` = its most frequent code name; the operation span
   gets them only when the call finally failed (retried-then-ok is not an error), from the final per-code
   counts the client reports in ``OperationSummary.codes`` (the retry loop decides; nothing here
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from typing import TYPE_CHECKING
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
@@ -199,25 +201,24 @@ class OTelObserver:
 
 
 class _OperationScope:
-    """One client call: its span, its attempts' spans, and its metrics."""
+    """One client call: its span, its attempts' spans, and its metrics.
+
+    Nothing runs inside the spans, so they are created when the call is over, with their real start times and
+    every attribute at once: the operation span first (a sampler sees the outcome: ``sampling``), then its
+    attempts as its children, only if it is recording. Metrics are recorded as things happen."""
 
     def __init__(self, observer: OTelObserver, operation: Operation, batch_size: int) -> None:
         self._tracer = observer._tracer
         self._instruments = observer._instruments
         self.operation = operation
-        self._span = self._tracer.start_span(
-            c.operation_span_name(operation),
-            kind=SpanKind.INTERNAL,
-            attributes={
-                c.DB_SYSTEM_NAME: c.DB_SYSTEM,
-                c.DB_OPERATION_NAME: operation.value,
-                c.DB_OPERATION_BATCH_SIZE: batch_size,
-            },
-        )
-        self._context = trace.set_span_in_context(self._span)
+        self._batch_size = batch_size
+        self._parent = otel_context.get_current()  # the caller's context (this runs on the caller's thread)
+        self._start_ns = time.time_ns()
         self._start = time.perf_counter()
         self._lock = threading.Lock()
         self._retried = False
+        self._attempts: list[_AttemptScope] = []  # ended attempts, until the operation span exists
+        self._context: otel_context.Context | None = None  # the operation span's, once created
         self._ended = False
 
     def attempt(self, chunk: int, attempt: int, keys: int, backoff_s: float) -> _AttemptScope:
@@ -225,34 +226,60 @@ class _OperationScope:
             self._retried = True
         return _AttemptScope(self, chunk, attempt, keys, backoff_s)
 
+    def _attempt_ended(self, attempt: _AttemptScope) -> None:
+        with self._lock:
+            if self._context is None:  # the operation span is not there yet (or is not recording)
+                self._attempts.append(attempt)
+                return
+            context = self._context
+        attempt.emit(context)  # after the call's end (it gave up waiting): a child of its span, as it stands
+
     def end(self, summary: OperationSummary) -> None:
         duration = time.perf_counter() - self._start
         with self._lock:
             if self._ended:
                 return
             self._ended = True
+            attempts, self._attempts = self._attempts, []
         op = self.operation.value
         outcome = summary.outcome.value
-        span = self._span
-        span.set_attributes(
-            {
-                c.ATTEMPTS: summary.attempts,
-                c.OUTCOME: outcome,
-                c.KEYS_FAILED: summary.keys_failed,
-                c.BYTES: summary.nbytes,
-            }
-        )
+        attributes: dict[str, str | int] = {
+            c.DB_SYSTEM_NAME: c.DB_SYSTEM,
+            c.DB_OPERATION_NAME: op,
+            c.DB_OPERATION_BATCH_SIZE: self._batch_size,
+            c.ATTEMPTS: summary.attempts,
+            c.OUTCOME: outcome,
+            c.KEYS_FAILED: summary.keys_failed,
+            c.BYTES: summary.nbytes,
+        }
         if summary.keys_under_replicated:
-            span.set_attribute(c.KEYS_UNDER_REPLICATED, summary.keys_under_replicated)
+            attributes[c.KEYS_UNDER_REPLICATED] = summary.keys_under_replicated
         attrs = {c.OPERATION: op, c.OUTCOME: outcome}
         if summary.outcome.failed:
             error_type = _dominant(summary.codes)
-            span.set_attribute(c.ERROR_TYPE, error_type)
-            span.set_status(Status(StatusCode.ERROR, f"{outcome}: {summary.keys_failed} key(s) failed"))
+            attributes[c.ERROR_TYPE] = error_type
             duration_attrs = {**attrs, c.ERROR_TYPE: error_type}
         else:
             duration_attrs = attrs
-        span.end()
+        span = self._tracer.start_span(
+            c.operation_span_name(self.operation),
+            context=self._parent,
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=self._start_ns,
+        )
+        if span.is_recording():
+            if summary.outcome.failed:
+                span.set_status(Status(StatusCode.ERROR, f"{outcome}: {summary.keys_failed} key(s) failed"))
+            context = trace.set_span_in_context(span)
+            for attempt in attempts:
+                attempt.emit(context)
+            with self._lock:
+                late, self._attempts = self._attempts, []
+                self._context = context
+            for attempt in late:
+                attempt.emit(context)
+        span.end(end_time=self._start_ns + int(duration * 1e9))
         ins = self._instruments
         ins.operations.add(1, ((c.OPERATION, op), (c.OUTCOME, outcome)))
         ins.operation_duration.record(duration, duration_attrs)
@@ -272,10 +299,22 @@ class _OperationScope:
 
 
 class _AttemptScope:
-    """One store call on one chunk. Its span is created when the call returns, with its real start time and
-    every attribute at once (nothing runs inside it, so it is never made current)."""
+    """One store call on one chunk: its metrics when it returns, its span when the operation's span exists
+    (``emit``), with its real start and end times."""
 
-    __slots__ = ("_op", "_chunk", "_attempt", "_keys", "_backoff_s", "_start_ns", "_start")
+    __slots__ = (
+        "_op",
+        "_chunk",
+        "_attempt",
+        "_keys",
+        "_backoff_s",
+        "_start_ns",
+        "_start",
+        "_end_ns",
+        "_failed",
+        "_nbytes",
+        "_routing",
+    )
 
     def __init__(self, op: _OperationScope, chunk: int, attempt: int, keys: int, backoff_s: float) -> None:
         self._op = op
@@ -288,41 +327,21 @@ class _AttemptScope:
 
     def end(self, failed: Counter[ErrorCode], nbytes: int, routing: RoutingReport | None = None) -> None:
         duration = time.perf_counter() - self._start
+        self._end_ns = self._start_ns + int(duration * 1e9)
+        failed = +failed  # drops codes counted 0
+        self._failed = failed
+        self._nbytes = nbytes
+        self._routing = routing
         n_failed = sum(failed.values())
         op_scope = self._op
         op = op_scope.operation.value
-        attributes: dict[str, str | int | float | list[str]] = {
-            c.DB_SYSTEM_NAME: c.DB_SYSTEM,
-            c.DB_OPERATION_NAME: op,
-            c.ATTEMPT: self._attempt,
-            c.CHUNK: self._chunk,
-            c.KEYS: self._keys,
-            c.BACKOFF_S: self._backoff_s,
-            c.KEYS_FAILED: n_failed,
-            c.BYTES: nbytes,
-        }
+        ins = op_scope._instruments
         if n_failed == 0:
             result = c.RESULT_OK
             error_type = None
         else:
-            failed = +failed  # drops codes counted 0
             result = c.RESULT_FAILED if n_failed >= self._keys else c.RESULT_PARTIAL
             error_type = _dominant(failed)
-            attributes[c.ERROR_CODES] = sorted(code.name for code in failed)
-            attributes[c.ERROR_TYPE] = error_type
-        ins = op_scope._instruments
-        if routing:
-            _route_attributes(attributes, routing)
-        span = op_scope._tracer.start_span(
-            c.attempt_span_name(op_scope.operation),
-            context=op_scope._context,
-            kind=SpanKind.CLIENT,
-            attributes=attributes,
-            start_time=self._start_ns,
-        )
-        if error_type is not None:
-            span.set_status(Status(StatusCode.ERROR))
-        span.end(end_time=self._start_ns + int(duration * 1e9))
         attempt = min(self._attempt, c.MAX_ATTEMPT_ATTRIBUTE)
         if routing:
             for endpoint in routing.down:
@@ -336,6 +355,37 @@ class _AttemptScope:
             for code, n in failed.items():
                 ins.keys_failed.add(n, ((c.OPERATION, op), (c.ERROR_TYPE, code.name)))
         ins.attempt_duration.record(duration, duration_attrs)
+        op_scope._attempt_ended(self)
+
+    def emit(self, context: otel_context.Context) -> None:
+        """Create and end this attempt's span as a child of the operation span in ``context``."""
+        op_scope = self._op
+        n_failed = sum(self._failed.values())
+        attributes: dict[str, str | int | float | list[str]] = {
+            c.DB_SYSTEM_NAME: c.DB_SYSTEM,
+            c.DB_OPERATION_NAME: op_scope.operation.value,
+            c.ATTEMPT: self._attempt,
+            c.CHUNK: self._chunk,
+            c.KEYS: self._keys,
+            c.BACKOFF_S: self._backoff_s,
+            c.KEYS_FAILED: n_failed,
+            c.BYTES: self._nbytes,
+        }
+        if n_failed:
+            attributes[c.ERROR_CODES] = sorted(code.name for code in self._failed)
+            attributes[c.ERROR_TYPE] = _dominant(self._failed)
+        if self._routing:
+            _route_attributes(attributes, self._routing)
+        span = op_scope._tracer.start_span(
+            c.attempt_span_name(op_scope.operation),
+            context=context,
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            start_time=self._start_ns,
+        )
+        if n_failed:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end(end_time=self._end_ns)
 
 
 def _route_attributes(attributes: dict[str, str | int | float | list[str]], routing: RoutingReport) -> None:

@@ -9,17 +9,23 @@ the arguments, else from the standard environment, else from defaults:
   export without one. ``otlp_protocol``: ``OTEL_EXPORTER_OTLP_PROTOCOL``, ``grpc`` or ``http/protobuf``
   (the default, as the OTLP specification says).
 * ``metric_export_interval_s``: ``OTEL_METRIC_EXPORT_INTERVAL`` (ms), default 60 s.
-* ``sampler``: ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``, default ``parentbased_always_on``.
+* ``sampler`` / ``clean_trace_ratio``: default ``sampling.KeepFailuresSampler`` (every retried or failed
+  operation's spans kept, clean ones at ``clean_trace_ratio``, default 0.01, or following their parent);
+  ``OTEL_TRACES_SAMPLER`` names another (the SDK's own, e.g. ``parentbased_always_on``), or ``tq_mooncake`` with
+  the ratio in ``OTEL_TRACES_SAMPLER_ARG``. An argument wins over the environment.
 * span export delay: ``OTEL_BSP_SCHEDULE_DELAY`` (ms), default ``SPAN_EXPORT_DELAY_MS`` (0.5 s, not the SDK's 5 s):
   Ray ends its workers with SIGKILL (no atexit, no flush) at ``ray.shutdown()``, so what a worker's batch
   processor still holds then is lost; here that is at most the last half second of spans.
-* ``telemetry_dir``: ``TQ_MOONCAKE_TELEMETRY_DIR``; no files without one.
+* ``telemetry_dir``: ``TQ_MOONCAKE_TELEMETRY_DIR``; no files without one. ``retention`` (or
+  ``TQ_MOONCAKE_TELEMETRY_FILE_MB``, ``_KEEP_FILES``, ``_MAX_MB``): rotation size, rotated files kept per file, and
+  the cap on all of the process's files (``rotating_file.Retention``; default 32 MiB, 20, 768 MiB).
 * ``prometheus_port``: ``TQ_MOONCAKE_PROMETHEUS_PORT`` (0: any free port); no scrape endpoint without one.
 
 With a telemetry folder, spans and metrics are also appended as OTLP JSON lines (the Collector file
 exporter's format: one ``{"resourceSpans": ...}`` / ``{"resourceMetrics": ...}`` object per line) to
-``traces-<host>-<pid>.jsonl`` and ``metrics-<host>-<pid>.jsonl``. The Prometheus endpoint binds 127.0.0.1
-only. Everything is flushed and shut down at interpreter exit (or by ``Telemetry.shutdown()``).
+``traces-<host>-<pid>.jsonl`` and ``metrics-<host>-<pid>.jsonl``, rotated to ``<stem>.<seq>.jsonl`` and expired
+by the retention (``rotating_file``); metrics lines are compact deltas (``metrics_file``). The Prometheus endpoint
+binds 127.0.0.1 only. Everything is flushed and shut down at interpreter exit (or by ``Telemetry.shutdown()``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import math
 import os
 import re
 import socket
@@ -47,6 +54,8 @@ from opentelemetry.sdk.trace.sampling import Sampler
 
 from . import conventions as c
 from .instruments import OTelObserver
+from .rotating_file import MIB, Retention
+from .sampling import SAMPLER_NAME, KeepFailuresSampler, parse_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +111,7 @@ class Telemetry:
     otlp_protocol: str | None = None
     trace_file: Path | None = None
     metrics_file: Path | None = None
+    retention: Retention | None = None
     prometheus_port: int | None = None
     _stoppers: list[Callable[[], object]] = field(default_factory=list, repr=False)
     _stopped: bool = field(default=False, repr=False)
@@ -147,6 +157,48 @@ def _port(value: int | str) -> int:
     return port
 
 
+def _number(name: str, value: str, integer: bool = False) -> float:
+    """``value`` of environment variable ``name``: a whole number >= 0, or any finite number > 0."""
+    try:
+        number = int(value) if integer else float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a {'whole ' if integer else ''}number, got {value!r}") from None
+    if not (number >= 0 if integer else math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be {'>= 0' if integer else '> 0'}, got {value!r}")
+    return number
+
+
+def retention_from_env(retention: Retention | None = None) -> Retention:
+    """``retention``, else one from ``TQ_MOONCAKE_TELEMETRY_FILE_MB`` / ``_KEEP_FILES`` / ``_MAX_MB`` (MiB, decimals
+    allowed) over the defaults; ValueError for a bad value."""
+    if retention is not None:
+        return retention
+    default = Retention()
+    file_mb, keep, max_mb = (_env(name) for name in (c.ENV_FILE_MB, c.ENV_KEEP_FILES, c.ENV_MAX_MB))
+    return Retention(
+        max_file_bytes=int(_number(c.ENV_FILE_MB, file_mb) * MIB) if file_mb else default.max_file_bytes,
+        max_backups=int(_number(c.ENV_KEEP_FILES, keep, integer=True)) if keep else default.max_backups,
+        max_total_bytes=int(_number(c.ENV_MAX_MB, max_mb) * MIB) if max_mb else default.max_total_bytes,
+    )
+
+
+def choose_sampler(sampler: Sampler | None, clean_trace_ratio: float | None) -> Sampler | None:
+    """The tracer provider's sampler: ``sampler``; else ``KeepFailuresSampler`` at ``clean_trace_ratio``; else what
+    ``OTEL_TRACES_SAMPLER`` names (None: the SDK reads it; ``tq_mooncake``: ours, ratio from
+    ``OTEL_TRACES_SAMPLER_ARG``); else ours at the default ratio."""
+    if sampler is not None:
+        if clean_trace_ratio is not None:
+            raise ValueError("give either a sampler or a clean_trace_ratio (for the default sampler), not both")
+        return sampler
+    if clean_trace_ratio is not None:
+        return KeepFailuresSampler(parse_ratio(clean_trace_ratio))
+    named = (_env("OTEL_TRACES_SAMPLER") or SAMPLER_NAME).lower()
+    if named != SAMPLER_NAME:
+        return None
+    arg = _env("OTEL_TRACES_SAMPLER_ARG") if _env("OTEL_TRACES_SAMPLER") else None
+    return KeepFailuresSampler(parse_ratio(arg)) if arg else KeepFailuresSampler()
+
+
 def _otlp_exporters(endpoint: str | None, protocol: str) -> tuple[Any, Any]:
     """Span and metric OTLP exporters; ``endpoint`` None lets them read ``OTEL_EXPORTER_OTLP_*`` themselves."""
     if protocol == "grpc":
@@ -178,6 +230,7 @@ def _add_exporters(
     protocol: str,
     folder: str | os.PathLike[str] | None,
     interval_s: float | None,
+    retention: Retention | None = None,
 ) -> dict[str, Any]:
     """Add the OTLP and JSON-lines exporters to ``tracer_provider`` and ``readers``; returns what was set up."""
     interval_ms = interval_s * 1000 if interval_s is not None else None
@@ -188,16 +241,19 @@ def _add_exporters(
         readers.append(PeriodicExportingMetricReader(metric_exporter, export_interval_millis=interval_ms))
         added.update(otlp_endpoint=otlp_endpoint or _env("OTEL_EXPORTER_OTLP_ENDPOINT"), otlp_protocol=protocol)
     if folder is not None:
-        from opentelemetry.exporter.otlp.json.file import FileMetricExporter
-
         from .jsonl import JsonLinesSpanExporter
+        from .metrics_file import JsonLinesMetricExporter
+        from .rotating_file import RotatingFile
 
+        retention = retention_from_env(retention)
         Path(folder).mkdir(parents=True, exist_ok=True)
         trace_file, metrics_file = telemetry_files(folder)
-        tracer_provider.add_span_processor(_batch_processor(JsonLinesSpanExporter(trace_file)))
-        file_exporter = FileMetricExporter(metrics_file)
+        group = (trace_file, metrics_file)
+        span_exporter = JsonLinesSpanExporter(RotatingFile(trace_file, retention, group))
+        tracer_provider.add_span_processor(_batch_processor(span_exporter))
+        file_exporter = JsonLinesMetricExporter(RotatingFile(metrics_file, retention, group))
         readers.append(PeriodicExportingMetricReader(file_exporter, export_interval_millis=interval_ms))
-        added.update(trace_file=trace_file, metrics_file=metrics_file)
+        added.update(trace_file=trace_file, metrics_file=metrics_file, retention=retention)
     return added
 
 
@@ -206,12 +262,19 @@ def file_pipeline(
     resource: Resource | None = None,
     sampler: Sampler | None = None,
     metric_export_interval_s: float | None = None,
+    retention: Retention | None = None,
+    clean_trace_ratio: float | None = None,
 ) -> tuple[TracerProvider, MeterProvider]:
-    """SDK providers that export only to OTLP JSON-lines files in ``folder``, not installed globally (for
-    benchmarks and tools that need their own pipeline); the caller shuts them down."""
-    tracer_provider = TracerProvider(resource=resource or build_resource(), sampler=sampler, shutdown_on_exit=False)
+    """SDK providers that export only to OTLP JSON-lines files in ``folder`` (as ``configure`` would: same
+    sampler choice, rotation and compaction), not installed globally (for benchmarks and tools that need their
+    own pipeline); the caller shuts them down."""
+    tracer_provider = TracerProvider(
+        resource=resource or build_resource(),
+        sampler=choose_sampler(sampler, clean_trace_ratio),
+        shutdown_on_exit=False,
+    )
     readers: list[MetricReader] = []
-    _add_exporters(tracer_provider, readers, False, None, PROTOCOLS[1], folder, metric_export_interval_s)
+    _add_exporters(tracer_provider, readers, False, None, PROTOCOLS[1], folder, metric_export_interval_s, retention)
     meter_provider = MeterProvider(
         metric_readers=readers, resource=tracer_provider.resource, views=metric_views(), shutdown_on_exit=False
     )
@@ -228,14 +291,16 @@ def configure(
     prometheus_port: int | None = None,
     metric_export_interval_s: float | None = None,
     sampler: Sampler | None = None,
+    clean_trace_ratio: float | None = None,
+    retention: Retention | None = None,
     set_global: bool = True,
 ) -> Telemetry:
     """Build the SDK tracer and meter providers for this process (see the module docstring), register an
     exit-time flush, and install them as the global providers unless ``set_global`` is false.
 
     Once per process: a later call returns the first call's ``Telemetry`` and ignores its arguments.
-    Raises ValueError for an unknown OTLP protocol or a bad Prometheus port, OSError for a busy port or an
-    unwritable folder; nothing is left running then.
+    Raises ValueError for an unknown OTLP protocol, a bad Prometheus port, ratio or retention setting, OSError
+    for a busy port or an unwritable folder; nothing is left running then.
     """
     global _configured
     with _lock:
@@ -252,6 +317,10 @@ def configure(
         folder = telemetry_dir if telemetry_dir is not None else _env(c.ENV_TELEMETRY_DIR)
         port_setting = prometheus_port if prometheus_port is not None else _env(c.ENV_PROMETHEUS_PORT)
         port = _port(port_setting) if port_setting is not None else None
+        chosen_sampler = choose_sampler(sampler, clean_trace_ratio)
+        if folder is not None:
+            retention = retention_from_env(retention)
+            retention.check_room(len(telemetry_files(folder)))
 
         stoppers: list[Callable[[], object]] = []
         telemetry_kw: dict[str, Any] = {}
@@ -262,12 +331,19 @@ def configure(
             telemetry_kw["prometheus_port"] = server.server_port
             stoppers += [server.shutdown, server.server_close]
         resource = build_resource(service_name, resource_attributes)
-        tracer_provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
+        tracer_provider = TracerProvider(resource=resource, sampler=chosen_sampler, shutdown_on_exit=False)
         readers: list[MetricReader] = []
         try:
             telemetry_kw.update(
                 _add_exporters(
-                    tracer_provider, readers, use_otlp, otlp_endpoint, protocol, folder, metric_export_interval_s
+                    tracer_provider,
+                    readers,
+                    use_otlp,
+                    otlp_endpoint,
+                    protocol,
+                    folder,
+                    metric_export_interval_s,
+                    retention,
                 )
             )
             if port is not None:

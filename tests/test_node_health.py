@@ -11,11 +11,12 @@ import pytest
 
 from tq_mooncake.client import ClientConfig, ErrorCode
 from tq_mooncake.client.node_health import NodeHealth, NodeHealthPolicy
+from tq_mooncake.client.observer import OperationSummary
 from tq_mooncake.client.replica_reader import ReplicaReader
 from tq_mooncake.client.replica_routing import ReplicaRouter, RoutingReport
 from tq_mooncake.client.replicas import Location
 from tq_mooncake.telemetry import conventions as c
-from tq_mooncake.telemetry.conventions import Operation
+from tq_mooncake.telemetry.conventions import Operation, Outcome
 from tq_mooncake.testing.clock import FakeClock
 
 pytestmark = pytest.mark.pure
@@ -311,7 +312,8 @@ def test_an_attempts_routing_report_becomes_span_attributes_and_per_endpoint_met
     attempt = scope.attempt(0, 1, 4, 0.0)
     attempt.end(Counter(), 100, RoutingReport(down={A}, fallbacks=Counter({A: 3}), unreachable=1))
     observer.node_ejected(A)
-    (span,) = otel.finished()
+    scope.end(OperationSummary(Outcome.SUCCESS, 1, 4, 0, 0, 0.0, 100))
+    (span,) = [s for s in otel.finished() if s.name == "mooncake.get.attempt"]
     assert span.attributes[c.SERVER_ADDRESS] == "10.0.0.1" and span.attributes[c.SERVER_PORT] == 1
     assert span.attributes[c.NODES_DOWN] == 1 and span.attributes[c.KEYS_FALLBACK] == 3
     assert span.attributes[c.KEYS_UNREACHABLE] == 1 and c.STEERED not in span.attributes

@@ -3,7 +3,8 @@
 The config is TQ's backend section (a dict or ``DictConfig``): the ``MooncakeStore`` keys, plus
 ``replica_num``, ``retry``, ``batch_size``, ``max_workers``, ``allow_pickle`` (see ``ClientConfig``),
 ``telemetry`` (``enabled``, ``service_name``, ``otlp_endpoint``, ``otlp_protocol``, ``telemetry_dir``,
-``prometheus_port``, ``metric_export_interval_s``) and ``fault_injection`` (``seed``, ``rules``: a list of
+``prometheus_port``, ``metric_export_interval_s``, ``clean_trace_ratio``, ``telemetry_file_mb``,
+``telemetry_keep_files``, ``telemetry_max_mb``) and ``fault_injection`` (``seed``, ``rules``: a list of
 ``FaultRule.from_dict`` specs; for tests and demos). TQ-only keys (``client_name``, ``auto_init``,
 ``offload``, ``use_gdr``, ...) are ignored; ``hard_pin: null`` means TQ's rule (pinned unless offload is on).
 """

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
+
+from tq_mooncake.client.numbers import is_int, is_number
+
+MIB = 1 << 20
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +24,19 @@ KEYS = frozenset(
         "telemetry_dir",
         "prometheus_port",
         "metric_export_interval_s",
+        "clean_trace_ratio",
+        "telemetry_file_mb",
+        "telemetry_keep_files",
+        "telemetry_max_mb",
     }
 )
+RETENTION_KEYS = {
+    "telemetry_file_mb": ("max_file_bytes", MIB),
+    "telemetry_keep_files": ("max_backups", 1),
+    "telemetry_max_mb": ("max_total_bytes", MIB),
+}
+"""The section's retention keys -> ``Retention`` fields and their unit in bytes (the rest keep the environment's
+or default values)."""
 _EXPORT_ENV = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -44,17 +61,39 @@ def telemetry_enabled(section: Mapping[str, Any]) -> bool:
     return enabled
 
 
+def configure_kwargs(section: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The keyword arguments of ``tq_mooncake.telemetry.configure`` for ``section``, or None when nothing would be
+    exported (no OTLP endpoint, folder or Prometheus port in the section or the environment). The retention keys
+    (MiB, count) become one ``Retention`` over the environment's; ValueError for unknown keys or bad values."""
+    _check(section)
+    kwargs = {k: section[k] for k in KEYS - {"enabled"} - set(RETENTION_KEYS) if section.get(k) is not None}
+    exporters = {"otlp_endpoint", "telemetry_dir", "prometheus_port"}
+    if not exporters & set(kwargs) and not any(os.environ.get(name, "").strip() for name in _EXPORT_ENV):
+        return None
+    from tq_mooncake.telemetry.pipeline import retention_from_env
+
+    changes = {}
+    for key, (field, unit) in RETENTION_KEYS.items():
+        value = section.get(key)
+        if value is not None:
+            if unit == 1 and not (is_int(value) and value >= 0):
+                raise ValueError(f"telemetry.{key} must be a whole number >= 0, got {value!r}")
+            if unit > 1 and not (is_number(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"telemetry.{key} must be a number > 0 (MiB), got {value!r}")
+            changes[field] = int(value * unit)
+    if changes:
+        kwargs["retention"] = dataclasses.replace(retention_from_env(), **changes)  # Retention checks the values
+    return kwargs
+
+
 def configure_telemetry(section: Mapping[str, Any]) -> Any:
     """Set up the OpenTelemetry SDK for this process from ``section`` and the environment, once.
 
-    Returns the ``Telemetry`` of ``tq_mooncake.telemetry.configure``, or None when nothing would be exported
-    (no OTLP endpoint, folder or Prometheus port in the section or the environment): then the client reports
-    to whatever global providers the application installed, at API-only cost.
+    Returns the ``Telemetry`` of ``tq_mooncake.telemetry.configure``, or None when nothing would be exported:
+    then the client reports to whatever global providers the application installed, at API-only cost.
     """
-    _check(section)
-    kwargs = {k: section[k] for k in KEYS - {"enabled"} if section.get(k) is not None}
-    exporters = {"otlp_endpoint", "telemetry_dir", "prometheus_port"}
-    if not exporters & set(kwargs) and not any(os.environ.get(name, "").strip() for name in _EXPORT_ENV):
+    kwargs = configure_kwargs(section)
+    if kwargs is None:
         logger.debug("tq-mooncake telemetry: no exporter configured; using the global providers")
         return None
     from tq_mooncake import telemetry
