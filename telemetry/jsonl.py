@@ -168,6 +168,28 @@ def open_lines_file(target: str | os.PathLike[str] | RotatingFile) -> RotatingFi
     return target if isinstance(target, RotatingFile) else RotatingFile(target)
 
 
+class WriteFailures:
+    """An exporter's failed writes (a full disk, a folder gone read-only): the first of a run is logged with its
+    traceback, the rest only counted until a write succeeds again, which is logged too. Call from ``except``."""
+
+    def __init__(self, what: str, file: RotatingFile) -> None:
+        self.what = what
+        self.file = file
+        self.count = 0
+        self._in_a_row = 0
+
+    def failed(self) -> None:
+        self.count += 1
+        self._in_a_row += 1
+        if self._in_a_row == 1:
+            logger.exception("writing %s to %s failed (not logged again until it works)", self.what, self.file.path)
+
+    def ok(self) -> None:
+        if self._in_a_row:
+            logger.warning("writing %s to %s works again, after %d failed", self.what, self.file.path, self._in_a_row)
+            self._in_a_row = 0
+
+
 class JsonLinesSpanExporter(SpanExporter):
     """Appends each export as one OTLP JSON line to ``target`` (a path, or a ``RotatingFile`` with its own
     retention); thread-safe."""
@@ -175,6 +197,7 @@ class JsonLinesSpanExporter(SpanExporter):
     def __init__(self, target: str | os.PathLike[str] | RotatingFile) -> None:
         self._resources = _ResourceCache()
         self.file = open_lines_file(target)
+        self.failures = WriteFailures("spans", self.file)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
@@ -184,10 +207,11 @@ class JsonLinesSpanExporter(SpanExporter):
             if self.file.closed:
                 return SpanExportResult.FAILURE
             self.file.append(json.dumps(payload, separators=(",", ":")) + "\n")
-            return SpanExportResult.SUCCESS
         except Exception:  # an exporter must not raise into the SDK
-            logger.exception("writing spans to %s failed", self.file.path)
+            self.failures.failed()
             return SpanExportResult.FAILURE
+        self.failures.ok()
+        return SpanExportResult.SUCCESS
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return True

@@ -11,9 +11,9 @@ with their own (cumulative) temporality and are unaffected.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
-import logging
 import os
 from typing import Any
 
@@ -29,10 +29,8 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 
-from .jsonl import open_lines_file
+from .jsonl import WriteFailures, open_lines_file
 from .rotating_file import RotatingFile
-
-logger = logging.getLogger(__name__)
 
 DELTA = {
     Counter: AggregationTemporality.DELTA,
@@ -78,28 +76,40 @@ def compact(metrics_data: MetricsData) -> MetricsData | None:
     return MetricsData(resource_metrics=resources) if resources else None
 
 
+MAX_UNSENT_LINES = 1440
+"""Lines kept while writes fail (a day at the default 60 s interval), written with the next line that succeeds:
+a delta lost would be lost for good. Past that the oldest go."""
+
+
 class JsonLinesMetricExporter(MetricExporter):
     """Appends each collection, compacted (see the module docstring), as one OTLP JSON line to ``target`` (a path,
-    or a ``RotatingFile`` with its own retention)."""
+    or a ``RotatingFile`` with its own retention). A line that could not be written is written with the next one
+    that can (at most ``MAX_UNSENT_LINES`` kept)."""
 
     def __init__(self, target: str | os.PathLike[str] | RotatingFile) -> None:
         super().__init__(preferred_temporality=DELTA)
         self.file = open_lines_file(target)
+        self.failures = WriteFailures("metrics", self.file)
+        self._unsent: collections.deque[str] = collections.deque(maxlen=MAX_UNSENT_LINES)
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
         try:
             data = compact(metrics_data)
-            if data is None:
-                return MetricExportResult.SUCCESS
-            from opentelemetry.exporter.otlp.json.common.metrics_encoder import encode_metrics
+            if data is not None:
+                from opentelemetry.exporter.otlp.json.common.metrics_encoder import encode_metrics
 
+                self._unsent.append(json.dumps(encode_metrics(data).to_dict(), separators=(",", ":")) + "\n")
+            if not self._unsent:
+                return MetricExportResult.SUCCESS
             if self.file.closed:
                 return MetricExportResult.FAILURE
-            self.file.append(json.dumps(encode_metrics(data).to_dict(), separators=(",", ":")) + "\n")
-            return MetricExportResult.SUCCESS
+            self.file.append("".join(self._unsent))
+            self._unsent.clear()
         except Exception:  # an exporter must not raise into the SDK
-            logger.exception("writing metrics to %s failed", self.file.path)
+            self.failures.failed()
             return MetricExportResult.FAILURE
+        self.failures.ok()
+        return MetricExportResult.SUCCESS
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return True

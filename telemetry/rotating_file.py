@@ -133,56 +133,68 @@ class RotatingFile:
         self.rotations = 0  # rotations done by this object
         self.reopens = 0  # reopens after an external rotation
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = self._open()
+        self._closed = False
+        self._fd: int | None = None  # None: (re)open at the next write
+        self._fd = self._open()
 
     def _open(self) -> int:
+        """The path opened for appending; its folder is created again if it went away."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     @property
     def closed(self) -> bool:
-        return self._fd is None
+        return self._closed
 
     def append(self, line: str) -> None:
-        """Write ``line`` (one or more complete lines, newline-terminated) at the end of the active file."""
+        """Write ``line`` (one or more complete lines, newline-terminated) at the end of the active file.
+
+        ValueError after ``close()``; OSError when the file cannot be opened or written (the next call tries
+        again)."""
         data = line.encode("utf-8")
         with self._lock:
-            if self._fd is None:
+            if self._closed:
                 raise ValueError(f"{self.path} is closed")
-            self._follow_external_rotation()
-            size = os.fstat(self._fd).st_size
+            fd = self._current()
+            size = os.fstat(fd).st_size
             if size and size + len(data) > self.retention.max_file_bytes:
-                self._rotate()
+                fd = self._rotate(fd)
             view = memoryview(data)
             while view:
-                view = view[os.write(self._fd, view) :]
+                view = view[os.write(fd, view) :]
 
-    def _follow_external_rotation(self) -> None:
-        assert self._fd is not None
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            st = None
-        mine = os.fstat(self._fd)
-        if st is None or (st.st_ino, st.st_dev) != (mine.st_ino, mine.st_dev):
+    def _current(self) -> int:
+        """The descriptor of the file now at the path: the open one, or a new one if the path was moved away or
+        replaced since (external rotation), or if an earlier open failed."""
+        if self._fd is not None:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            mine = os.fstat(self._fd)
+            if st is not None and (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev):
+                return self._fd
             os.close(self._fd)
             self._fd = None
-            self._fd = self._open()
             self.reopens += 1
+        self._fd = self._open()
+        return self._fd
 
-    def _rotate(self) -> None:
-        assert self._fd is not None
+    def _rotate(self, fd: int) -> int:
+        """Rename the active file to the next ``<stem>.<seq>.jsonl``, open a new one, expire; the descriptor to
+        write to (the old one if the rename failed)."""
         seq = max((b.seq for b in backups_of(self.path)), default=0) + 1
         try:
             os.rename(self.path, backup_path(self.path, seq))
         except OSError:
             logger.exception("rotating %s failed; writing on to it", self.path)
-            return
-        os.close(self._fd)
+            return fd
+        os.close(fd)
         self._fd = None
         self._fd = self._open()
         self.rotations += 1
         self._expire()
+        return self._fd
 
     def _expire(self) -> None:
         backups = [b for active in self.group for b in backups_of(active)]
@@ -196,6 +208,7 @@ class RotatingFile:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None

@@ -271,3 +271,35 @@ def test_compact_keeps_gauges_and_cumulative_points():
     data = reader.get_metrics_data()
     assert compact(data) == data  # nothing dropped from cumulative data
     provider.shutdown()
+
+
+def test_a_vanished_folder_is_made_again_and_a_failing_write_is_logged_once(tmp_path, caplog):
+    folder = tmp_path / "gone"
+    path = folder / "metrics-h-1.jsonl"
+    exporter = JsonLinesMetricExporter(RotatingFile(path))
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
+    provider = MeterProvider(metric_readers=[reader], views=metric_views(), shutdown_on_exit=False)
+    observer = OTelObserver(TracerProvider(), provider, budget_tokens=lambda: 3.0)
+    failing_get(observer, ErrorCode.RPC_FAIL)
+    provider.force_flush()
+    path.unlink()
+    folder.rmdir()  # someone cleaned up the telemetry folder
+    failing_get(observer, ErrorCode.RPC_FAIL)
+    provider.force_flush()
+    assert exporter.file.reopens == 1 and series(json.loads(path.read_text()))[c.KEYS_FAILED_METRIC] == 1
+    path.unlink()
+    folder.rmdir()
+    folder.write_text("now a file")  # the folder cannot come back: every write fails
+    with caplog.at_level("WARNING", logger="tq_mooncake.telemetry.jsonl"):
+        failing_get(observer, ErrorCode.RPC_FAIL)  # its delta is in the first export that fails
+        for _ in range(3):
+            provider.force_flush()
+        assert exporter.failures.count == 3
+        assert sum("failed" in r.getMessage() for r in caplog.records) == 1  # once, not at every export
+        folder.unlink()
+        provider.force_flush()
+        assert sum("works again" in r.getMessage() for r in caplog.records) == 1
+    provider.shutdown()
+    # the exports that failed were kept and written with the first that worked: the third get is not lost
+    written = [series(json.loads(line)) for line in path.read_text().splitlines()]
+    assert [w.get(c.KEYS_FAILED_METRIC, 0) for w in written] == [1, 0, 0, 0, 0]
