@@ -8,14 +8,17 @@ metrics came from files or from Prometheus.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
+import re
+import stat
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tq_mooncake.telemetry import conventions as c
 
@@ -216,32 +219,69 @@ def parse_metrics_line(line: str, wanted: Container[str] = WANTED) -> list[Point
     return points
 
 
+FileId = tuple[int, int]
+"""A file's identity, ``(st_dev, st_ino)``: a rename keeps it, a copy gets a new one."""
+MARK = 1024
+"""How many bytes before a file's offset are kept to recognise the file there (they hold the last line's times)."""
+
+
+def file_id(st: os.stat_result) -> FileId:
+    return st.st_dev, st.st_ino
+
+
+class Position(NamedTuple):
+    """How far a file was read: to ``offset`` (just past a newline), under ``name``, modified at ``mtime_ns``;
+    ``mark``: the last bytes read (up to ``MARK``)."""
+
+    offset: int
+    name: str
+    mtime_ns: int
+    mark: bytes
+
+
 @dataclass
 class TailReader:
-    """Reads the complete lines appended to files since the previous call, remembering each file's offset
-    (a line without its newline yet waits for the next call). A file that shrank or was replaced is read
-    again from the start."""
+    """Reads the complete lines appended to files since the previous call, remembering a position per file
+    identity (``file_id``), not per path: a renamed (rotated) file goes on from its offset. A line without its
+    newline yet waits for the next call. A file whose bytes before the offset are no longer those read there
+    (truncated or rewritten: ``copytruncate``; another file on a deleted one's inode) is read from the start."""
 
-    offsets: dict[Path, tuple[int, int]] = field(default_factory=dict)  # path -> (inode, offset)
+    offsets: dict[FileId, Position] = field(default_factory=dict)
+    bytes_read: int = 0  # bytes read past the offsets, in all (a partial line again with its rest; not the marks)
 
-    def new_lines(self, path: Path) -> list[str]:
+    def new_lines(self, path: Path, listed: os.stat_result | None = None) -> list[str]:
+        """The complete lines appended to ``path`` since the last call; ``[]`` when it is gone. ``listed`` is its
+        ``stat`` from the folder's listing: then ``[]`` without opening it when its size, name and modification time
+        are those of the last read, and ``[]`` when the path now holds another file or less (rotated since: the next
+        listing has it in order)."""
+        if listed is not None:
+            known = self.offsets.get(file_id(listed))
+            if known is not None and known[:3] == (listed.st_size, path.name, listed.st_mtime_ns):
+                return []
         try:
-            stat = path.stat()
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if listed is not None and (file_id(st) != file_id(listed) or st.st_size < listed.st_size):
+                    return []
+                offset, _, _, mark = self.offsets.get(file_id(st), Position(0, "", 0, b""))
+                f.seek(offset - len(mark))
+                if f.read(len(mark)) != mark:
+                    offset, mark = 0, b""
+                f.seek(offset)
+                data = f.read()
         except FileNotFoundError:
-            self.offsets.pop(path, None)
             return []
-        inode, offset = self.offsets.get(path, (stat.st_ino, 0))
-        if inode != stat.st_ino or stat.st_size < offset:
-            offset = 0
-        if stat.st_size == offset:
-            self.offsets[path] = (stat.st_ino, offset)
-            return []
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
         end = data.rfind(b"\n") + 1
-        self.offsets[path] = (stat.st_ino, offset + end)
+        mark = (mark + data[max(0, end - MARK) : end])[-MARK:]
+        self.offsets[file_id(st)] = Position(offset + end, path.name, st.st_mtime_ns, mark)
+        self.bytes_read += len(data)
         return [line for line in data[:end].decode("utf-8", errors="replace").splitlines() if line.strip()]
+
+    def forget_others(self, listed: Iterable[os.stat_result]) -> None:
+        """Drops the offsets of the files not among ``listed`` (deleted, or renamed out of the listing)."""
+        keep = {file_id(st) for st in listed}
+        for gone in self.offsets.keys() - keep:
+            del self.offsets[gone]
 
 
 # ------------------------------------------------------------------------------------------------ increments
@@ -252,7 +292,8 @@ class Differencer:
     """Turns points into increments, series by series. The first point of a series counts from zero (a
     counter starts at 0); later ones count their difference to the previous point. A new start time or a
     lower value is a reset (a restarted process): the new value counts from zero, never negatively. Points
-    not newer than the series' last point are ignored (re-read or out of order)."""
+    not newer than the series' last point are ignored: a point read again (a ``copytruncate`` copy) counts
+    once, but a new point that comes after a newer one of its series is lost, so give each read in time order."""
 
     last: dict[tuple[str, Labels, Labels], Point] = field(default_factory=dict)
     ignored: int = 0
@@ -273,6 +314,18 @@ class Differencer:
                 value = p.value - prev.value
             if value:
                 out.append(Increment(p.metric, p.origin, p.attrs, p.time, value))
+        return out
+
+    def newer(self, points: Iterable[Point]) -> list[Point]:
+        """The points newer than their series' last point, as they are (gauges: remembered, not differenced)."""
+        out: list[Point] = []
+        for p in points:
+            prev = self.last.get(p.key)
+            if prev is not None and p.time <= prev.time:
+                self.ignored += 1
+            else:
+                self.last[p.key] = p
+                out.append(p)
         return out
 
 
@@ -543,16 +596,43 @@ def hosts_of(increments: Iterable[Increment]) -> list[str]:
     return sorted({inc.who("host") for inc in increments} - {""})
 
 
-def file_list(folder: Path, patterns: Iterable[str]) -> list[Path]:
-    """Files in ``folder`` matching ``patterns``, oldest first (so earlier points are read first); trace and
-    log files of the SDK exporter are left out."""
-    found = {p for pattern in patterns for p in folder.glob(pattern) if p.is_file()}
-    found = {p for p in found if not p.name.startswith(("traces-", "logs-"))}
+COMPRESSED = (".gz", ".xz", ".zst", ".bz2")
+"""Suffixes of compressed (rotated) files: never read."""
+_FAMILY = re.compile(r"(.+?)(?:\.(\d+))?\.jsonl?(?:\.(\d+)|-(\d[\d-]*))?")
 
-    def mtime(p: Path) -> float:
+
+def rotation_order(name: str) -> tuple[str, int, int | str]:
+    """A sort key that puts the files of one active file oldest first: logrotate's ``x.jsonl.2``, ``x.jsonl.1``,
+    its dateext ``x.jsonl-20261201``, then ours ``x.000001.jsonl``, ``x.000002.jsonl``, then the active ``x.jsonl``."""
+    match = _FAMILY.fullmatch(name)
+    if match is None:
+        return name, 3, 0
+    stem, seq, shifted, date = match.groups()
+    if shifted:
+        return stem, 0, -int(shifted)
+    if date:
+        return stem, 1, date
+    return stem, 2 if seq else 3, int(seq or 0)
+
+
+def file_list(folder: Path, patterns: Iterable[str]) -> list[tuple[Path, os.stat_result]]:
+    """The regular files in ``folder`` whose names match ``patterns``, with their ``stat``, oldest first (by
+    modification time, then ``rotation_order``); trace and log files of the SDK exporter and compressed files are
+    left out."""
+    patterns = tuple(patterns)
+    found: list[tuple[Path, os.stat_result]] = []
+    try:
+        with os.scandir(folder) as entries:
+            named = [e for e in entries if any(fnmatch.fnmatchcase(e.name, p) for p in patterns)]
+    except OSError:
+        return []
+    for entry in named:
+        if entry.name.startswith(("traces-", "logs-")) or entry.name.endswith(COMPRESSED):
+            continue
         try:
-            return os.stat(p).st_mtime
+            st = entry.stat()
         except OSError:
-            return 0.0
-
-    return sorted(found, key=lambda p: (mtime(p), p.name))
+            continue
+        if stat.S_ISREG(st.st_mode):
+            found.append((Path(entry.path), st))
+    return sorted(found, key=lambda f: (f[1].st_mtime_ns, rotation_order(f[0].name)))

@@ -1,7 +1,7 @@
 """Where the dashboard's metrics come from: one ``Source`` interface, two implementations.
 
-* ``FileSource``: a folder of OTLP JSON-lines files (``metrics-<host>-<pid>.jsonl`` from ``configure()``, or
-  what the Collector's file exporter wrote), read incrementally.
+* ``FileSource``: a folder of OTLP JSON-lines files (``metrics-<host>-<pid>.jsonl`` from ``configure()`` and its
+  rotated files, or what the Collector's file exporter wrote), read incrementally.
 * ``PrometheusSource``: the Prometheus HTTP API (``/api/v1/query_range``) over urllib, with the series
   names of the Prometheus translation (``telemetry/CONVENTIONS.md``).
 
@@ -37,7 +37,9 @@ from .metrics import (
 )
 from .metrics import parse_metrics_line as parse_line
 
-FILE_PATTERNS = ("*.jsonl", "*.json")
+FILE_PATTERNS = ("*.jsonl", "*.json", "*.jsonl[.-][0-9]*", "*.json[.-][0-9]*")
+"""Active and rotated files: ``x.jsonl``, ours ``x.000001.jsonl``, logrotate's ``x.jsonl.1`` and ``x.jsonl-20261201``
+(compressed ones are left out: ``metrics.COMPRESSED``)."""
 MAX_POINTS = 1000  # per series and query; Prometheus refuses more than 11,000
 
 
@@ -47,7 +49,7 @@ class Snapshot:
 
     increments: list[Increment]
     newest: float | None = None  # time of the newest point seen, if any
-    files: int = 0  # files read (file source)
+    files: int = 0  # metrics files in the folder at the last read (file source)
     skipped_lines: int = 0  # malformed lines skipped so far (file source)
     last_problem: str = ""  # why the last skipped line was skipped
     error: str | None = None  # the source could not be read at all
@@ -66,8 +68,11 @@ class Source(Protocol):
 
 
 class FileSource:
-    """OTLP JSON-lines files in ``folder`` (``*.jsonl``, ``*.json``; not ``traces-*``/``logs-*``). Each
-    ``load`` reads only the lines appended since the previous one; thread-safe."""
+    """OTLP JSON-lines files in ``folder`` (``FILE_PATTERNS``; not ``traces-*``/``logs-*``, not compressed). Each
+    ``load`` reads only the bytes appended since the previous one, following each file by identity through renames
+    (``TailReader``): a rotated file is not read again; a truncated one (``copytruncate``) is read from the start,
+    and its copy once. The points of a read are differenced in time order, whatever file they came from, and a
+    point read twice counts once. What is deleted before it is read is lost. Thread-safe."""
 
     def __init__(self, folder: str | Path, retention_s: float = 7 * 86400) -> None:
         self.folder = Path(folder)
@@ -78,37 +83,37 @@ class FileSource:
         self._increments: list[Increment] = []
         self._gauges: list[Point] = []
         self._newest: float | None = None
-        self._files: set[Path] = set()
+        self._files = 0
         self.skipped_lines = 0
         self.last_problem = ""
         self._lock = threading.Lock()
 
     def refresh(self) -> int:
-        """Read what was appended since the last call; returns the number of new points."""
-        new = 0
-        for path in file_list(self.folder, FILE_PATTERNS):
-            self._files.add(path)
-            for line in self._tail.new_lines(path):
+        """Read what was appended since the last call; returns the number of points read."""
+        listing = file_list(self.folder, FILE_PATTERNS)
+        points: list[Point] = []
+        for path, listed in listing:
+            for line in self._tail.new_lines(path, listed):
                 try:
-                    points = parse_line(line)
+                    points.extend(parse_line(line))
                 except ValueError as exc:
                     self.skipped_lines += 1
                     self.last_problem = f"{path.name}: {exc}"
-                    continue
-                new += len(points)
-                if points:
-                    newest = max(p.time for p in points)
-                    self._newest = newest if self._newest is None else max(self._newest, newest)
-                counters, gauges = split_gauges(points)
-                self._increments.extend(self._diff.add(counters))
-                self._gauges.extend(gauges)
+        self._tail.forget_others(listed for _, listed in listing)
+        self._files = len(listing)
+        points.sort(key=lambda p: p.time)  # in time order whatever the files' order (see Differencer)
+        counters, gauges = split_gauges(points)
+        self._increments.extend(self._diff.add(counters))
+        self._gauges.extend(self._diff.newer(gauges))
+        if points:
+            self._newest = points[-1].time if self._newest is None else max(self._newest, points[-1].time)
         if self._newest is not None:
             horizon = self._newest - self.retention_s
             if self._increments and self._increments[0].time < horizon:
                 self._increments = [i for i in self._increments if i.time >= horizon]
             if self._gauges and self._gauges[0].time < horizon:
                 self._gauges = [g for g in self._gauges if g.time >= horizon]
-        return new
+        return len(points)
 
     def load(self, start: float, end: float) -> Snapshot:
         with self._lock:
@@ -119,7 +124,7 @@ class FileSource:
                 [i for i in self._increments if start < i.time <= end],
                 newest=self._newest,
                 gauges=[g for g in self._gauges if start < g.time <= end],
-                files=len(self._files),
+                files=self._files,
                 skipped_lines=self.skipped_lines,
                 last_problem=self.last_problem,
             )

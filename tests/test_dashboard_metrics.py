@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ from tq_mooncake.cluster import free_port
 from tq_mooncake.dashboard import metrics as m
 from tq_mooncake.dashboard.sample_run import Tally, fault_plan, make_client, run
 from tq_mooncake.dashboard.settings import Thresholds
-from tq_mooncake.dashboard.sources import FileSource, PrometheusSource
+from tq_mooncake.dashboard.sources import FILE_PATTERNS, FileSource, PrometheusSource
 from tq_mooncake.dashboard.tiles import percent, tiles
 from tq_mooncake.telemetry import OTelObserver, conventions, metric_views
 from tq_mooncake.telemetry.conventions import Operation, Outcome
@@ -90,14 +91,22 @@ def test_series_are_differenced_separately():
     assert [(i.attr("outcome"), i.value) for i in got] == [("a", 5), ("b", 1), ("a", 2), ("b", 3)]
 
 
-def sum_metric(name: str, attrs: dict[str, Any], value: float, t: float, start: float, as_double: bool = False):
+def sum_metric(
+    name: str,
+    attrs: dict[str, Any],
+    value: float,
+    t: float,
+    start: float,
+    as_double: bool = False,
+    temporality: int = 2,
+):
     dp: dict[str, Any] = {
         "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attrs.items()],
         "startTimeUnixNano": str(int(start * 1e9)),
         "timeUnixNano": str(int(t * 1e9)),
     }
     dp["asDouble" if as_double else "asInt"] = value if as_double else str(int(value))
-    return {"name": name, "sum": {"dataPoints": [dp], "aggregationTemporality": 2, "isMonotonic": True}}
+    return {"name": name, "sum": {"dataPoints": [dp], "aggregationTemporality": temporality, "isMonotonic": True}}
 
 
 def resource(host: str, pid: int, metrics: list[dict[str, Any]], service: str = "svc") -> dict[str, Any]:
@@ -138,7 +147,7 @@ def test_parse_reads_collector_style_lines_with_several_resources():
             m.parse_metrics_line(bad)
 
 
-def test_tail_reader_returns_complete_new_lines_only_and_rereads_a_truncated_file(tmp_path):
+def test_tail_reader_returns_complete_new_lines_only_and_rereads_a_truncated_or_rewritten_file(tmp_path):
     path = tmp_path / "metrics-x.jsonl"
     tail = m.TailReader()
     assert tail.new_lines(path) == []  # not there yet
@@ -148,9 +157,12 @@ def test_tail_reader_returns_complete_new_lines_only_and_rereads_a_truncated_fil
     with open(path, "a") as f:
         f.write(' 2}\n{"c": 3}\n')
     assert tail.new_lines(path) == ['{"b": 2}', '{"c": 3}']
-    assert tail.offsets[path][1] == path.stat().st_size
+    assert tail.offsets[m.file_id(path.stat())].offset == path.stat().st_size
     path.write_text('{"d": 4}\n')  # truncated and rewritten: read from the start
     assert tail.new_lines(path) == ['{"d": 4}']
+    path.write_text('{"g": 7}\n{"h": 8}\n')  # rewritten past the offset, a line ending there too: from the start
+    assert tail.new_lines(path) == ['{"g": 7}', '{"h": 8}']
+    assert tail.bytes_read == 14 + 5 + 18 + 9 + 18  # each call reads from its offset on: the half line until it ends
 
 
 def test_window_figures_bins_and_hosts():
@@ -189,6 +201,169 @@ def test_file_source_skips_and_counts_malformed_lines_and_reports_a_missing_fold
     assert snap.skipped_lines == 2 and "metrics-a-1.jsonl" in snap.last_problem
     assert snap.files == 1 and [i.value for i in snap.increments] == [3.0]
     assert source.refresh() == 0 and source.skipped_lines == 2  # nothing read twice
+
+
+# ------------------------------------------------------------------------------------------------ rotated files
+
+PUT_OK = {"mooncake.operation": "put", "mooncake.outcome": "success"}
+
+
+def export(pid: int, t: float, n: int, delta: bool = True) -> str:
+    """One export line of process ``pid`` on host ``h``: ``n`` put operations in the 10 s before ``t`` (delta) or
+    since the process started (cumulative), and the ``nodes.ejected`` gauge."""
+    ops = sum_metric(OPS, PUT_OK, n, t, t - 10 if delta else 1.0, temporality=1 if delta else 2)
+    ejected = {
+        "name": conventions.EJECTED_METRIC,
+        "gauge": {"dataPoints": [{"asInt": "1", "timeUnixNano": str(int(t * 1e9))}]},
+    }
+    return json.dumps({"resourceMetrics": [resource("h", pid, [ops, ejected])]}) + "\n"
+
+
+def append(path: Path, text: str) -> int:
+    """Appends ``text`` to ``path`` as a writer does; returns the bytes written."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+    return len(text.encode())
+
+
+def refresh(source: FileSource) -> tuple[Counter[str], int]:
+    """What one refresh added: put operations by process, and the bytes it read."""
+    n, read = len(source._increments), source._tail.bytes_read
+    source.refresh()
+    added: Counter[str] = Counter()
+    for inc in source._increments[n:]:
+        added[inc.who("process")] += inc.value
+    return added, source._tail.bytes_read - read
+
+
+def test_file_list_finds_active_and_rotated_files_oldest_first(tmp_path):
+    order = [
+        *("metrics-h-1.000001.jsonl", "metrics-h-1.000002.jsonl", "metrics-h-1.jsonl"),  # our rotation
+        *("metrics-h-2.jsonl.2", "metrics-h-2.jsonl.1", "metrics-h-2.jsonl"),  # logrotate's, shifting
+        *("metrics-h-3.jsonl-20261130", "metrics-h-3.jsonl-20261201", "metrics-h-3.jsonl"),  # logrotate's dateext
+        "otel.json",
+    ]
+    left_out = [
+        *("traces-h-1.jsonl", "traces-h-1.000001.jsonl", "logs-h-1.jsonl", "notes.txt", "metrics-h-1.jsonl.swp"),
+        *("metrics-h-2.jsonl.3.gz", "metrics-h-3.jsonl-20261129.xz", "metrics-h-4.jsonl.1.zst", "m.json.1.bz2"),
+    ]
+    for name in order + left_out:
+        (tmp_path / name).write_text("{}\n")
+        os.utime(tmp_path / name, ns=(10**18, 10**18))  # one mtime: the names decide
+    (tmp_path / "folder.jsonl").mkdir()
+    assert [p.name for p, _ in m.file_list(tmp_path, FILE_PATTERNS)] == order
+    os.utime(tmp_path / "metrics-h-3.jsonl", ns=(10**18 - 1, 10**18 - 1))  # older: first
+    listing = m.file_list(tmp_path, FILE_PATTERNS)
+    assert [p.name for p, _ in listing] == ["metrics-h-3.jsonl", *(n for n in order if n != "metrics-h-3.jsonl")]
+    assert all(st == p.stat() for p, st in listing)
+
+
+def test_tail_reader_follows_a_file_through_renames_by_identity_and_forgets_deleted_files(tmp_path):
+    path, rotated = tmp_path / "metrics-x.jsonl", tmp_path / "metrics-x.000001.jsonl"
+    tail = m.TailReader()
+    path.write_text('{"a": 1}\n')
+    assert tail.new_lines(path, path.stat()) == ['{"a": 1}']
+    append(path, '{"b": 2}\n')
+    listed = path.stat()  # listed, then rotated before it is read
+    path.rename(rotated)
+    path.write_text('{"c": 3}\n')
+    assert tail.new_lines(path, listed) == []  # another file at the path now: left for the next listing
+    tail.forget_others([listed])
+    assert tail.new_lines(rotated, rotated.stat()) == ['{"b": 2}']  # on from its offset
+    assert tail.new_lines(path, path.stat()) == ['{"c": 3}']
+    assert tail.new_lines(rotated, rotated.stat()) == [] and tail.bytes_read == 3 * 9  # each byte once
+
+    append(path, '{"x": 0}\n')
+    listed = path.stat()  # listed, then truncated before it is read (copytruncate: the copy holds the new line)
+    path.write_text("")
+    assert tail.new_lines(path, listed) == [] and tail.offsets[m.file_id(listed)].offset == 9  # for the next listing
+    append(path, '{"d":4}\n')
+    assert tail.new_lines(path, path.stat()) == ['{"d":4}']  # shorter than its offset: from the start
+    # as long but other lines, like a new file on a deleted one's inode: its new mtime, or else its new name, tell
+    path.write_text('{"y":9}\n')
+    os.utime(path, ns=(10**18, 10**18))
+    assert tail.new_lines(path, path.stat()) == ['{"y":9}']
+    path.write_text('{"z":0}\n')
+    os.utime(path, ns=(10**18, 10**18))  # in the same tick of a coarse clock
+    renamed = path.rename(tmp_path / "metrics-x.000002.jsonl")
+    assert tail.new_lines(renamed, renamed.stat()) == ['{"z":0}']
+
+    rotated.unlink()  # deleted: forgotten
+    tail.forget_others([renamed.stat()])
+    assert [(k, p.offset) for k, p in tail.offsets.items()] == [(m.file_id(renamed.stat()), 8)]
+
+
+def test_file_source_follows_rotations_and_counts_every_point_once(tmp_path):
+    """Two processes side by side: 1 writes deltas and is rotated by its writer, then by copytruncate; 2 writes
+    cumulative counters and is rotated by logrotate's rename (in the middle of a line), then shifted."""
+    a, b = tmp_path / "metrics-h-1.jsonl", tmp_path / "metrics-h-2.jsonl"
+    b1, b2 = tmp_path / "metrics-h-2.jsonl.1", tmp_path / "metrics-h-2.jsonl.2"
+    source = FileSource(tmp_path)
+    wrote = append(a, export(1, 1010, 3) + export(1, 1020, 4)) + append(b, export(2, 1010, 5, delta=False))
+    assert refresh(source) == (Counter({"1": 7, "2": 5}), wrote)
+    assert refresh(source) == (Counter(), 0)  # nothing new: nothing read
+
+    # our rotation: the active file renamed (same inode) with a line not read yet, then a new active file
+    wrote = append(a, export(1, 1030, 2))
+    a.rename(tmp_path / "metrics-h-1.000001.jsonl")
+    wrote += append(a, export(1, 1040, 1) + export(1, 1045, 1)) + append(b, export(2, 1020, 8, delta=False))
+    assert refresh(source) == (Counter({"1": 2 + 1 + 1, "2": 3}), wrote)
+
+    # logrotate's rename in the middle of a line: the writer ends the line in the renamed file, then reopens
+    line = export(2, 1030, 10, delta=False)
+    half = append(b, line[:40])
+    assert refresh(source) == (Counter(), half)  # the half line waits
+    b.rename(b1)
+    wrote = append(b1, line[40:]) + append(b, export(2, 1040, 11, delta=False))
+    assert refresh(source) == (Counter({"2": 2 + 1}), half + wrote)  # the half line read again with its rest
+
+    # shifted: .1 -> .2, the active file (with a line not read yet) -> .1, a new active file
+    wrote = append(b, export(2, 1050, 15, delta=False))
+    b1.rename(b2)
+    b.rename(b1)
+    wrote += append(b, export(2, 1060, 16, delta=False))
+    assert refresh(source) == (Counter({"2": 4 + 1}), wrote)
+
+    # copytruncate (dateext): a copy, a new inode holding 2 lines read already and 1 not; the active file emptied
+    append(a, export(1, 1050, 6))
+    copy = tmp_path / "metrics-h-1.jsonl-20261201"
+    shutil.copyfile(a, copy)
+    os.truncate(a, 0)
+    wrote = append(a, export(1, 1060, 2))
+    assert refresh(source) == (Counter({"1": 6 + 2}), copy.stat().st_size + wrote)  # the copy: read once, counted once
+
+    # two more rotations before the next read, then the writer's retention deletes the two oldest rotated files
+    append(a, export(1, 1070, 5))
+    a.rename(tmp_path / "metrics-h-1.000002.jsonl")
+    wrote = append(a, export(1, 1080, 7))
+    a.rename(tmp_path / "metrics-h-1.000003.jsonl")
+    wrote += append(a, export(1, 1090, 1))
+    (tmp_path / "metrics-h-1.000001.jsonl").unlink()  # read
+    (tmp_path / "metrics-h-1.000002.jsonl").unlink()  # its last line (5 operations) never read: lost
+    assert refresh(source) == (Counter({"1": 7 + 1}), wrote)
+    assert refresh(source) == (Counter(), 0)
+
+    snap = source.load(0, 2e9)
+    assert snap.files == len(source._tail.offsets) == len(list(tmp_path.iterdir())) == 6  # deleted files forgotten
+    assert m.window_figures(snap.increments, 0, 2e9).operations == 7 + 4 + 8 + 8 + 16
+    assert sorted((g.who("process"), g.time) for g in snap.gauges) == sorted(  # each gauge point once
+        [("1", t) for t in (1010, 1020, 1030, 1040, 1045, 1050, 1060, 1080, 1090)]
+        + [("2", t) for t in (1010, 1020, 1030, 1040, 1050, 1060)]
+    )
+    assert snap.skipped_lines == 0 and source._diff.ignored == 2 * 2  # the copy's 2 old lines: ops and gauge
+
+
+def test_file_source_counts_a_read_in_time_order_whatever_the_order_of_the_files(tmp_path):
+    """A copied folder (``scp -r``: new modification times in any order): the rotated file looks newer than the
+    active one and is read after it, yet its earlier points count."""
+    rotated, active = tmp_path / "metrics-h-1.000001.jsonl", tmp_path / "metrics-h-1.jsonl"
+    rotated.write_text(export(1, 1010, 1) + export(1, 1020, 2))
+    active.write_text(export(1, 1030, 4))
+    os.utime(active, ns=(10**18, 10**18))
+    os.utime(rotated, ns=(10**18 + 1, 10**18 + 1))
+    assert [p for p, _ in m.file_list(tmp_path, FILE_PATTERNS)] == [active, rotated]
+    snap = FileSource(tmp_path).load(0, 2e9)
+    assert [(i.time, i.value) for i in snap.increments] == [(1010, 1), (1020, 2), (1030, 4)]
 
 
 def test_prometheus_source_reports_errors_instead_of_raising():
@@ -351,9 +526,9 @@ def test_figures_from_real_exported_files_equal_what_the_injector_did(faulty_cli
 
         second = run(client, store, fault_plan(20))  # appended to the same file, read incrementally
         assert provider.force_flush(10_000)
-        size_before = source._tail.offsets[path][1]
+        size_before = source._tail.offsets[m.file_id(path.stat())].offset
         snap = source.load(began - 1, time.time() + 1)
-        assert 0 < size_before < source._tail.offsets[path][1] == path.stat().st_size
+        assert 0 < size_before < source._tail.offsets[m.file_id(path.stat())].offset == path.stat().st_size
         both = Tally(
             first.operations + second.operations,
             first.retried + second.retried,
