@@ -14,9 +14,12 @@ append-mode descriptor simply goes on at the new end. So no ``postrotate`` signa
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
+import stat
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,23 +96,44 @@ class Retention:
 
 
 def backups_of(active: Path) -> list[Backup]:
-    """The rotated files of active file ``active`` (``<stem>.<seq>.jsonl`` beside it) that exist now."""
+    """The rotated files of active file ``active`` that exist now: the regular files beside it named
+    ``<stem>.<seq>.jsonl`` with ``seq`` of at least ``SEQ_DIGITS`` digits (logrotate's ``<stem>.1.jsonl`` is not)."""
     stem = active.name[: -len(SUFFIX)] if active.name.endswith(SUFFIX) else active.name
-    pattern = re.compile(re.escape(stem) + r"\.(\d+)" + re.escape(SUFFIX) + "$")
+    pattern = re.compile(re.escape(stem) + rf"\.(\d{{{SEQ_DIGITS},}})" + re.escape(SUFFIX))
     found = []
     try:
         entries = list(os.scandir(active.parent))
     except OSError:
         return []
     for entry in entries:
-        m = pattern.match(entry.name)
+        m = pattern.fullmatch(entry.name)
         if m:
             try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
             found.append(Backup(Path(entry.path), active, int(m.group(1)), st.st_size, st.st_mtime_ns))
     return found
+
+
+def rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; FileExistsError rather than replacing a ``dst`` that exists (another writer of
+    the same path rotated to that name first). A hard link and an unlink where the file system has links."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except (FileExistsError, FileNotFoundError):
+        raise
+    except OSError:  # no hard links here: check, then rename (a narrow race left with two writers)
+        if os.path.lexists(dst):
+            raise FileExistsError(dst) from None
+        os.rename(src, dst)
+        return
+    try:
+        os.unlink(src)
+    except FileNotFoundError:
+        pass  # another writer moved it away meanwhile: both names are the one file
 
 
 def backup_path(active: Path, seq: int) -> Path:
@@ -132,15 +156,26 @@ class RotatingFile:
         self.retention.check_room(len(self.group))
         self.rotations = 0  # rotations done by this object
         self.reopens = 0  # reopens after an external rotation
+        self.rotation_failures = 0
+        self._retry_rotation_at = 0  # after a failed rotation: the size at which to try again
         self._lock = threading.Lock()
         self._closed = False
         self._fd: int | None = None  # None: (re)open at the next write
         self._fd = self._open()
 
     def _open(self) -> int:
-        """The path opened for appending; its folder is created again if it went away."""
+        """The path opened for appending (its folder made again if it went away); OSError unless it is a regular
+        file (never blocks: a FIFO at the path is refused, not waited on)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(self.path))
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     @property
     def closed(self) -> bool:
@@ -150,18 +185,27 @@ class RotatingFile:
         """Write ``line`` (one or more complete lines, newline-terminated) at the end of the active file.
 
         ValueError after ``close()``; OSError when the file cannot be opened or written (the next call tries
-        again)."""
+        again). A write that failed halfway is cut off again where possible; a line never starts after an
+        unterminated one (a newline goes first)."""
         data = line.encode("utf-8")
         with self._lock:
             if self._closed:
                 raise ValueError(f"{self.path} is closed")
             fd = self._current()
             size = os.fstat(fd).st_size
-            if size and size + len(data) > self.retention.max_file_bytes:
+            if size and size + len(data) > self.retention.max_file_bytes and size >= self._retry_rotation_at:
                 fd = self._rotate(fd)
+                size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # after a half-written line (ours before a failure, or someone else's)
             view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
 
     def _current(self) -> int:
         """The descriptor of the file now at the path: the open one, or a new one if the path was moved away or
@@ -181,14 +225,25 @@ class RotatingFile:
         return self._fd
 
     def _rotate(self, fd: int) -> int:
-        """Rename the active file to the next ``<stem>.<seq>.jsonl``, open a new one, expire; the descriptor to
-        write to (the old one if the rename failed)."""
+        """Rename the active file to the next free ``<stem>.<seq>.jsonl``, open a new one, expire; the descriptor
+        to write to. If the rename fails, writing goes on in the same file, logged once, and the next try waits
+        until it has grown by another ``max_file_bytes``."""
         seq = max((b.seq for b in backups_of(self.path)), default=0) + 1
-        try:
-            os.rename(self.path, backup_path(self.path, seq))
-        except OSError:
-            logger.exception("rotating %s failed; writing on to it", self.path)
-            return fd
+        while True:
+            try:
+                rename_no_replace(self.path, backup_path(self.path, seq))
+                break
+            except FileExistsError:
+                seq += 1  # another writer of this path took it
+            except FileNotFoundError:
+                return self._current()  # moved away meanwhile (logrotate, another writer): the file now at the path
+            except OSError:
+                self.rotation_failures += 1
+                if self.rotation_failures == 1:
+                    logger.exception("rotating %s failed; writing on to it (not logged again)", self.path)
+                self._retry_rotation_at = os.fstat(fd).st_size + self.retention.max_file_bytes
+                return fd
+        self._retry_rotation_at = 0
         os.close(fd)
         self._fd = None
         self._fd = self._open()

@@ -303,3 +303,74 @@ def test_a_vanished_folder_is_made_again_and_a_failing_write_is_logged_once(tmp_
     # the exports that failed were kept and written with the first that worked: the third get is not lost
     written = [series(json.loads(line)) for line in path.read_text().splitlines()]
     assert [w.get(c.KEYS_FAILED_METRIC, 0) for w in written] == [1, 0, 0, 0, 0]
+
+
+def test_two_writers_of_one_path_never_overwrite_each_others_rotated_files(tmp_path):
+    path = tmp_path / "traces-h-1.jsonl"  # e.g. a forked child still writing its parent's file
+    retention = Retention(max_file_bytes=2000, max_backups=10_000, max_total_bytes=1 << 30)
+    writers = [RotatingFile(path, retention) for _ in range(3)]
+    barrier = threading.Barrier(len(writers))
+
+    def write(n: int) -> None:
+        barrier.wait()
+        for i in range(400):
+            writers[n].append(f"{n} {i:04d} {'p' * 40}\n")
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(len(writers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for w in writers:
+        w.close()
+    got = Counter(line for line in lines_in(tmp_path))
+    assert len(got) == 1200 and set(got.values()) == {1}  # every line once: none lost to a replaced file
+    assert sum(w.rotations for w in writers) > 10
+
+
+def test_only_regular_files_with_our_sequence_names_count_as_rotated(tmp_path):
+    path = tmp_path / "traces-h-1.jsonl"
+    (tmp_path / "traces-h-1.000001.jsonl").mkdir()  # a directory
+    (tmp_path / "traces-h-1.1.jsonl").write_text("logrotate's, with `extension .jsonl`\n")
+    (tmp_path / "traces-h-1.000002.jsonl.gz").write_text("compressed\n")
+    (tmp_path / "traces-h-1.000003.jsonl").write_text("ours\n")
+    assert [b.seq for b in backups_of(path)] == [3]
+    f = RotatingFile(path, Retention(max_file_bytes=10, max_backups=0, max_total_bytes=100))
+    f.append("0123456789\n")
+    f.append("next\n")  # rotates to .000004 and, keeping none, deletes .000003 and .000004 only
+    f.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "traces-h-1.000001.jsonl",
+        "traces-h-1.000002.jsonl.gz",
+        "traces-h-1.1.jsonl",
+        "traces-h-1.jsonl",
+    ]
+
+
+def test_a_fifo_at_the_path_is_refused_not_waited_on(tmp_path):
+    path = tmp_path / "metrics-h-1.jsonl"
+    os.mkfifo(path)
+    outcome: list[BaseException | None] = []
+
+    def open_it() -> None:
+        try:
+            RotatingFile(path)
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=open_it, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert outcome and isinstance(outcome[0], OSError) and "not a regular file" in str(outcome[0])
+
+
+def test_a_line_never_starts_after_a_half_written_one(tmp_path):
+    path = tmp_path / "traces-h-1.jsonl"
+    f = RotatingFile(path)
+    f.append('{"a":1}\n')
+    with open(path, "a") as other:
+        other.write('{"half":')  # a write cut off by a full disk (ours, or another writer's)
+    f.append('{"b":2}\n')
+    f.close()
+    assert path.read_text().splitlines() == ['{"a":1}', '{"half":', '{"b":2}']
