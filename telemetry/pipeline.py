@@ -157,15 +157,18 @@ def _port(value: int | str) -> int:
     return port
 
 
-def _number(name: str, value: str, integer: bool = False) -> float:
-    """``value`` of environment variable ``name``: a whole number >= 0, or any finite number > 0."""
+def mib_to_bytes(name: str, value: Any) -> int:
+    """A size in MiB (a number, or its text; decimals allowed) as bytes; ValueError naming ``name`` unless it is a
+    finite number that comes to at least one byte."""
     try:
-        number = int(value) if integer else float(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a {'whole ' if integer else ''}number, got {value!r}") from None
-    if not (number >= 0 if integer else math.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be {'>= 0' if integer else '> 0'}, got {value!r}")
-    return number
+        if isinstance(value, bool):
+            raise TypeError
+        size = float(value) * MIB
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a size in MiB, got {value!r}") from None
+    if not (math.isfinite(size) and size >= 1):
+        raise ValueError(f"{name} must be a size in MiB of at least one byte, got {value!r}")
+    return int(size)
 
 
 def retention_from_env(retention: Retention | None = None) -> Retention:
@@ -175,10 +178,12 @@ def retention_from_env(retention: Retention | None = None) -> Retention:
         return retention
     default = Retention()
     file_mb, keep, max_mb = (_env(name) for name in (c.ENV_FILE_MB, c.ENV_KEEP_FILES, c.ENV_MAX_MB))
+    if keep is not None and not (keep.isdigit() and keep.isascii()):
+        raise ValueError(f"{c.ENV_KEEP_FILES} must be a whole number >= 0, got {keep!r}")
     return Retention(
-        max_file_bytes=int(_number(c.ENV_FILE_MB, file_mb) * MIB) if file_mb else default.max_file_bytes,
-        max_backups=int(_number(c.ENV_KEEP_FILES, keep, integer=True)) if keep else default.max_backups,
-        max_total_bytes=int(_number(c.ENV_MAX_MB, max_mb) * MIB) if max_mb else default.max_total_bytes,
+        max_file_bytes=mib_to_bytes(c.ENV_FILE_MB, file_mb) if file_mb else default.max_file_bytes,
+        max_backups=int(keep) if keep else default.max_backups,
+        max_total_bytes=mib_to_bytes(c.ENV_MAX_MB, max_mb) if max_mb else default.max_total_bytes,
     )
 
 
@@ -274,11 +279,24 @@ def file_pipeline(
         shutdown_on_exit=False,
     )
     readers: list[MetricReader] = []
-    _add_exporters(tracer_provider, readers, False, None, PROTOCOLS[1], folder, metric_export_interval_s, retention)
-    meter_provider = MeterProvider(
-        metric_readers=readers, resource=tracer_provider.resource, views=metric_views(), shutdown_on_exit=False
-    )
+    try:
+        _add_exporters(tracer_provider, readers, False, None, PROTOCOLS[1], folder, metric_export_interval_s, retention)
+        meter_provider = MeterProvider(
+            metric_readers=readers, resource=tracer_provider.resource, views=metric_views(), shutdown_on_exit=False
+        )
+    except BaseException:
+        _stop_quietly(tracer_provider, readers)
+        raise
     return tracer_provider, meter_provider
+
+
+def _stop_quietly(
+    tracer_provider: TracerProvider, readers: list[MetricReader], stoppers: list[Callable[[], object]] = ()
+) -> None:
+    """Stop what a failed set-up had started (threads, files, servers), ignoring their errors."""
+    for stop in (tracer_provider.shutdown, *(r.shutdown for r in readers), *stoppers):
+        with contextlib.suppress(Exception):
+            stop()
 
 
 def configure(
@@ -354,9 +372,7 @@ def configure(
                 metric_readers=readers, resource=resource, views=metric_views(), shutdown_on_exit=False
             )
         except BaseException:
-            for stop in (tracer_provider.shutdown, *(r.shutdown for r in readers), *stoppers):
-                with contextlib.suppress(Exception):
-                    stop()
+            _stop_quietly(tracer_provider, readers, stoppers)
             raise
         telemetry = Telemetry(tracer_provider, meter_provider, resource, _stoppers=stoppers, **telemetry_kw)
         if set_global:

@@ -15,13 +15,14 @@ append-mode descriptor simply goes on at the new end. So no ``postrotate`` signa
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
 import re
 import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,22 +119,37 @@ def backups_of(active: Path) -> list[Backup]:
     return found
 
 
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+
+
+def _libc_renameat2() -> Callable[..., int] | None:
+    """glibc's ``renameat2`` (Linux 3.15+), or None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _libc_renameat2()
+
+
 def rename_no_replace(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; FileExistsError rather than replacing a ``dst`` that exists (another writer of
-    the same path rotated to that name first). A hard link and an unlink where the file system has links."""
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except (FileExistsError, FileNotFoundError):
-        raise
-    except OSError:  # no hard links here: check, then rename (a narrow race left with two writers)
-        if os.path.lexists(dst):
-            raise FileExistsError(dst) from None
-        os.rename(src, dst)
-        return
-    try:
-        os.unlink(src)
-    except FileNotFoundError:
-        pass  # another writer moved it away meanwhile: both names are the one file
+    """Rename ``src`` to ``dst`` atomically, raising FileExistsError rather than replacing a ``dst`` that exists
+    (another writer of the same path rotated to that name first): ``renameat2(RENAME_NOREPLACE)``; where the
+    kernel or file system lacks it, a check and a rename (a narrow race left with two writers of one path)."""
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))  # FileExistsError for EEXIST
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
 
 
 def backup_path(active: Path, seq: int) -> Path:
@@ -228,6 +244,10 @@ class RotatingFile:
         """Rename the active file to the next free ``<stem>.<seq>.jsonl``, open a new one, expire; the descriptor
         to write to. If the rename fails, writing goes on in the same file, logged once, and the next try waits
         until it has grown by another ``max_file_bytes``."""
+        reopens = self.reopens
+        fd = self._current()
+        if self.reopens != reopens:
+            return fd  # another writer of the path rotated it since: write to the new file there
         seq = max((b.seq for b in backups_of(self.path)), default=0) + 1
         while True:
             try:

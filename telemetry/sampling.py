@@ -20,6 +20,7 @@ explicitly, also under ``opentelemetry-instrument`` (entry point ``tq_mooncake``
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,6 +39,8 @@ from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
 from . import conventions as c
+
+logger = logging.getLogger(__name__)
 
 SAMPLER_NAME = "tq_mooncake"
 """The ``OTEL_TRACES_SAMPLER`` value (and entry point name) of ``KeepFailuresSampler``."""
@@ -61,7 +64,7 @@ def parse_ratio(value: Any) -> float:
         raise ValueError(f"the clean trace ratio must be a number in [0, 1], got {value!r}")
     try:
         ratio = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"the clean trace ratio must be a number in [0, 1], got {value!r}") from None
     if not (math.isfinite(ratio) and 0.0 <= ratio <= 1.0):
         raise ValueError(f"the clean trace ratio must be a number in [0, 1], got {value!r}")
@@ -103,5 +106,12 @@ class KeepFailuresSampler(Sampler):
 
 
 def sampler_factory(arg: str | None) -> KeepFailuresSampler:
-    """The ``opentelemetry_traces_sampler`` entry point: ``OTEL_TRACES_SAMPLER_ARG`` is the clean ratio."""
-    return KeepFailuresSampler(parse_ratio(arg) if arg not in (None, "") else DEFAULT_CLEAN_RATIO)
+    """The ``opentelemetry_traces_sampler`` entry point: ``OTEL_TRACES_SAMPLER_ARG`` is the clean ratio. A bad one
+    gives the default ratio with a warning (the SDK would otherwise fall back to keeping every trace)."""
+    if arg in (None, ""):
+        return KeepFailuresSampler()
+    try:
+        return KeepFailuresSampler(parse_ratio(arg))
+    except ValueError as exc:
+        logger.warning("%s; using the default %s", exc, DEFAULT_CLEAN_RATIO)
+        return KeepFailuresSampler()

@@ -81,11 +81,12 @@ def test_other_spans_and_attempts_go_to_the_other_sampler():
 
 
 def test_ratios_are_checked():
-    for bad in (-0.1, 1.5, float("nan"), True, "x", None, float("inf")):
+    for bad in (-0.1, 1.5, float("nan"), True, "x", None, float("inf"), 10**400, "1e999"):
         with pytest.raises(ValueError, match="clean trace ratio"):
             parse_ratio(bad)
     assert parse_ratio("0.25") == 0.25 and parse_ratio(0) == 0.0
     assert sampler_factory(None).clean_ratio == DEFAULT_CLEAN_RATIO and sampler_factory("0.5").clean_ratio == 0.5
+    assert sampler_factory("lots").clean_ratio == DEFAULT_CLEAN_RATIO  # not the SDK's fallback: every trace
 
 
 # ------------------------------------------------------------------------------------------------ with the SDK
@@ -243,6 +244,10 @@ def test_retention_settings_come_from_the_environment_and_are_checked(monkeypatc
         ("TQ_MOONCAKE_TELEMETRY_KEEP_FILES", "1.5"),
         ("TQ_MOONCAKE_TELEMETRY_MAX_MB", "-3"),
         ("TQ_MOONCAKE_TELEMETRY_MAX_MB", "inf"),
+        ("TQ_MOONCAKE_TELEMETRY_MAX_MB", "1e308"),
+        ("TQ_MOONCAKE_TELEMETRY_FILE_MB", "1e-9"),
+        ("TQ_MOONCAKE_TELEMETRY_KEEP_FILES", "-1"),
+        ("TQ_MOONCAKE_TELEMETRY_KEEP_FILES", "٣"),
     ):
         monkeypatch.setenv(name, bad)
         with pytest.raises(ValueError, match=name):
@@ -267,6 +272,9 @@ def test_the_tq_telemetry_section_passes_ratio_and_retention(monkeypatch, tmp_pa
         "retention": Retention(8 * MIB, 4, 768 * MIB),
     }
     for key, bad in (
+        ("telemetry_max_mb", 1e303),
+        ("telemetry_max_mb", 2**2000),
+        ("telemetry_keep_files", True),
         ("telemetry_max_mb", "1"),
         ("telemetry_file_mb", float("nan")),
         ("telemetry_file_mb", 0),

@@ -22,6 +22,8 @@ from tq_mooncake.telemetry import OTelObserver, metric_views
 from tq_mooncake.telemetry import conventions as c
 from tq_mooncake.telemetry.jsonl import JsonLinesSpanExporter
 from tq_mooncake.telemetry.metrics_file import JsonLinesMetricExporter, compact
+from tq_mooncake.telemetry.pipeline import file_pipeline, telemetry_files
+from tq_mooncake.telemetry import rotating_file
 from tq_mooncake.telemetry.rotating_file import Backup, Retention, RotatingFile, backup_path, backups_of
 
 pytestmark = pytest.mark.pure
@@ -374,3 +376,28 @@ def test_a_line_never_starts_after_a_half_written_one(tmp_path):
     f.append('{"b":2}\n')
     f.close()
     assert path.read_text().splitlines() == ['{"a":1}', '{"half":', '{"b":2}']
+
+
+def test_a_file_pipeline_that_cannot_open_its_metrics_file_leaves_nothing_running(tmp_path):
+    _, metrics = telemetry_files(tmp_path)
+    metrics.mkdir()  # the trace file opens, the metrics file cannot
+    threads = threading.active_count()
+    for _ in range(3):
+        with pytest.raises(OSError):
+            file_pipeline(tmp_path)
+    assert threading.active_count() == threads
+
+
+def test_rename_no_replace_refuses_an_existing_name_with_and_without_renameat2(tmp_path, monkeypatch):
+    for renameat2 in (rotating_file._RENAMEAT2, None):
+        monkeypatch.setattr(rotating_file, "_RENAMEAT2", renameat2)
+        src, dst = tmp_path / "a", tmp_path / "b"
+        src.write_text("new")
+        dst.write_text("old")
+        with pytest.raises(FileExistsError):
+            rotating_file.rename_no_replace(src, dst)
+        assert dst.read_text() == "old" and src.read_text() == "new"
+        dst.unlink()
+        rotating_file.rename_no_replace(src, dst)
+        assert dst.read_text() == "new" and not src.exists()
+        dst.unlink()

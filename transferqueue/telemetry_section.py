@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from tq_mooncake.client.numbers import is_int, is_number
-
-MIB = 1 << 20
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +28,11 @@ KEYS = frozenset(
     }
 )
 RETENTION_KEYS = {
-    "telemetry_file_mb": ("max_file_bytes", MIB),
-    "telemetry_keep_files": ("max_backups", 1),
-    "telemetry_max_mb": ("max_total_bytes", MIB),
+    "telemetry_file_mb": "max_file_bytes",  # MiB
+    "telemetry_keep_files": "max_backups",
+    "telemetry_max_mb": "max_total_bytes",  # MiB
 }
-"""The section's retention keys -> ``Retention`` fields and their unit in bytes (the rest keep the environment's
-or default values)."""
+"""The section's retention keys -> ``Retention`` fields (the rest keep the environment's or default values)."""
 _EXPORT_ENV = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -70,17 +66,21 @@ def configure_kwargs(section: Mapping[str, Any]) -> dict[str, Any] | None:
     exporters = {"otlp_endpoint", "telemetry_dir", "prometheus_port"}
     if not exporters & set(kwargs) and not any(os.environ.get(name, "").strip() for name in _EXPORT_ENV):
         return None
-    from tq_mooncake.telemetry.pipeline import retention_from_env
+    from tq_mooncake.telemetry.pipeline import mib_to_bytes, retention_from_env
 
     changes = {}
-    for key, (field, unit) in RETENTION_KEYS.items():
+    for key, field in RETENTION_KEYS.items():
         value = section.get(key)
-        if value is not None:
-            if unit == 1 and not (is_int(value) and value >= 0):
+        if value is None:
+            continue
+        if field == "max_backups":
+            if not (is_int(value) and value >= 0):
                 raise ValueError(f"telemetry.{key} must be a whole number >= 0, got {value!r}")
-            if unit > 1 and not (is_number(value) and math.isfinite(value) and value > 0):
-                raise ValueError(f"telemetry.{key} must be a number > 0 (MiB), got {value!r}")
-            changes[field] = int(value * unit)
+            changes[field] = value
+        elif not is_number(value):
+            raise ValueError(f"telemetry.{key} must be a size in MiB, got {value!r}")
+        else:
+            changes[field] = mib_to_bytes(f"telemetry.{key}", value)
     if changes:
         kwargs["retention"] = dataclasses.replace(retention_from_env(), **changes)  # Retention checks the values
     return kwargs
