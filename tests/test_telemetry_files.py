@@ -18,12 +18,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from tq_mooncake.client import ErrorCode, Operation, Outcome
 from tq_mooncake.client.observer import OperationSummary
 from tq_mooncake.dashboard.metrics import Differencer, parse_metrics_line
-from tq_mooncake.telemetry import OTelObserver, metric_views
+from tq_mooncake.telemetry import OTelObserver, metric_views, rotating_file
 from tq_mooncake.telemetry import conventions as c
 from tq_mooncake.telemetry.jsonl import JsonLinesSpanExporter
 from tq_mooncake.telemetry.metrics_file import JsonLinesMetricExporter, compact
 from tq_mooncake.telemetry.pipeline import file_pipeline, telemetry_files
-from tq_mooncake.telemetry import rotating_file
 from tq_mooncake.telemetry.rotating_file import Backup, Retention, RotatingFile, backup_path, backups_of
 
 pytestmark = pytest.mark.pure
