@@ -218,8 +218,9 @@ class _OperationScope:
         self._lock = threading.Lock()
         self._retried = False
         self._attempts: list[_AttemptScope] = []  # ended attempts, until the operation span exists
-        self._context: otel_context.Context | None = None  # the operation span's, once created
+        self._context: otel_context.Context | None = None  # the operation span's, once created and recording
         self._ended = False
+        self._creating = False  # end() is creating the spans: attempts ending now are kept for it
 
     def attempt(self, chunk: int, attempt: int, keys: int, backoff_s: float) -> _AttemptScope:
         if attempt > 1:
@@ -228,9 +229,10 @@ class _OperationScope:
 
     def _attempt_ended(self, attempt: _AttemptScope) -> None:
         with self._lock:
-            if self._context is None:  # the operation span is not there yet (or is not recording)
-                self._attempts.append(attempt)
-                return
+            if self._context is None:
+                if not self._ended or self._creating:
+                    self._attempts.append(attempt)  # the operation span is not there yet
+                return  # the call ended and its span is not recording: neither is this attempt's
             context = self._context
         attempt.emit(context)  # after the call's end (it gave up waiting): a child of its span, as it stands
 
@@ -240,6 +242,7 @@ class _OperationScope:
             if self._ended:
                 return
             self._ended = True
+            self._creating = True
             attempts, self._attempts = self._attempts, []
         op = self.operation.value
         outcome = summary.outcome.value
@@ -268,15 +271,17 @@ class _OperationScope:
             attributes=attributes,
             start_time=self._start_ns,
         )
-        if span.is_recording():
+        context = trace.set_span_in_context(span) if span.is_recording() else None
+        if context is not None:
             if summary.outcome.failed:
                 span.set_status(Status(StatusCode.ERROR, f"{outcome}: {summary.keys_failed} key(s) failed"))
-            context = trace.set_span_in_context(span)
             for attempt in attempts:
                 attempt.emit(context)
-            with self._lock:
-                late, self._attempts = self._attempts, []
-                self._context = context
+        with self._lock:
+            late, self._attempts = self._attempts, []
+            self._creating = False
+            self._context = context
+        if context is not None:
             for attempt in late:
                 attempt.emit(context)
         span.end(end_time=self._start_ns + int(duration * 1e9))
@@ -324,8 +329,13 @@ class _AttemptScope:
         self._backoff_s = float(backoff_s)
         self._start_ns = time.time_ns()
         self._start = time.perf_counter()
+        self._end_ns: int | None = None
 
     def end(self, failed: Counter[ErrorCode], nbytes: int, routing: RoutingReport | None = None) -> None:
+        """Record the attempt's metrics and hand it to its operation for its span; once (a second call is
+        ignored)."""
+        if self._end_ns is not None:
+            return
         duration = time.perf_counter() - self._start
         self._end_ns = self._start_ns + int(duration * 1e9)
         failed = +failed  # drops codes counted 0

@@ -288,3 +288,24 @@ def test_the_sampler_is_an_entry_point_for_opentelemetry_instrument():
     (entry,) = metadata.entry_points(group="opentelemetry_traces_sampler", name="tq_mooncake")
     sampler = entry.load()("0.3")
     assert isinstance(sampler, KeepFailuresSampler) and sampler.clean_ratio == 0.3
+
+
+def test_attempts_of_a_dropped_call_are_not_kept_and_an_attempt_ends_once():
+    otel, observer = sdk(KeepFailuresSampler(clean_ratio=0.0))
+    try:
+        scope = observer.operation(Operation.GET, 4)
+        late = scope.attempt(1, 1, 2, 0.0)
+        scope.attempt(0, 1, 2, 0.0).end(Counter(), 128)
+        scope.end(OperationSummary(Outcome.SUCCESS, 2, 4, 0, 0, 0.0, 256))  # clean, no parent: dropped
+        late.end(Counter(), 128)
+        assert otel.finished() == [] and scope._attempts == []  # nothing held for a span that will never be
+        kept = observer.operation(Operation.GET, 2)
+        attempt = kept.attempt(0, 1, 2, 0.0)
+        attempt.end(Counter({ErrorCode.RPC_FAIL: 2}), 0)
+        attempt.end(Counter({ErrorCode.RPC_FAIL: 2}), 0)  # a second end is ignored
+        kept.end(OperationSummary(Outcome.NON_RETRYABLE, 1, 0, 0, 2, 0.0, 0, Counter({ErrorCode.RPC_FAIL: 2})))
+        assert sorted(s.name for s in otel.finished()) == ["mooncake.get", "mooncake.get.attempt"]
+        attempts = otel.metrics()[c.ATTEMPTS_METRIC]
+        assert sum(attempts.values()) == 3  # 2 of the dropped call, 1 of the kept one: metrics count all, once
+    finally:
+        otel.shutdown()
