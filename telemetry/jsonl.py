@@ -168,6 +168,24 @@ def open_lines_file(target: str | os.PathLike[str] | RotatingFile) -> RotatingFi
     return target if isinstance(target, RotatingFile) else RotatingFile(target)
 
 
+def drop_if_inherited(file: RotatingFile) -> bool:
+    """True (and a note, once per file) in a forked child of the process that opened ``file``: an exporter it
+    inherited writes nothing, so the parent's files get neither a second copy of what the parent had not exported
+    yet nor lines under the parent's pid (configure telemetry in the child: the ``spawn`` start method)."""
+    if not file.inherited:
+        return False
+    if getattr(file, "_fork_noted", None) != os.getpid():
+        file._fork_noted = os.getpid()  # type: ignore[attr-defined]
+        logger.info(
+            "tq-mooncake telemetry: process %d is a fork of %d, whose %s it does not write to; configure "
+            "telemetry in processes started with the spawn method to have their own files",
+            os.getpid(),
+            file.pid,
+            file.path.name,
+        )
+    return True
+
+
 class WriteFailures:
     """An exporter's failed writes (a full disk, a folder gone read-only): the first of a run is logged with its
     traceback, the rest only counted until a write succeeds again, which is logged too. Call from ``except``."""
@@ -200,6 +218,8 @@ class JsonLinesSpanExporter(SpanExporter):
         self.failures = WriteFailures("spans", self.file)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if drop_if_inherited(self.file):
+            return SpanExportResult.SUCCESS
         try:
             payload = encode_spans(spans, self._resources)
             if payload is None:

@@ -29,7 +29,7 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 
-from .jsonl import WriteFailures, open_lines_file
+from .jsonl import WriteFailures, drop_if_inherited, open_lines_file
 from .rotating_file import RotatingFile
 
 DELTA = {
@@ -93,6 +93,8 @@ class JsonLinesMetricExporter(MetricExporter):
         self._unsent: collections.deque[str] = collections.deque(maxlen=MAX_UNSENT_LINES)
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        if drop_if_inherited(self.file):
+            return MetricExportResult.SUCCESS
         try:
             data = compact(metrics_data)
             if data is not None:

@@ -176,6 +176,7 @@ class RotatingFile:
         self._retry_rotation_at = 0  # after a failed rotation: the size at which to try again
         self._lock = threading.Lock()
         self._closed = False
+        self.pid = os.getpid()  # the process whose file this is (its name says so)
         self._fd: int | None = None  # None: (re)open at the next write
         self._fd = self._open()
 
@@ -197,16 +198,23 @@ class RotatingFile:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def inherited(self) -> bool:
+        """Whether this process is a fork of the one that opened the file (so the file is not its own)."""
+        return os.getpid() != self.pid
+
     def append(self, line: str) -> None:
         """Write ``line`` (one or more complete lines, newline-terminated) at the end of the active file.
 
-        ValueError after ``close()``; OSError when the file cannot be opened or written (the next call tries
-        again). A write that failed halfway is cut off again where possible; a line never starts after an
-        unterminated one (a newline goes first)."""
+        ValueError after ``close()`` or in a forked child (``inherited``: the file is its parent's); OSError when
+        the file cannot be opened or written (the next call tries again). A write that failed halfway is cut off
+        again where possible; a line never starts after an unterminated one (a newline goes first)."""
         data = line.encode("utf-8")
         with self._lock:
             if self._closed:
                 raise ValueError(f"{self.path} is closed")
+            if self.inherited:
+                raise ValueError(f"{self.path} belongs to process {self.pid}, this is a fork of it")
             fd = self._current()
             size = os.fstat(fd).st_size
             if size and size + len(data) > self.retention.max_file_bytes and size >= self._retry_rotation_at:

@@ -400,3 +400,33 @@ def test_rename_no_replace_refuses_an_existing_name_with_and_without_renameat2(t
         rotating_file.rename_no_replace(src, dst)
         assert dst.read_text() == "new" and not src.exists()
         dst.unlink()
+
+
+def test_a_forked_child_writes_nothing_to_its_parents_files(tmp_path):
+    tracer_provider, meter_provider = file_pipeline(tmp_path, clean_trace_ratio=1.0, metric_export_interval_s=3600)
+    observer = OTelObserver(tracer_provider, meter_provider)
+    failing_get(observer, ErrorCode.RPC_FAIL)  # not exported yet when the child is forked
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: calls of its own, then its inherited pipeline flushes and shuts down
+        try:
+            failing_get(observer, ErrorCode.RPC_FAIL)
+            tracer_provider.shutdown()
+            meter_provider.shutdown()
+            os.write(write, b"ok")
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 2) == b"ok"
+    os.waitpid(pid, 0)
+    os.close(read)
+    tracer_provider.shutdown()
+    meter_provider.shutdown()
+    traces, metrics = telemetry_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([traces.name, metrics.name])
+    ops = [line for line in traces.read_text().splitlines() if '"mooncake.get"' in line]
+    assert len(ops) == 1  # the parent's call once; nothing of, or from, the child
+    keys_failed = sum(
+        series(json.loads(line)).get(c.KEYS_FAILED_METRIC, 0) for line in metrics.read_text().splitlines()
+    )
+    assert keys_failed == 1  # the parent's pending delta was not written a second time by the child
