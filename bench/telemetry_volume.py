@@ -7,8 +7,9 @@ with one of nine error codes, and reports the bytes written per simulated day:
 * spans: always-on sampling (the SDK default, before) vs ``KeepFailuresSampler`` (the default now: every retried
   or failed call kept, ``--clean-ratio`` of the clean ones), with the share of retried calls whose spans were kept;
 * metrics, at ``--interval`` seconds per export: the upstream file exporter (cumulative, every series every time,
-  before) vs ``JsonLinesMetricExporter`` (deltas of what changed), both after the nine codes have all been seen,
-  and with all nine codes recurring in every interval (the worst case for the compact form).
+  before) vs ``JsonLinesMetricExporter`` (deltas of what changed), both after all nine codes have been seen (in
+  retried, exhausted, refused and late calls, on attempts 1 to 6), and with all nine codes recurring in every
+  interval (the worst case for the compact form).
 
     .venv/bin/python bench/telemetry_volume.py [--rate 50] [--retrying 0.01] [--minutes 10] [--chunks 1]
 """
@@ -65,6 +66,15 @@ def call(observer: OTelObserver, rng: random.Random, chunks: int, code: ErrorCod
     scope.end(summary)
 
 
+def gave_up(observer: OTelObserver, op: Operation, code: ErrorCode, attempts: int, outcome: Outcome) -> None:
+    """One call of 400 keys whose 3 failing keys never recover: ``attempts`` attempts, then ``outcome``."""
+    scope = observer.operation(op, 400)
+    scope.attempt(0, 1, 400, 0.0).end(Counter({code: 3}), 397 << 16)
+    for attempt in range(2, attempts + 1):
+        scope.attempt(0, attempt, 3, 0.01 * attempt).end(Counter({code: 3}), 0)
+    scope.end(OperationSummary(outcome, attempts, 397, 0, 3, 0.01 * attempts, 397 << 16, Counter({code: 3})))
+
+
 def spans_per_day(folder: Path, sampler: Sampler, args: argparse.Namespace) -> tuple[float, int, int]:
     """(bytes per day, retried calls, retried calls whose operation span was written)."""
     provider = TracerProvider(sampler=sampler, shutdown_on_exit=False)
@@ -93,7 +103,8 @@ def spans_per_day(folder: Path, sampler: Sampler, args: argparse.Namespace) -> t
 
 def metrics_per_day(folder: Path, compact: bool, every_code: bool, args: argparse.Namespace) -> float:
     """Bytes per day of the metrics file at one export per ``--interval`` s, measured after a first interval in
-    which all nine codes occurred; afterwards 1 in ``--retrying`` calls retries on one code (or all nine recur)."""
+    which all nine codes occurred (on attempts 1 to 6, in calls that retried, ran out of attempts, were refused or
+    passed their deadline); afterwards ``--retrying`` of the calls retry on one code (or all nine recur)."""
     path = folder / "metrics.jsonl"
     exporter = JsonLinesMetricExporter(path) if compact else FileMetricExporter(path)
     reader = PeriodicExportingMetricReader(exporter, export_interval_millis=1 << 30)
@@ -102,8 +113,12 @@ def metrics_per_day(folder: Path, compact: bool, every_code: bool, args: argpars
     rng = random.Random(11)
     per_interval = int(args.rate * args.interval)
     intervals = max(2, int(args.minutes * 60 / args.interval))
-    for code in CODES:  # the first interval: every code seen once
+    for code in CODES:  # the first interval: every code seen, in calls that retried, ran out or were refused
         call(observer, rng, args.chunks, code)
+        for op in (Operation.PUT, Operation.GET):
+            gave_up(observer, op, code, 6, Outcome.EXHAUSTED)
+            gave_up(observer, op, code, 1, Outcome.NON_RETRYABLE)
+            gave_up(observer, op, code, 3, Outcome.DEADLINE_EXCEEDED)
     provider.force_flush()
     start = path.stat().st_size
     for _ in range(intervals):
