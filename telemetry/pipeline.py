@@ -54,7 +54,7 @@ from opentelemetry.sdk.trace.sampling import Sampler
 
 from . import conventions as c
 from .instruments import OTelObserver
-from .rotating_file import MIB, Retention
+from .rotating_file import MIB, Retention, RotatingFile
 from .sampling import SAMPLER_NAME, KeepFailuresSampler, parse_ratio
 
 logger = logging.getLogger(__name__)
@@ -248,7 +248,6 @@ def _add_exporters(
     if folder is not None:
         from .jsonl import JsonLinesSpanExporter
         from .metrics_file import JsonLinesMetricExporter
-        from .rotating_file import RotatingFile
 
         retention = retention_from_env(retention)
         Path(folder).mkdir(parents=True, exist_ok=True)

@@ -310,11 +310,15 @@ def test_configure_reads_the_environment_and_flushes_at_exit(receiver, tmp_path,
         observer = OTelObserver(budget_tokens=lambda: 4.0, ejected_nodes=lambda: 1)  # the global providers
         drive(observer)
         print(json.dumps({"pid": os.getpid(), "protocol": telemetry.otlp_protocol,
-                          "files": [str(telemetry.trace_file), str(telemetry.metrics_file)]}))
+                          "files": [str(telemetry.trace_file), str(telemetry.metrics_file)],
+                          "sampler": telemetry.tracer_provider.sampler.get_description(),
+                          "retention": list(vars(telemetry.retention).values())}))
         """,
         env,
     )
     assert child["protocol"] == protocol
+    assert child["sampler"] == "KeepFailuresSampler{clean_ratio=0.01}"  # the default: the driven put retried, kept
+    assert child["retention"] == [32 << 20, 20, 768 << 20]
     # the child has exited: whatever the receiver and the files hold was flushed at exit
     spans = receiver.spans()
     assert len(spans) == 3, [s.name for _, s in spans]
