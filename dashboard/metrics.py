@@ -302,10 +302,8 @@ class Differencer:
         out: list[Increment] = []
         for p in points:
             prev = self.last.get(p.key)
-            if prev is not None and p.time <= prev.time:
-                self.ignored += 1
+            if not self._take(p, prev):
                 continue
-            self.last[p.key] = p
             if p.delta or prev is None:
                 value = p.value
             elif (p.start is not None and prev.start is not None and p.start != prev.start) or p.value < prev.value:
@@ -318,15 +316,16 @@ class Differencer:
 
     def newer(self, points: Iterable[Point]) -> list[Point]:
         """The points newer than their series' last point, as they are (gauges: remembered, not differenced)."""
-        out: list[Point] = []
-        for p in points:
-            prev = self.last.get(p.key)
-            if prev is not None and p.time <= prev.time:
-                self.ignored += 1
-            else:
-                self.last[p.key] = p
-                out.append(p)
-        return out
+        return [p for p in points if self._take(p, self.last.get(p.key))]
+
+    def _take(self, p: Point, prev: Point | None) -> bool:
+        """Whether ``p`` is newer than ``prev``, its series' last point; then it becomes the last one, else it is
+        counted as ignored."""
+        if prev is not None and p.time <= prev.time:
+            self.ignored += 1
+            return False
+        self.last[p.key] = p
+        return True
 
 
 def split_gauges(points: Iterable[Point]) -> tuple[list[Point], list[Point]]:
