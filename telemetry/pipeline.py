@@ -38,7 +38,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ from opentelemetry.sdk.trace.sampling import Sampler
 from . import conventions as c
 from .instruments import OTelObserver
 from .rotating_file import MIB, Retention, RotatingFile
-from .sampling import SAMPLER_NAME, KeepFailuresSampler, parse_ratio
+from .sampling import SAMPLER_NAME, KeepFailuresSampler
 
 logger = logging.getLogger(__name__)
 
@@ -196,12 +196,12 @@ def choose_sampler(sampler: Sampler | None, clean_trace_ratio: float | None) -> 
             raise ValueError("give either a sampler or a clean_trace_ratio (for the default sampler), not both")
         return sampler
     if clean_trace_ratio is not None:
-        return KeepFailuresSampler(parse_ratio(clean_trace_ratio))
+        return KeepFailuresSampler(clean_trace_ratio)
     named = (_env("OTEL_TRACES_SAMPLER") or SAMPLER_NAME).lower()
     if named != SAMPLER_NAME:
         return None
     arg = _env("OTEL_TRACES_SAMPLER_ARG") if _env("OTEL_TRACES_SAMPLER") else None
-    return KeepFailuresSampler(parse_ratio(arg)) if arg else KeepFailuresSampler()
+    return KeepFailuresSampler(arg) if arg else KeepFailuresSampler()
 
 
 def _otlp_exporters(endpoint: str | None, protocol: str) -> tuple[Any, Any]:
@@ -290,7 +290,7 @@ def file_pipeline(
 
 
 def _stop_quietly(
-    tracer_provider: TracerProvider, readers: list[MetricReader], stoppers: list[Callable[[], object]] = ()
+    tracer_provider: TracerProvider, readers: list[MetricReader], stoppers: Sequence[Callable[[], object]] = ()
 ) -> None:
     """Stop what a failed set-up had started (threads, files, servers), ignoring their errors."""
     for stop in (tracer_provider.shutdown, *(r.shutdown for r in readers), *stoppers):

@@ -28,13 +28,12 @@ from typing import Any
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_ON,
-    Decision,
     ParentBased,
     Sampler,
     SamplingResult,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, SpanKind, get_current_span
+from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
@@ -76,7 +75,7 @@ class KeepFailuresSampler(Sampler):
 
     def __init__(self, clean_ratio: float = DEFAULT_CLEAN_RATIO, other: Sampler | None = None) -> None:
         self.clean_ratio = parse_ratio(clean_ratio)
-        self._ratio = TraceIdRatioBased(self.clean_ratio)
+        self._clean = ParentBased(TraceIdRatioBased(self.clean_ratio))  # a parent's decision, else the ratio
         self._other = other or ParentBased(ALWAYS_ON)
 
     def should_sample(
@@ -91,15 +90,12 @@ class KeepFailuresSampler(Sampler):
     ) -> SamplingResult:
         attrs = attributes or {}
         if not is_operation_span(attrs):
-            return self._other.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
-        parent = get_current_span(parent_context).get_span_context()
-        state = parent.trace_state if parent.is_valid else None
-        if keep_operation(attrs):
-            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, state)
-        if parent.is_valid:
-            decision = Decision.RECORD_AND_SAMPLE if parent.trace_flags.sampled else Decision.DROP
-            return SamplingResult(decision, attributes if decision.is_sampled() else None, state)
-        return self._ratio.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+            sampler = self._other
+        elif keep_operation(attrs):
+            sampler = ALWAYS_ON  # whatever the parent says (its trace state is kept)
+        else:
+            sampler = self._clean
+        return sampler.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
 
     def get_description(self) -> str:
         return f"KeepFailuresSampler{{clean_ratio={self.clean_ratio}}}"
@@ -111,7 +107,7 @@ def sampler_factory(arg: str | None) -> KeepFailuresSampler:
     if arg in (None, ""):
         return KeepFailuresSampler()
     try:
-        return KeepFailuresSampler(parse_ratio(arg))
+        return KeepFailuresSampler(arg)
     except ValueError as exc:
         logger.warning("%s; using the default %s", exc, DEFAULT_CLEAN_RATIO)
         return KeepFailuresSampler()
