@@ -217,10 +217,10 @@ class _OperationScope:
         self._start = time.perf_counter()
         self._lock = threading.Lock()
         self._retried = False
-        self._attempts: list[_AttemptScope] = []  # ended attempts, until the operation span exists
+        self._attempts: list[_AttemptScope] = []  # ended attempts, while collecting
+        self._collecting = True  # until end() has created the operation span: ended attempts wait for it
         self._context: otel_context.Context | None = None  # the operation span's, once created and recording
         self._ended = False
-        self._creating = False  # end() is creating the spans: attempts ending now are kept for it
 
     def attempt(self, chunk: int, attempt: int, keys: int, backoff_s: float) -> _AttemptScope:
         if attempt > 1:
@@ -229,11 +229,12 @@ class _OperationScope:
 
     def _attempt_ended(self, attempt: _AttemptScope) -> None:
         with self._lock:
-            if self._context is None:
-                if not self._ended or self._creating:
-                    self._attempts.append(attempt)  # the operation span is not there yet
-                return  # the call ended and its span is not recording: neither is this attempt's
+            if self._collecting:
+                self._attempts.append(attempt)  # the operation span is not there yet
+                return
             context = self._context
+        if context is None:
+            return  # the call ended and its span is not recording: neither is this attempt's
         attempt.emit(context)  # after the call's end (it gave up waiting): a child of its span, as it stands
 
     def end(self, summary: OperationSummary) -> None:
@@ -242,7 +243,6 @@ class _OperationScope:
             if self._ended:
                 return
             self._ended = True
-            self._creating = True
             attempts, self._attempts = self._attempts, []
         op = self.operation.value
         outcome = summary.outcome.value
@@ -279,7 +279,7 @@ class _OperationScope:
                 attempt.emit(context)
         with self._lock:
             late, self._attempts = self._attempts, []
-            self._creating = False
+            self._collecting = False
             self._context = context
         if context is not None:
             for attempt in late:
@@ -317,6 +317,8 @@ class _AttemptScope:
         "_start",
         "_end_ns",
         "_failed",
+        "_n_failed",
+        "_error_type",
         "_nbytes",
         "_routing",
     )
@@ -339,19 +341,18 @@ class _AttemptScope:
         duration = time.perf_counter() - self._start
         self._end_ns = self._start_ns + int(duration * 1e9)
         failed = +failed  # drops codes counted 0
-        self._failed = failed
+        n_failed = sum(failed.values())
+        error_type = _dominant(failed) if n_failed else None
+        self._failed, self._n_failed, self._error_type = failed, n_failed, error_type
         self._nbytes = nbytes
         self._routing = routing
-        n_failed = sum(failed.values())
         op_scope = self._op
         op = op_scope.operation.value
         ins = op_scope._instruments
         if n_failed == 0:
             result = c.RESULT_OK
-            error_type = None
         else:
             result = c.RESULT_FAILED if n_failed >= self._keys else c.RESULT_PARTIAL
-            error_type = _dominant(failed)
         attempt = min(self._attempt, c.MAX_ATTEMPT_ATTRIBUTE)
         if routing:
             for endpoint in routing.down:
@@ -370,7 +371,6 @@ class _AttemptScope:
     def emit(self, context: otel_context.Context) -> None:
         """Create and end this attempt's span as a child of the operation span in ``context``."""
         op_scope = self._op
-        n_failed = sum(self._failed.values())
         attributes: dict[str, str | int | float | list[str]] = {
             c.DB_SYSTEM_NAME: c.DB_SYSTEM,
             c.DB_OPERATION_NAME: op_scope.operation.value,
@@ -378,12 +378,12 @@ class _AttemptScope:
             c.CHUNK: self._chunk,
             c.KEYS: self._keys,
             c.BACKOFF_S: self._backoff_s,
-            c.KEYS_FAILED: n_failed,
+            c.KEYS_FAILED: self._n_failed,
             c.BYTES: self._nbytes,
         }
-        if n_failed:
+        if self._error_type is not None:
             attributes[c.ERROR_CODES] = sorted(code.name for code in self._failed)
-            attributes[c.ERROR_TYPE] = _dominant(self._failed)
+            attributes[c.ERROR_TYPE] = self._error_type
         if self._routing:
             _route_attributes(attributes, self._routing)
         span = op_scope._tracer.start_span(
@@ -393,7 +393,7 @@ class _AttemptScope:
             attributes=attributes,
             start_time=self._start_ns,
         )
-        if n_failed:
+        if self._error_type is not None:
             span.set_status(Status(StatusCode.ERROR))
         span.end(end_time=self._end_ns)
 
