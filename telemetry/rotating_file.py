@@ -99,8 +99,7 @@ class Retention:
 def backups_of(active: Path) -> list[Backup]:
     """The rotated files of active file ``active`` that exist now: the regular files beside it named
     ``<stem>.<seq>.jsonl`` with ``seq`` of at least ``SEQ_DIGITS`` digits (logrotate's ``<stem>.1.jsonl`` is not)."""
-    stem = active.name[: -len(SUFFIX)] if active.name.endswith(SUFFIX) else active.name
-    pattern = re.compile(re.escape(stem) + rf"\.(\d{{{SEQ_DIGITS},}})" + re.escape(SUFFIX))
+    pattern = re.compile(re.escape(_stem(active)) + rf"\.(\d{{{SEQ_DIGITS},}})" + re.escape(SUFFIX))
     found = []
     try:
         entries = list(os.scandir(active.parent))
@@ -152,9 +151,14 @@ def rename_no_replace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
+def _stem(active: Path) -> str:
+    """``traces-h-1`` of ``traces-h-1.jsonl``."""
+    return active.name.removesuffix(SUFFIX)
+
+
 def backup_path(active: Path, seq: int) -> Path:
-    stem = active.name[: -len(SUFFIX)] if active.name.endswith(SUFFIX) else active.name
-    return active.with_name(f"{stem}.{seq:0{SEQ_DIGITS}d}{SUFFIX}")
+    """The name of rotated file ``seq`` of ``active``: ``<stem>.<seq>.jsonl``."""
+    return active.with_name(f"{_stem(active)}.{seq:0{SEQ_DIGITS}d}{SUFFIX}")
 
 
 class RotatingFile:
@@ -252,10 +256,6 @@ class RotatingFile:
         """Rename the active file to the next free ``<stem>.<seq>.jsonl``, open a new one, expire; the descriptor
         to write to. If the rename fails, writing goes on in the same file, logged once, and the next try waits
         until it has grown by another ``max_file_bytes``."""
-        reopens = self.reopens
-        fd = self._current()
-        if self.reopens != reopens:
-            return fd  # another writer of the path rotated it since: write to the new file there
         seq = max((b.seq for b in backups_of(self.path)), default=0) + 1
         while True:
             try:
