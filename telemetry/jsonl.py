@@ -6,6 +6,8 @@ test compares the two), but built from plain dicts: about a tenth of the upstrea
 which matters because export runs on a thread that shares the GIL with the client. Spans this encoder does
 not handle (events, links, attribute values other than str/bool/int/float and flat sequences of them) are
 encoded by the upstream encoder instead, so the output never differs.
+
+``LineWriter`` is how this exporter and ``metrics_file.JsonLinesMetricExporter`` write their lines.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -163,49 +165,58 @@ def encode_spans(spans: Sequence[ReadableSpan], resources: _ResourceCache | None
         return upstream(spans).to_dict()
 
 
-def open_lines_file(target: str | os.PathLike[str] | RotatingFile) -> RotatingFile:
-    """``target`` itself, or a ``RotatingFile`` at that path with the default retention."""
-    return target if isinstance(target, RotatingFile) else RotatingFile(target)
+class LineWriter:
+    """How a JSON-lines exporter writes: its lines appended to a ``RotatingFile`` (a path gets one with the default
+    retention), never raising into the SDK.
 
+    * In a forked child of the process that opened the file (``RotatingFile.inherited``) nothing is written, noted
+      once at INFO: the parent's files get neither a second copy of what the parent had not exported yet nor lines
+      under the parent's pid (configure telemetry in the child: the ``spawn`` start method).
+    * A run of failures (a full disk, a folder gone; making the lines included) is logged once with its traceback,
+      then only counted (``failures``) until a write succeeds again, which is logged too.
+    """
 
-def drop_if_inherited(file: RotatingFile) -> bool:
-    """True (and a note, once per file) in a forked child of the process that opened ``file``: an exporter it
-    inherited writes nothing, so the parent's files get neither a second copy of what the parent had not exported
-    yet nor lines under the parent's pid (configure telemetry in the child: the ``spawn`` start method)."""
-    if not file.inherited:
-        return False
-    if getattr(file, "_fork_noted", None) != os.getpid():
-        file._fork_noted = os.getpid()  # type: ignore[attr-defined]
-        logger.info(
-            "tq-mooncake telemetry: process %d is a fork of %d, whose %s it does not write to; configure "
-            "telemetry in processes started with the spawn method to have their own files",
-            os.getpid(),
-            file.pid,
-            file.path.name,
-        )
-    return True
-
-
-class WriteFailures:
-    """An exporter's failed writes (a full disk, a folder gone read-only): the first of a run is logged with its
-    traceback, the rest only counted until a write succeeds again, which is logged too. Call from ``except``."""
-
-    def __init__(self, what: str, file: RotatingFile) -> None:
+    def __init__(self, what: str, target: str | os.PathLike[str] | RotatingFile) -> None:
         self.what = what
-        self.file = file
-        self.count = 0
+        self.file = target if isinstance(target, RotatingFile) else RotatingFile(target)
+        self.failures = 0
         self._in_a_row = 0
+        self._fork_noted = False
 
-    def failed(self) -> None:
-        self.count += 1
-        self._in_a_row += 1
-        if self._in_a_row == 1:
-            logger.exception("writing %s to %s failed (not logged again until it works)", self.what, self.file.path)
-
-    def ok(self) -> None:
+    def write(self, lines: Callable[[], str | None]) -> bool:
+        """Append what ``lines()`` makes (None: nothing to write). False if that or the write failed, or the file
+        is closed; True when written, when there was nothing, and in a forked child (``lines`` is not called)."""
+        if self.file.inherited:
+            self._note_fork()
+            return True
+        try:
+            text = lines()
+            if text is None:
+                return True
+            if self.file.closed:
+                return False
+            self.file.append(text)
+        except Exception:
+            self.failures += 1
+            self._in_a_row += 1
+            if self._in_a_row == 1:
+                logger.exception("writing %s to %s failed (not logged again until it works)", self.what, self.file.path)
+            return False
         if self._in_a_row:
             logger.warning("writing %s to %s works again, after %d failed", self.what, self.file.path, self._in_a_row)
             self._in_a_row = 0
+        return True
+
+    def _note_fork(self) -> None:
+        if not self._fork_noted:
+            self._fork_noted = True
+            logger.info(
+                "tq-mooncake telemetry: process %d is a fork of %d, whose %s it does not write to; configure "
+                "telemetry in processes started with the spawn method to have their own files",
+                os.getpid(),
+                self.file.pid,
+                self.file.path.name,
+            )
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -214,27 +225,18 @@ class JsonLinesSpanExporter(SpanExporter):
 
     def __init__(self, target: str | os.PathLike[str] | RotatingFile) -> None:
         self._resources = _ResourceCache()
-        self.file = open_lines_file(target)
-        self.failures = WriteFailures("spans", self.file)
+        self.writer = LineWriter("spans", target)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if drop_if_inherited(self.file):
-            return SpanExportResult.SUCCESS
-        try:
-            payload = encode_spans(spans, self._resources)
-            if payload is None:
-                return SpanExportResult.SUCCESS
-            if self.file.closed:
-                return SpanExportResult.FAILURE
-            self.file.append(json.dumps(payload, separators=(",", ":")) + "\n")
-        except Exception:  # an exporter must not raise into the SDK
-            self.failures.failed()
-            return SpanExportResult.FAILURE
-        self.failures.ok()
-        return SpanExportResult.SUCCESS
+        ok = self.writer.write(lambda: self._line(spans))
+        return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
+
+    def _line(self, spans: Sequence[ReadableSpan]) -> str | None:
+        payload = encode_spans(spans, self._resources)
+        return None if payload is None else json.dumps(payload, separators=(",", ":")) + "\n"
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return True
 
     def shutdown(self) -> None:
-        self.file.close()
+        self.writer.file.close()

@@ -29,7 +29,7 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 
-from .jsonl import WriteFailures, drop_if_inherited, open_lines_file
+from .jsonl import LineWriter
 from .rotating_file import RotatingFile
 
 DELTA = {
@@ -88,33 +88,26 @@ class JsonLinesMetricExporter(MetricExporter):
 
     def __init__(self, target: str | os.PathLike[str] | RotatingFile) -> None:
         super().__init__(preferred_temporality=DELTA)
-        self.file = open_lines_file(target)
-        self.failures = WriteFailures("metrics", self.file)
+        self.writer = LineWriter("metrics", target)
         self._unsent: collections.deque[str] = collections.deque(maxlen=MAX_UNSENT_LINES)
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
-        if drop_if_inherited(self.file):
-            return MetricExportResult.SUCCESS
-        try:
-            data = compact(metrics_data)
-            if data is not None:
-                from opentelemetry.exporter.otlp.json.common.metrics_encoder import encode_metrics
-
-                self._unsent.append(json.dumps(encode_metrics(data).to_dict(), separators=(",", ":")) + "\n")
-            if not self._unsent:
-                return MetricExportResult.SUCCESS
-            if self.file.closed:
-                return MetricExportResult.FAILURE
-            self.file.append("".join(self._unsent))
-            self._unsent.clear()
-        except Exception:  # an exporter must not raise into the SDK
-            self.failures.failed()
+        if not self.writer.write(lambda: self._lines(metrics_data)):
             return MetricExportResult.FAILURE
-        self.failures.ok()
+        self._unsent.clear()
         return MetricExportResult.SUCCESS
+
+    def _lines(self, metrics_data: MetricsData) -> str | None:
+        """This collection's line, compacted, after the lines not written yet; None when there is none."""
+        data = compact(metrics_data)
+        if data is not None:
+            from opentelemetry.exporter.otlp.json.common.metrics_encoder import encode_metrics
+
+            self._unsent.append(json.dumps(encode_metrics(data).to_dict(), separators=(",", ":")) + "\n")
+        return "".join(self._unsent) or None
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return True
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        self.file.close()
+        self.writer.file.close()

@@ -287,7 +287,7 @@ def test_a_vanished_folder_is_made_again_and_a_failing_write_is_logged_once(tmp_
     folder.rmdir()  # someone cleaned up the telemetry folder
     failing_get(observer, ErrorCode.RPC_FAIL)
     provider.force_flush()
-    assert exporter.file.reopens == 1 and series(json.loads(path.read_text()))[c.KEYS_FAILED_METRIC] == 1
+    assert exporter.writer.file.reopens == 1 and series(json.loads(path.read_text()))[c.KEYS_FAILED_METRIC] == 1
     path.unlink()
     folder.rmdir()
     folder.write_text("now a file")  # the folder cannot come back: every write fails
@@ -295,7 +295,7 @@ def test_a_vanished_folder_is_made_again_and_a_failing_write_is_logged_once(tmp_
         failing_get(observer, ErrorCode.RPC_FAIL)  # its delta is in the first export that fails
         for _ in range(3):
             provider.force_flush()
-        assert exporter.failures.count == 3
+        assert exporter.writer.failures == 3
         assert sum("failed" in r.getMessage() for r in caplog.records) == 1  # once, not at every export
         folder.unlink()
         provider.force_flush()
