@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 
 from tq_mooncake.dashboard import metrics as m
+from tq_mooncake.dashboard.charts import age, frame, lines
 from tq_mooncake.dashboard.settings import WINDOWS, Settings, Thresholds, parse_settings
 from tq_mooncake.dashboard.sources import FileSource, PrometheusSource, Snapshot, Source
 from tq_mooncake.dashboard.tiles import DASH, Tile, duration, percent, tiles
@@ -90,27 +90,6 @@ def show_tile(tile: Tile) -> None:
             st.markdown(f":red[**ALERT** above {tile.threshold}]")
         elif tile.threshold:
             st.markdown(f":green[ok] (alert above {tile.threshold})")
-
-
-def frame(rows: list[tuple[float, dict[str, float | None]]]) -> pd.DataFrame:
-    index = pd.to_datetime([t for t, _ in rows], unit="s", utc=True)
-    return pd.DataFrame([r for _, r in rows], index=index).astype(float)
-
-
-def lines(rows: list[tuple[float, dict[str, float | None]]], unit: str, start: float, end: float) -> None:
-    """A line chart over the window with a dot per interval that has data (intervals without are left out)."""
-    long = frame(rows).rename_axis("time").reset_index().melt("time", var_name="series", value_name=unit).dropna()
-    domain = [pd.Timestamp(start, unit="s", tz="UTC").isoformat(), pd.Timestamp(end, unit="s", tz="UTC").isoformat()]
-    chart = (
-        alt.Chart(long)
-        .mark_line(point=True)
-        .encode(
-            x=alt.X("time:T", title=None, scale=alt.Scale(domain=domain)),
-            y=alt.Y(f"{unit}:Q"),
-            color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom")),
-        )
-    )
-    st.altair_chart(chart)
 
 
 def chart_step(start: float, end: float) -> float:
@@ -238,7 +217,7 @@ def storage_nodes(
     for column, (count, title, unit, caption) in zip(st.columns(len(NODE_CHARTS)), NODE_CHARTS, strict=True):
         with column:
             st.subheader(title)
-            st.caption(f"{caption}; per {_age(step)} interval")
+            st.caption(f"{caption}; per {age(step)} interval")
             worst = sorted((r for r in rows if getattr(r, count)), key=lambda r: -getattr(r, count))
             if worst:
                 endpoints = [r.endpoint for r in worst[:CHART_ENDPOINTS]]
@@ -274,17 +253,9 @@ def empty_state(source: Source, snapshot: Snapshot, window: str, now: float) -> 
         )
         return True
     if not snapshot.increments:
-        st.info(f"No operations in the {WINDOW_NAMES[window]}: the newest data is {_age(now - snapshot.newest)} old.")
+        st.info(f"No operations in the {WINDOW_NAMES[window]}: the newest data is {age(now - snapshot.newest)} old.")
         return True
     return False
-
-
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{max(seconds, 0):.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def body(source: Source, window: str, thresholds: Thresholds) -> None:
