@@ -118,15 +118,18 @@ def _any_value(value: Mapping[str, Any]) -> str:
     return ""
 
 
-def _attributes(items: Iterable[Mapping[str, Any]] | None) -> dict[str, str]:
+def otlp_attributes(items: Iterable[Mapping[str, Any]] | None) -> dict[str, str]:
+    """OTLP/JSON ``attributes`` as ``{key: text}`` (arrays joined by commas)."""
     return {str(kv["key"]): _any_value(kv.get("value", {})) for kv in items or []}
 
 
-def _seconds(nanos: Any) -> float | None:
+def otlp_seconds(nanos: Any) -> float | None:
+    """OTLP/JSON nanoseconds (a string or an int) as epoch seconds; None for none or 0."""
     return int(nanos) / 1e9 if nanos not in (None, "", "0", 0) else None
 
 
-def _origin(resource: Mapping[str, str]) -> Labels:
+def otlp_origin(resource: Mapping[str, str]) -> Labels:
+    """Who reported it (``host``, ``process``, ``service``), from a resource's attributes."""
     return labels(
         {
             "host": resource.get(c.RESOURCE_HOST_NAME, ""),
@@ -143,11 +146,11 @@ def _sum_points(metric: Mapping[str, Any], origin: Labels, wanted: Container[str
     delta = int(data.get("aggregationTemporality", 2)) == 1
     for dp in data.get("dataPoints", []):
         value = float(dp["asInt"]) if "asInt" in dp else float(dp.get("asDouble", 0.0))
-        time = _seconds(dp["timeUnixNano"])
+        time = otlp_seconds(dp["timeUnixNano"])
         if time is None:
             raise ValueError("a data point without timeUnixNano")
-        attrs = labels(_attributes(dp.get("attributes")))
-        yield Point(name, origin, attrs, time, value, _seconds(dp.get("startTimeUnixNano")), delta)
+        attrs = labels(otlp_attributes(dp.get("attributes")))
+        yield Point(name, origin, attrs, time, value, otlp_seconds(dp.get("startTimeUnixNano")), delta)
 
 
 def _gauge_points(metric: Mapping[str, Any], origin: Labels, wanted: Container[str]) -> Iterable[Point]:
@@ -156,10 +159,10 @@ def _gauge_points(metric: Mapping[str, Any], origin: Labels, wanted: Container[s
         return
     for dp in data.get("dataPoints", []):
         value = float(dp["asInt"]) if "asInt" in dp else float(dp.get("asDouble", 0.0))
-        time = _seconds(dp["timeUnixNano"])
+        time = otlp_seconds(dp["timeUnixNano"])
         if time is None:
             raise ValueError("a data point without timeUnixNano")
-        yield Point(name, origin, labels(_attributes(dp.get("attributes"))), time, value)
+        yield Point(name, origin, labels(otlp_attributes(dp.get("attributes"))), time, value)
 
 
 def _histogram_points(metric: Mapping[str, Any], origin: Labels, wanted: Container[str]) -> Iterable[Point]:
@@ -169,11 +172,11 @@ def _histogram_points(metric: Mapping[str, Any], origin: Labels, wanted: Contain
         return
     delta = int(data.get("aggregationTemporality", 2)) == 1
     for dp in data.get("dataPoints", []):
-        time = _seconds(dp["timeUnixNano"])
+        time = otlp_seconds(dp["timeUnixNano"])
         if time is None:
             raise ValueError("a data point without timeUnixNano")
-        start = _seconds(dp.get("startTimeUnixNano"))
-        attrs = _attributes(dp.get("attributes"))
+        start = otlp_seconds(dp.get("startTimeUnixNano"))
+        attrs = otlp_attributes(dp.get("attributes"))
         if want_count:
             yield Point(name + COUNT, origin, labels(attrs), time, float(dp.get("count", 0)), start, delta)
         counts = [float(n) for n in dp.get("bucketCounts", [])]
@@ -205,7 +208,7 @@ def parse_metrics_line(line: str, wanted: Container[str] = WANTED) -> list[Point
     points: list[Point] = []
     try:
         for rm in request["resourceMetrics"]:
-            origin = _origin(_attributes(rm.get("resource", {}).get("attributes")))
+            origin = otlp_origin(otlp_attributes(rm.get("resource", {}).get("attributes")))
             for sm in rm.get("scopeMetrics", []):
                 for metric in sm.get("metrics", []):
                     if "sum" in metric:
@@ -614,10 +617,16 @@ def rotation_order(name: str) -> tuple[str, int, int | str]:
     return stem, 2 if seq else 3, int(seq or 0)
 
 
-def file_list(folder: Path, patterns: Iterable[str]) -> list[tuple[Path, os.stat_result]]:
+OTHER_SIGNALS = ("traces", "logs")
+"""Name prefixes of the span and log files (``traces-<host>-<pid>.jsonl``, the Collector's ``traces.jsonl``): not
+metrics files."""
+
+
+def file_list(
+    folder: Path, patterns: Iterable[str], skip: tuple[str, ...] = OTHER_SIGNALS
+) -> list[tuple[Path, os.stat_result]]:
     """The regular files in ``folder`` whose names match ``patterns``, with their ``stat``, oldest first (by
-    modification time, then ``rotation_order``); trace and log files of the SDK exporter and compressed files are
-    left out."""
+    modification time, then ``rotation_order``); names starting with ``skip`` and compressed files are left out."""
     patterns = tuple(patterns)
     found: list[tuple[Path, os.stat_result]] = []
     try:
@@ -626,7 +635,7 @@ def file_list(folder: Path, patterns: Iterable[str]) -> list[tuple[Path, os.stat
     except OSError:
         return []
     for entry in named:
-        if entry.name.startswith(("traces-", "logs-")) or entry.name.endswith(COMPRESSED):
+        if (skip and entry.name.startswith(skip)) or entry.name.endswith(COMPRESSED):
             continue
         try:
             st = entry.stat()

@@ -68,7 +68,7 @@ class Source(Protocol):
 
 
 class FileSource:
-    """OTLP JSON-lines files in ``folder`` (``FILE_PATTERNS``; not ``traces-*``/``logs-*``, not compressed). Each
+    """OTLP JSON-lines files in ``folder`` (``FILE_PATTERNS``; not ``traces*``/``logs*``, not compressed). Each
     ``load`` reads only the bytes appended since the previous one, following each file by identity through renames
     (``TailReader``): a rotated file is not read again; a truncated one (``copytruncate``) is read from the start,
     and its copy once. The points of a read are differenced in time order, whatever file they came from, and a

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from tq_mooncake.client import ErrorCode, FaultInjectingStore, FaultRule, MooncakeBatchClient
+from tq_mooncake.dashboard.failures import SHOWN_OUTCOMES
 from tq_mooncake.dashboard.sources import FileSource
+from tq_mooncake.dashboard.trace_files import TraceFileSource
 from tq_mooncake.telemetry import conventions as c
 from tq_mooncake.telemetry.pipeline import build_resource, file_pipeline, telemetry_files
 from tq_mooncake.telemetry.rotating_file import Retention, backups_of
@@ -108,6 +110,10 @@ def test_a_faulty_run_keeps_every_retried_calls_trace_in_bounded_files_and_every
     for s in ops:
         assert children[s["spanId"]] == int(s["attributes"][c.ATTEMPTS]), s["attributes"]
     assert len(children) == len(ops)  # no attempt without its operation span
+    # the dashboard's recent calls: the same, whole, read across the rotated and logrotated span files
+    calls = TraceFileSource(folder).load(0, math.inf, SHOWN_OUTCOMES).calls
+    assert Counter((call.operation, call.outcome) for call in calls) == kept_retried
+    assert all(call.complete and len(call.attempts) == call.attempt_count for call in calls)
     clean_calls = 2 * CALLS - retried_calls
     clean_kept = sum(1 for s in ops if s["attributes"][c.OUTCOME] == "success")
     assert 0.08 * clean_calls < clean_kept < 0.35 * clean_calls, (clean_kept, clean_calls)

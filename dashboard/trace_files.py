@@ -1,0 +1,64 @@
+"""The recent-failures panel's span source in files mode: the ``traces-*.jsonl`` files of ``configure()`` (and
+their rotated files) or the Collector's ``traces.jsonl``, read incrementally into a ``FailureBook``."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from .failures import FAILED, FailureBook, FailureSnapshot, parse_spans_line
+from .metrics import TailReader, file_list
+
+TRACE_PATTERNS = ("traces*.jsonl", "traces*.json", "traces*.jsonl[.-][0-9]*", "traces*.json[.-][0-9]*")
+"""Active and rotated span files: ours ``traces-<host>-<pid>[.<seq>].jsonl``, the Collector's ``traces.jsonl`` and
+its ``traces-<time>.jsonl``, logrotate's ``.jsonl.1`` / ``.jsonl-<date>`` (compressed ones are left out)."""
+
+
+class TraceFileSource:
+    """Span files in ``folder`` (``TRACE_PATTERNS``). Each ``load`` reads only the bytes appended since the previous
+    one, following files through renames as the metrics ``FileSource`` does (``TailReader``), and keeps the newest
+    calls of ``FailureBook`` (``failures.MAX_CALLS``). Calls in files deleted before they were read are missed.
+    Thread-safe."""
+
+    def __init__(self, folder: str | Path, book: FailureBook | None = None) -> None:
+        self.folder = Path(folder)
+        self.description = f"span files (traces*.jsonl) in {self.folder}"
+        self.book = book or FailureBook()
+        self._tail = TailReader()
+        self.files = 0
+        self.spans = 0  # mooncake spans read so far
+        self.skipped_lines = 0
+        self.last_problem = ""
+        self._lock = threading.Lock()
+
+    def refresh(self) -> int:
+        """Read what was appended since the last call; returns the number of spans read."""
+        listing = file_list(self.folder, TRACE_PATTERNS, skip=())
+        read = 0
+        for path, listed in listing:
+            for line in self._tail.new_lines(path, listed):
+                try:
+                    spans = parse_spans_line(line)
+                except ValueError as exc:
+                    self.skipped_lines += 1
+                    self.last_problem = f"{path.name}: {exc}"
+                    continue
+                self.book.add(spans)
+                read += len(spans)
+        self._tail.forget_others(listed for _, listed in listing)
+        self.files = len(listing)
+        self.spans += read
+        return read
+
+    def load(self, start: float, end: float, outcomes: Iterable[str] = FAILED) -> FailureSnapshot:
+        """The kept calls that ended in ``(start, end]`` with one of ``outcomes``, newest first."""
+        with self._lock:
+            if not self.folder.is_dir():
+                return FailureSnapshot([], self.description, error=f"folder {self.folder} does not exist")
+            self.refresh()
+            notice = f"{self.files} span file(s)"
+            if self.skipped_lines:
+                notice += f" · {self.skipped_lines} malformed line(s) skipped, the last: {self.last_problem}"
+            calls = self.book.select(start, end, outcomes, limit=self.book.max_calls)
+            return FailureSnapshot(calls, self.description, notice=notice)

@@ -1,0 +1,228 @@
+"""The recent-failures data: spans the real SDK and observer exported as OTLP JSON lines become calls with their
+attempt timelines (``failures``), whatever order and lines the spans come in, within bounds; the trace-file source
+reads them incrementally across rotation."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from tq_mooncake.client import ErrorCode, Operation, Outcome
+from tq_mooncake.client.observer import OperationSummary
+from tq_mooncake.client.replica_routing import RoutingReport
+from tq_mooncake.dashboard.failures import (
+    FAILED,
+    SHOWN_OUTCOMES,
+    FailureBook,
+    parse_spans_line,
+    select,
+)
+from tq_mooncake.dashboard.failures_view import attempt_result, attempts_table, calls_table, trace_link
+from tq_mooncake.dashboard.trace_files import TraceFileSource
+from tq_mooncake.telemetry import OTelObserver
+from tq_mooncake.telemetry.jsonl import JsonLinesSpanExporter
+from tq_mooncake.telemetry.sampling import KeepFailuresSampler
+
+pytestmark = pytest.mark.pure
+
+RESOURCE = {"service.name": "failures-test", "host.name": "host-a", "process.pid": 4242}
+
+
+def observer(path: Path, host: str = "host-a") -> tuple[OTelObserver, TracerProvider]:
+    """The real observer on the real SDK, exporting each span as it ends to a JSON-lines file (one line per span),
+    clean calls dropped by the default sampler."""
+    provider = TracerProvider(
+        sampler=KeepFailuresSampler(clean_ratio=0.0), resource=Resource.create({**RESOURCE, "host.name": host})
+    )
+    provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(path)))
+    return OTelObserver(provider), provider
+
+
+def summary(outcome: Outcome, attempts: int, failed: int = 0, codes: Counter | None = None) -> OperationSummary:
+    return OperationSummary(outcome, attempts, 10 - failed, 0, failed, 0.001, 100, codes or Counter())
+
+
+def exhausted_get(obs: OTelObserver) -> None:
+    """Two chunks: chunk 0 ok at once; chunk 1 fails one key three times (TRANSFER_FAIL, then RPC_TIMEOUT twice),
+    the last attempt blamed on a storage endpoint confirmed down."""
+    scope = obs.operation(Operation.GET, 10)
+    scope.attempt(0, 1, 5, 0.0).end(Counter(), 50)
+    scope.attempt(1, 1, 5, 0.0).end(Counter({ErrorCode.TRANSFER_FAIL: 2}), 30)
+    scope.attempt(1, 2, 2, 0.002).end(Counter({ErrorCode.RPC_TIMEOUT: 1}), 10)
+    routing = RoutingReport(down={"10.0.0.7:7001"}, fallbacks=Counter({"10.0.0.7:7001": 1}))
+    scope.attempt(1, 3, 1, 0.004).end(Counter({ErrorCode.RPC_TIMEOUT: 1}), 0, routing)
+    scope.end(summary(Outcome.EXHAUSTED, 4, 1, Counter({ErrorCode.RPC_TIMEOUT: 1})))
+
+
+def retried_put(obs: OTelObserver) -> None:
+    scope = obs.operation(Operation.PUT, 10)
+    scope.attempt(0, 1, 10, 0.0).end(Counter({ErrorCode.TRANSFER_FAIL: 1}), 90)
+    scope.attempt(0, 2, 1, 0.001).end(Counter(), 10)
+    scope.end(summary(Outcome.SUCCESS_AFTER_RETRY, 2))
+
+
+def clean_get(obs: OTelObserver) -> None:
+    scope = obs.operation(Operation.GET, 10)
+    scope.attempt(0, 1, 10, 0.0).end(Counter(), 100)
+    scope.end(summary(Outcome.SUCCESS, 1))
+
+
+def exported(tmp_path: Path, *calls, host: str = "host-a") -> list[str]:
+    path = tmp_path / f"traces-{host}.jsonl"
+    obs, provider = observer(path, host)
+    for call in calls:
+        call(obs)
+    provider.shutdown()
+    return path.read_text().splitlines()
+
+
+def spans_of(lines: list[str]):
+    return [span for line in lines for span in parse_spans_line(line)]
+
+
+def test_an_exhausted_call_comes_back_with_every_attempt_in_order(tmp_path):
+    lines = exported(tmp_path, exhausted_get, retried_put, clean_get)
+    book = FailureBook()
+    book.add(spans_of(lines))
+    (call,) = book.select(0, float("inf"))
+    assert (call.operation, call.outcome, call.error_type) == ("get", "exhausted", "RPC_TIMEOUT")
+    assert (call.keys, call.attempt_count, call.failed_keys, call.complete) == (10, 4, 1, True)
+    assert call.origin == (("host", "host-a"), ("process", "4242"), ("service", "failures-test"))
+    assert [(a.chunk, a.number, a.keys, a.failed, a.codes) for a in call.attempts] == [
+        (0, 1, 5, 0, ()),
+        (1, 1, 5, 2, ("TRANSFER_FAIL",)),
+        (1, 2, 2, 1, ("RPC_TIMEOUT",)),
+        (1, 3, 1, 1, ("RPC_TIMEOUT",)),
+    ]
+    assert [a.backoff_s for a in call.attempts] == [0.0, 0.0, 0.002, 0.004]
+    last = call.attempts[-1]
+    assert (last.endpoint, last.nodes_down, last.fallbacks) == ("10.0.0.7:7001", 1, 1)
+    assert all(call.start <= a.start <= a.end <= call.end for a in call.attempts)
+    assert call.codes == ("RPC_TIMEOUT", "TRANSFER_FAIL")
+    assert [attempt_result(a) for a in call.attempts] == ["ok", "partial", "partial", "failed"]
+    # the retried put is kept too, for the outcome filter; the clean get was dropped by the sampler
+    assert [c.outcome for c in book.select(0, float("inf"), SHOWN_OUTCOMES)] == ["success_after_retry", "exhausted"]
+
+
+def test_spans_join_whatever_order_and_lines_they_come_in(tmp_path):
+    lines = exported(tmp_path, exhausted_get, retried_put)
+    spans = spans_of(lines)
+    expected = FailureBook()
+    expected.add(spans)
+    for order in (spans, spans[::-1], spans[1::2] + spans[::2]):
+        book = FailureBook()
+        for span in order:  # one span at a time: as if each came in its own export
+            book.add([span])
+        assert book.select(0, float("inf"), SHOWN_OUTCOMES) == expected.select(0, float("inf"), SHOWN_OUTCOMES)
+        assert not book.pending  # every attempt found its call
+    book = FailureBook()
+    book.add(spans)
+    book.add(spans)  # read twice (a copytruncate copy): counted once
+    assert book.select(0, float("inf"), SHOWN_OUTCOMES) == expected.select(0, float("inf"), SHOWN_OUTCOMES)
+
+
+def test_the_book_stays_within_its_bounds(tmp_path):
+    lines = exported(tmp_path, *([exhausted_get] * 6), *([retried_put] * 6))
+    spans = spans_of(lines)
+    book = FailureBook(max_calls=4, max_pending=3)
+    book.add(spans)
+    kept = book.select(0, float("inf"), SHOWN_OUTCOMES)
+    assert len(book.calls) == 4 and len(kept) == 4
+    assert [c.end for c in kept] == sorted((c.end for c in kept), reverse=True)
+    newest_four = sorted((s for s in spans if s.name in ("mooncake.get", "mooncake.put")), key=lambda s: -s.end)[:4]
+    assert {c.span_id for c in kept} == {s.span_id for s in newest_four}
+    assert all(c.complete for c in kept)  # the attempts come first (they end before their call): joined
+    # attempts whose call never comes are held up to max_pending, the oldest dropped first
+    orphans = FailureBook(max_pending=3)
+    orphans.add([s for s in spans if s.name.endswith(".attempt")])
+    assert sum(len(v) for v in orphans.pending.values()) <= 3
+
+
+def test_select_filters_by_window_outcome_operation_and_host(tmp_path):
+    book = FailureBook()
+    book.add(spans_of(exported(tmp_path, exhausted_get, retried_put, host="host-a")))
+    book.add(spans_of(exported(tmp_path, exhausted_get, host="host-b")))
+    everything = book.select(0, float("inf"), SHOWN_OUTCOMES)
+    assert len(everything) == 3
+    assert [c.who("host") for c in book.select(0, float("inf"))] == ["host-b", "host-a"]  # newest first
+    assert {c.who("host") for c in book.select(0, float("inf"), hosts=["host-a"])} == {"host-a"}
+    assert book.select(0, float("inf"), SHOWN_OUTCOMES, operations=["put"])[0].outcome == "success_after_retry"
+    assert book.select(0, float("inf"), operations=["clear"]) == []
+    newest = everything[0].end
+    assert select(everything, newest - 1e-6, newest) == [everything[0]]  # (start, end]: the end is in
+    assert select(everything, newest, newest + 1) == []
+    assert set(FAILED) == {"exhausted", "non_retryable", "budget_denied", "deadline_exceeded"}
+
+
+def test_malformed_and_foreign_lines(tmp_path):
+    assert parse_spans_line('{"resourceMetrics": []}') == []  # another signal
+    assert parse_spans_line('{"resourceSpans": [{"scopeSpans": [{"spans": [{"name": "http.get"}]}]}]}') == []
+    for bad in ('{"mooncake.x": ', '["mooncake."]', '{"mooncake.": 1}'):
+        with pytest.raises(ValueError):
+            parse_spans_line(bad)
+    no_time = {"resourceSpans": [{"scopeSpans": [{"spans": [{"name": "mooncake.get", "traceId": "ab"}]}]}]}
+    with pytest.raises(ValueError, match="malformed"):
+        parse_spans_line(json.dumps(no_time))
+    # the trace-file source counts them and reads on
+    folder = tmp_path / "tel"
+    folder.mkdir()
+    good = exported(tmp_path, exhausted_get)
+    (folder / "traces-h-1.jsonl").write_text('{"mooncake.x": \n' + "\n".join(good) + "\n")
+    source = TraceFileSource(folder)
+    snap = source.load(0, float("inf"))
+    assert len(snap.calls) == 1 and source.skipped_lines == 1 and "1 malformed line" in snap.notice
+    assert TraceFileSource(tmp_path / "missing").load(0, 1).error
+
+
+def test_the_trace_file_source_reads_incrementally_across_rotation(tmp_path):
+    folder = tmp_path / "tel"
+    folder.mkdir()
+    lines = exported(tmp_path, exhausted_get, exhausted_get, exhausted_get)
+    active = folder / "traces-h-1.jsonl"
+    source = TraceFileSource(folder)
+    half = len(lines) // 2
+    active.write_text("\n".join(lines[:half]) + "\n")
+    (folder / "metrics-h-1.jsonl").write_text('{"resourceMetrics": []}\n')  # not a span file: never read
+    first = source.load(0, float("inf"))
+    read = source._tail.bytes_read
+    os.rename(active, folder / "traces-h-1.000001.jsonl")  # our rotation; the rest goes to a new active file
+    active.write_text("\n".join(lines[half:]) + "\n")
+    second = source.load(0, float("inf"))
+    assert len(first.calls) <= 2 and len(second.calls) == 3 and all(c.complete for c in second.calls)
+    assert source._tail.bytes_read - read == active.stat().st_size  # the rotated file was not read again
+    assert source.load(0, float("inf")).calls == second.calls and source.spans == 15
+    assert source.files == 2
+
+
+def test_the_tables_show_counts_and_codes_and_links_only_for_hex_ids(tmp_path):
+    book = FailureBook()
+    book.add(spans_of(exported(tmp_path, exhausted_get)))
+    (call,) = book.select(0, float("inf"))
+    table = calls_table([call], "http://127.0.0.1:16686/trace/{trace_id}")
+    assert list(table.columns) == [
+        "ended",
+        "operation",
+        "outcome",
+        "code",
+        "keys",
+        "failed keys",
+        "attempts",
+        "codes seen",
+        "duration ms",
+        "host",
+        "process",
+        "service",
+        "trace",
+    ]
+    assert table["trace"][0] == f"http://127.0.0.1:16686/trace/{call.trace_id}"
+    assert trace_link("http://x/trace/{trace_id}", "../../admin") is None
+    attempts = attempts_table(call)
+    assert list(attempts["attempt"]) == [1, 1, 2, 3] and list(attempts["storage endpoint"])[-1] == "10.0.0.7:7001"
+    assert list(attempts["backoff ms"]) == [0.0, 0.0, 2.0, 4.0]
