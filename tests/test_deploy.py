@@ -423,18 +423,40 @@ def test_prometheus_scrapes_the_collector_exporter(
     prometheus: dict[str, Any], collector: dict[str, Any], services: dict[str, dict[str, Any]]
 ) -> None:
     exporter_port = _host_port(collector["exporters"]["prometheus"]["endpoint"])[1]
-    targets = [
-        t for job in prometheus["scrape_configs"] for static in job.get("static_configs", []) for t in static["targets"]
-    ]
-    assert targets == [f"{COLLECTOR_SERVICE}:{exporter_port}"]
+    assert set(_scrape_jobs(prometheus)) == {COLLECTOR_SERVICE, MASTER}
+    job = _scrape_jobs(prometheus)[COLLECTOR_SERVICE]
+    assert _targets(job) == [f"{COLLECTOR_SERVICE}:{exporter_port}"]
     assert exporter_port in _exposed(services[COLLECTOR_SERVICE])
-    (job,) = prometheus["scrape_configs"]
     # The dashboard keys series by (job, instance) and joins target_info on them: the exporter's labels must
     # survive the scrape, and target_info must not be replaced by resource labels on every series.
     assert job["honor_labels"] is True
     assert collector["exporters"]["prometheus"].get("enable_target_info", True) is True
     interval = job.get("scrape_interval", prometheus["global"]["scrape_interval"])
     assert re.fullmatch(r"\d+s", interval) and int(interval[:-1]) <= 15
+
+
+def test_prometheus_scrapes_the_masters_metrics_port(
+    prometheus: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    """The dashboard's store health in Prometheus mode reads what this job scrapes from the master."""
+    flags = _master_flags(services)
+    job = _scrape_jobs(prometheus)[MASTER]
+    assert _targets(job) == [f"{MASTER}:{flags['metrics_port']}"]
+    assert int(flags["metrics_port"]) in _exposed(services[MASTER]) and flags["metrics_host"] == "0.0.0.0"
+    assert job.get("metrics_path", "/metrics") == "/metrics" and job.get("scheme", "http") == "http"
+    assert not job.get("honor_labels", False)  # the master sets no job/instance: Prometheus' own label it
+    interval = job.get("scrape_interval", prometheus["global"]["scrape_interval"])
+    assert re.fullmatch(r"\d+s", interval) and int(interval[:-1]) <= 15
+
+
+def _scrape_jobs(prometheus: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    assert len(jobs) == len(prometheus["scrape_configs"]), "two scrape jobs share a name"
+    return jobs
+
+
+def _targets(job: dict[str, Any]) -> list[str]:
+    return [t for static in job.get("static_configs", []) for t in static["targets"]]
 
 
 def _prometheus_name(metric: str) -> str:
