@@ -178,12 +178,8 @@ class _Demo:
         self.counter = RecordingObserver(OTelObserver(budget_tokens=None), keep=False)
         self.master = MasterProcess(log_dir, client_ttl=CLIENT_TTL_S)
         self.nodes = [StorageNodeProcess(self.master, log_dir, args.segment) for _ in range(2)]
+        self.folder = folder
         self.apps: list[ChildProcess] = []
-        if not args.no_dashboard:
-            from tq_mooncake.dashboard.launch import RunningApp
-
-            app_args = ["--dir", str(folder), "--window", "5m", "--refresh", "5"]
-            self.apps.append(RunningApp(app_args, log_dir / "dashboard.log", args.dashboard_port))
         self.stats = WorkloadStats()
         self.kills = 0
         self.error: BaseException | None = None
@@ -192,8 +188,16 @@ class _Demo:
         self._lock = threading.Lock()  # _client, _closing, nodes
 
     def start_processes(self) -> None:
-        """The master, then the storage nodes and the dashboard side by side; prints what it started."""
+        """The master, then the storage nodes and the dashboard side by side; prints what it started. The dashboard
+        polls the master's metrics endpoint (its ports are known once it started)."""
         self.master.start()
+        if not self.args.no_dashboard:
+            from tq_mooncake.dashboard.launch import RunningApp
+
+            app_args = ["--dir", str(self.folder), "--window", "5m", "--refresh", "5"]
+            app_args += ["--master-metrics", self.master.metrics_url]
+            with self._lock:
+                self.apps.append(RunningApp(app_args, self.log_dir / "dashboard.log", self.args.dashboard_port))
         start_all([*self.nodes, *self.apps])
         master = self.master
         _say(f"mooncake_master    pid {master.pid}  rpc {master.address}  metadata {master.metadata_server}")

@@ -378,9 +378,14 @@ class MasterProcess(ChildProcess):
         except (OSError, ValueError):
             return False
 
+    @property
+    def metrics_url(self) -> str:
+        """Its Prometheus text endpoint (``--metrics_port``, on loopback)."""
+        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+
     def metrics_text(self) -> str:
         """What the master serves on ``/metrics`` (Prometheus text; served even with metric reporting off)."""
-        with urllib.request.urlopen(f"http://{LOOPBACK}:{self.metrics_port}/metrics", timeout=5) as resp:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
             return resp.read().decode()
 
     def mounted_segments(self) -> set[str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -17,13 +19,20 @@ import streamlit as st
 
 from tq_mooncake.dashboard import metrics as m
 from tq_mooncake.dashboard.charts import age, frame, lines
+from tq_mooncake.dashboard.failures import SHOWN_OUTCOMES
+from tq_mooncake.dashboard.failures_view import failures_panel
+from tq_mooncake.dashboard.jaeger import JaegerSource
 from tq_mooncake.dashboard.settings import WINDOWS, Settings, Thresholds, parse_settings
 from tq_mooncake.dashboard.sources import FileSource, PrometheusSource, Snapshot, Source
+from tq_mooncake.dashboard.store_health import StoreSnapshot, prometheus_store
+from tq_mooncake.dashboard.store_view import poller_for, store_panel
 from tq_mooncake.dashboard.tiles import DASH, Tile, duration, percent, tiles
+from tq_mooncake.dashboard.trace_files import TraceFileSource
 from tq_mooncake.telemetry import conventions as c
 
 APP = Path(__file__).resolve()
 ALL_SPAN_PROMETHEUS = WINDOWS["7d"]
+SpanSource = TraceFileSource | JaegerSource
 WINDOW_NAMES = {
     "1m": "last minute",
     "5m": "last 5 min",
@@ -48,6 +57,54 @@ def source_for(kind: str, target: str) -> Source:
         st.session_state["_source"] = PrometheusSource(target) if kind == "Prometheus" else FileSource(target)
         st.session_state["_source_key"] = key
     return st.session_state["_source"]
+
+
+@dataclass(frozen=True)
+class Panels:
+    """Where the panels beside the metrics read from: ``spans`` for recent failures (None: no source, ``spans_hint``
+    says how to give one), ``store`` the master's health for a time range (None: not configured)."""
+
+    spans: SpanSource | None
+    store: Callable[[float, float], StoreSnapshot] | None
+    spans_hint: str = ""
+    store_hint: str = ""
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def trace_files(folder: str) -> TraceFileSource:
+    """One trace-file source per folder for the whole server (it is thread-safe): sessions share what it read."""
+    return TraceFileSource(folder)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def jaeger_source(url: str, ui_url: str | None) -> JaegerSource:
+    return JaegerSource(url, ui_url)
+
+
+def panels_for(settings: Settings, source: Source) -> Panels:
+    """The span and store sources of these settings: Jaeger if ``--jaeger`` names it, else the trace files of the
+    folder; the master's health from Prometheus in Prometheus mode, else from ``--master-metrics`` if given."""
+    if settings.jaeger:
+        spans: SpanSource | None = jaeger_source(settings.jaeger, settings.jaeger_ui)
+    elif isinstance(source, FileSource):
+        spans = trace_files(str(source.folder))
+    elif Path(settings.folder).is_dir():
+        spans = trace_files(settings.folder)
+    else:
+        spans = None
+    if isinstance(source, PrometheusSource):
+        prometheus = source
+        store: Callable[[float, float], StoreSnapshot] | None = lambda s, e: prometheus_store(prometheus, s, e)  # noqa: E731
+    elif settings.master_metrics:
+        store = poller_for(settings.master_metrics).snapshot
+    else:
+        store = None
+    return Panels(
+        spans,
+        store,
+        "Pass --jaeger URL (Jaeger's query API), or --dir with the clients' traces-*.jsonl files.",
+        "Pass --master-metrics host:port (the mooncake_master's --metrics_port) to show the store's health.",
+    )
 
 
 def sidebar(settings: Settings) -> tuple[Source, str, Thresholds, float | None]:
@@ -104,8 +161,7 @@ def charts(
     with left:
         st.subheader("Retry and exhaustion rate")
         st.caption("share of operations in each interval, %")
-        rows = [(t, {"retried %": _pct(f.retry_rate), "exhausted %": _pct(f.exhaustion_rate)}) for t, f in series]
-        lines(rows, "%", start, end)
+        lines(rate_rows(series), "%", start, end)
     with right:
         st.subheader("Failed keys by error code")
         st.caption("key failures per second (per attempt), stacked by code")
@@ -129,6 +185,11 @@ def charts(
         quantiles = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
         rows = [(t, {k: _ms(f.latency_quantile(q)) for k, q in quantiles.items()}) for t, f in series]
         lines(rows, "ms", start, end)
+
+
+def rate_rows(series: list[tuple[float, m.Figures]]) -> list[tuple[float, dict[str, float | None]]]:
+    """The retry and exhaustion rate per interval, in %."""
+    return [(t, {"retried %": _pct(f.retry_rate), "exhausted %": _pct(f.exhaustion_rate)}) for t, f in series]
 
 
 def _pct(x: float | None) -> float | None:
@@ -258,7 +319,7 @@ def empty_state(source: Source, snapshot: Snapshot, window: str, now: float) -> 
     return False
 
 
-def body(source: Source, window: str, thresholds: Thresholds) -> None:
+def body(source: Source, window: str, thresholds: Thresholds, panels: Panels) -> None:
     """Everything below the title: reloaded by the auto-refresh fragment."""
     now = time.time()
     prometheus = isinstance(source, PrometheusSource)
@@ -290,6 +351,13 @@ def body(source: Source, window: str, thresholds: Thresholds) -> None:
     step = chart_step(start, end)
     series = m.time_series(snapshot.increments, start, end, step, keep)
     charts(snapshot, series, step, start, end, keep)
+    retried = [(t, {"retried %": row["retried %"]}) for t, row in rate_rows(series)]
+    if panels.store is None:
+        store_panel(None, retried, start, end, step, panels.store_hint)
+    else:
+        store_panel(panels.store(start, end), retried, start, end, step)
+    spans = None if panels.spans is None else panels.spans.load(start, end, SHOWN_OUTCOMES)
+    failures_panel(spans, start, end, operations, hosts, panels.spans_hint)
     host_table(snapshot, start, end, keep)
     storage_nodes(current, snapshot.gauges, series, step, start, end, keep)
     caption = f"{WINDOW_NAMES[window]}, compared with the window before it · updated {time.strftime('%H:%M:%S')}"
@@ -304,7 +372,7 @@ def main() -> None:
     source, window, thresholds, every = sidebar(settings)
     st.title("tq-mooncake: retries and exhaustion")
     st.text(source.description)
-    st.fragment(run_every=every)(body)(source, window, thresholds)
+    st.fragment(run_every=every)(body)(source, window, thresholds, panels_for(settings, source))
 
 
 main()

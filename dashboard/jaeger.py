@@ -163,7 +163,9 @@ def jaeger_spans(trace: Mapping[str, Any]) -> list[SpanRecord]:
 # ------------------------------------------------------------------------------------------------ the source
 
 
-def _http_url(value: str, option: str) -> str:
+def http_url(value: str, option: str) -> str:
+    """``value`` without a trailing slash if it is an http(s) URL with a host and no query; ValueError naming
+    ``option`` else."""
     parts = urllib.parse.urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ValueError(f"{option} must be an http:// or https:// URL (e.g. http://127.0.0.1:16686), got {value!r}")
@@ -196,8 +198,8 @@ class JaegerSource:
         lookback_s: float = 120.0,
         max_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
-        self.url = _http_url(url, "--jaeger")
-        self.ui_url = _http_url(ui_url, "--jaeger-ui") if ui_url else self.url
+        self.url = http_url(url, "--jaeger")
+        self.ui_url = http_url(ui_url, "--jaeger-ui") if ui_url else self.url
         if not timeout_s > 0 or limit < 1 or max_services < 1 or max_bytes < 1:
             raise ValueError("timeout_s, limit, max_services and max_bytes must be positive")
         self.timeout_s, self.limit, self.max_services = float(timeout_s), int(limit), int(max_services)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from opentelemetry.exporter.otlp.json.file import FileMetricExporter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
+from span_files import exhausted_get, exported, retried_put  # tests/support
 from streamlit.testing.v1 import AppTest
 
 from tq_mooncake.client.codes import ErrorCode
@@ -23,6 +25,7 @@ from tq_mooncake.client.observer import OperationSummary
 from tq_mooncake.client.replica_routing import RoutingReport
 from tq_mooncake.cluster import free_port
 from tq_mooncake.dashboard import app as app_module
+from tq_mooncake.dashboard import store_view
 from tq_mooncake.telemetry import OTelObserver, metric_views
 from tq_mooncake.telemetry.conventions import Operation, Outcome
 
@@ -273,3 +276,64 @@ def test_the_storage_nodes_view_shows_what_the_client_exported(folder):
     assert (shown["Confirmed failures"][0], shown["Replica fallbacks"][0], shown["Ejections"][0]) == ("2", "0", "3")
     at.multiselect(key="hosts").set_value(["node-b"]).run()
     assert tiles(at)["Ejected now"][0] == "1"
+
+
+# ------------------------------------------------------------------------------------------------ panels
+
+
+@pytest.fixture
+def stop_pollers() -> Iterator[None]:
+    """Stops the master pollers the page started (one thread per URL in this process)."""
+    yield
+    store_view.stop_pollers()
+
+
+def by_column(at: AppTest, column: str) -> Any:
+    """The first table with ``column``."""
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
+def test_recent_failures_lists_the_failed_calls_of_the_trace_files_as_text(folder):
+    write_two_windows(folder, host=HOSTILE)
+    exported(folder, exhausted_get, retried_put, host=HOSTILE, name="traces-hostile-1.jsonl")
+    at = run_app()
+    assert "Recent failures" in [h.value for h in at.subheader]
+    table = by_column(at, "failed keys")
+    assert table[["operation", "outcome", "code", "keys", "failed keys", "attempts"]].values.tolist() == [
+        ["get", "exhausted", "RPC_TIMEOUT", 10, 1, 4]
+    ]
+    assert list(table["host"]) == [HOSTILE]  # verbatim, in a table cell
+    (option,) = at.selectbox(key="f_call").options
+    assert HOSTILE in option  # a widget option: plain text
+    assert not any("<script" in t or "<img" in t for t in markdown(at))
+    shown = tiles(at)
+    assert (shown["Outcome"][0], shown["Failed keys"][0], shown["Attempts"][0]) == ("exhausted", "1 of 10", "4")
+    attempts = by_column(at, "storage endpoint")
+    assert list(attempts["attempt"]) == [1, 1, 2, 3] and list(attempts["storage endpoint"])[-1] == "10.0.0.7:7001"
+    timeline = json.loads(at.get("vega_lite_chart")[-1].proto.spec)  # the last chart: the attempt timeline
+    backoff, bars = timeline["layer"]  # the back-off before each attempt, then the attempts from start to end
+    assert bars["encoding"]["x2"]["field"] == backoff["encoding"]["x2"]["field"] == "to"
+    assert len(at.get("vega_lite_chart")[-1].proto.datasets) == 2
+
+    at.multiselect(key="f_outcomes").set_value(["exhausted", "success_after_retry"]).run()
+    assert list(by_column(at, "failed keys")["outcome"]) == ["success_after_retry", "exhausted"]  # newest first
+    at.multiselect(key="ops").set_value(["put"]).run()  # the page's filters apply to the panel too
+    assert list(by_column(at, "failed keys")["operation"]) == ["put"]
+    at.multiselect(key="f_outcomes").set_value(["exhausted"]).run()
+    assert any("no call with these outcomes" in t for t in markdown(at))
+
+
+def test_the_span_and_store_sources_say_what_is_missing_or_unreachable(folder, monkeypatch, stop_pollers):
+    write_two_windows(folder)
+    at = run_app()
+    text = " ".join(markdown(at))
+    assert "--master-metrics" in text  # store health: how to turn it on
+    assert "no call with these outcomes" in text  # no span file yet: nothing failed
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr("sys.argv", [APP, "--master-metrics", f"{dead}/metrics", "--jaeger", dead])
+    at = run_app()
+    assert any("Cannot read the master's metrics since" in t for t in markdown(at))
+    assert any("Cannot read the span source" in t for t in markdown(at))
+    codes = [c.value for c in at.code]
+    assert any("cannot reach" in c and "/metrics" in c for c in codes)
+    assert any("cannot reach Jaeger" in c for c in codes)
