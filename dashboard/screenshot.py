@@ -4,8 +4,9 @@ them and save a screenshot. The browser test and the README's picture use this s
 
     python -m tq_mooncake.dashboard.screenshot --out docs/dashboard.png
 
-starts a ``mooncake_master`` on loopback, runs two faulty workloads (``sample_run``, faults growing over the
-run) that export metrics to a temp folder, starts the dashboard on it and saves the screenshot.
+starts a ``mooncake_master`` on loopback with two storage processes and the dashboard (polling the master's metrics
+endpoint), opens the page, runs two faulty workloads (``sample_run``, faults growing over the run) that export to a
+temp folder, kills one storage process half-way, and saves a screenshot of the whole page.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tq_mooncake.cluster import MasterProcess, wait_until
+from tq_mooncake.cluster import MasterProcess, StorageNodeProcess, start_all, stop_all, wait_until
 
 from .launch import RunningApp
 
@@ -102,6 +104,17 @@ def open_dashboard(driver: Any, url: str, timeout: float = 60.0, charts: int = 4
     return read_tiles(driver)
 
 
+def fit_page(driver: Any, charts: int, width: int = 1600, timeout: float = 60.0) -> None:
+    """Make the window as tall as the page's content (Streamlit scrolls inside its own container, so a screenshot
+    holds only the window), then wait until it has settled again."""
+    height = driver.execute_script(
+        "const c = document.querySelector('[data-testid=\"stMainBlockContainer\"]');"
+        "return c ? c.scrollHeight : document.body.scrollHeight;"
+    )
+    driver.set_window_size(width, int(height) + 200)
+    wait_until(lambda: _settled(driver, charts), timeout, "the resized page", interval=0.2)
+
+
 def screenshot(driver: Any, out: Path) -> Path:
     """Save what the browser shows as a PNG."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,24 +152,46 @@ def run_workloads(master: MasterProcess, folder: Path, specs: Sequence[dict[str,
                 proc.wait(10)
 
 
-def make_screenshot(out: Path, seconds: float = 120.0, window: str = "1m") -> dict[str, str]:
-    """The README's picture: two ramping workloads over ``seconds``, the dashboard on them, a screenshot."""
+def make_screenshot(out: Path, seconds: float = 120.0, window: str = "all") -> dict[str, str]:
+    """The README's picture: a master (``client_ttl`` 2 s) with two storage processes, the dashboard on them, two
+    ramping workloads over ``seconds`` with one storage process killed half-way, then a screenshot of the page."""
     with tempfile.TemporaryDirectory(prefix="tq-dashboard-") as tmp:
         work = Path(tmp)
-        with MasterProcess(work).start() as master:
-            ops = int(seconds * 4)
-            run_workloads(
-                master,
-                work / "telemetry",
-                [
-                    {"service": "trainer", "operations": ops, "seconds": seconds, "ramp": True, "seed": 3},
-                    {"service": "rollout", "operations": ops // 2, "seconds": seconds, "ramp": False, "seed": 5},
-                ],
-            )
-        app_args = ["--dir", str(work / "telemetry"), "--window", window, "--paused"]
-        with RunningApp(app_args, work / "dashboard.log") as app, chromium(work / "chromium") as driver:
-            tiles = open_dashboard(driver, app.url)
-            screenshot(driver, out)
+        folder = work / "telemetry"
+        folder.mkdir()
+        with MasterProcess(work, client_ttl=2).start() as master:
+            nodes = [StorageNodeProcess(master, work, "64MB") for _ in range(2)]
+            start_all(nodes)
+            app_args = ["--dir", str(folder), "--window", window, "--refresh", "2"]
+            app_args += ["--master-metrics", master.metrics_url]
+            try:
+                with RunningApp(app_args, work / "dashboard.log") as app, chromium(work / "chromium") as driver:
+                    driver.get(app.url)  # the page starts the dashboard's poller of the master
+                    ops = int(seconds * 4)
+                    specs = [
+                        {"service": "trainer", "operations": ops, "seconds": seconds, "ramp": True, "seed": 3},
+                        {"service": "rollout", "operations": ops // 2, "seconds": seconds, "ramp": False, "seed": 5},
+                    ]
+                    done: list[Any] = []
+
+                    def workloads() -> None:
+                        try:
+                            done.append(run_workloads(master, folder, specs))
+                        except BaseException as exc:  # noqa: BLE001 - raised again below, on this thread
+                            done.append(exc)
+
+                    runner = threading.Thread(target=workloads)
+                    runner.start()
+                    runner.join(seconds / 2)
+                    nodes[0].kill()  # SIGKILL: the master drops its segment after client_ttl
+                    runner.join()
+                    if isinstance(done[0], BaseException):
+                        raise done[0]
+                    tiles = open_dashboard(driver, app.url, charts=8)
+                    fit_page(driver, charts=8)
+                    screenshot(driver, out)
+            finally:
+                stop_all(nodes)
     return tiles
 
 
@@ -164,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Make the dashboard screenshot (docs/dashboard.png).")
     parser.add_argument("--out", type=Path, default=Path("docs/dashboard.png"))
     parser.add_argument("--seconds", type=float, default=120.0, help="how long the sample workloads run")
-    parser.add_argument("--window", default="1m", help="the dashboard's time window")
+    parser.add_argument("--window", default="all", help="the dashboard's time window")
     args = parser.parse_args(argv)
     began = time.monotonic()
     tiles = make_screenshot(args.out, args.seconds, args.window)

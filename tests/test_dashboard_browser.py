@@ -21,6 +21,7 @@ from tq_mooncake.dashboard.screenshot import (
     run_workloads,
     screenshot,
 )
+from tq_mooncake.dashboard.store_health import parse_master_metrics
 from tq_mooncake.dashboard.tiles import percent
 from tq_mooncake.telemetry.conventions import Outcome
 
@@ -57,6 +58,7 @@ return {
   headings: Array.from(document.querySelectorAll("h3"), h => h.innerText.trim()),
   tables: document.querySelectorAll('[data-testid="stDataFrame"]').length,
   metrics: metrics,
+  text: document.body.innerText,
 };
 """
 """The page's h3 headings, its number of tables and its metrics (label -> value), in one WebDriver round trip."""
@@ -86,7 +88,8 @@ def test_the_browser_shows_the_retry_and_exhaustion_rates_the_injector_caused(sh
     newest = max(int(dp["timeUnixNano"]) for dp in _points(metrics_file))
     (folder / "metrics-hostile-1.jsonl").write_text(hostile_line(newest) + "\n" + node_line(newest) + "\n")
 
-    with RunningApp(["--dir", str(folder), "--refresh", "1"], tmp_path / "dashboard.log") as app:
+    app_args = ["--dir", str(folder), "--refresh", "1", "--master-metrics", shared_master.metrics_url]
+    with RunningApp(app_args, tmp_path / "dashboard.log") as app:
         assert app.command[app.command.index("--server.address") + 1] == "127.0.0.1"
         with chromium(tmp_path / "chromium-profile") as driver:
             tiles = open_dashboard(driver, app.url)
@@ -94,8 +97,10 @@ def test_the_browser_shows_the_retry_and_exhaustion_rates_the_injector_caused(sh
             with open(folder / "metrics-hostile-1.jsonl", "a") as f:
                 f.write(hostile_line(time.time_ns(), "mooncake.client.operations", "success", 10) + "\n")
             wait_until(lambda: read_tiles(driver).get("Retry rate") == "28.0%", 30, "the page to refresh itself")
-            wait_until(lambda: driver.execute_script(PAGE_JS)["tables"] == 2, 30, "the storage nodes table")
+            # per host, storage nodes, recent failures and the newest one's attempts
+            wait_until(lambda: driver.execute_script(PAGE_JS)["tables"] == 4, 30, "the page's four tables")
             page = driver.execute_script(PAGE_JS)
+            master = parse_master_metrics(shared_master.metrics_text(), time.time())
             shot = screenshot(driver, tmp_path / "dashboard.png")
             xss = driver.execute_script("return window.__xss === undefined ? null : window.__xss")
             scripts = driver.execute_script(
@@ -107,6 +112,12 @@ def test_the_browser_shows_the_retry_and_exhaustion_rates_the_injector_caused(sh
     assert "Storage nodes" in page["headings"]  # and its table: the second one, after the per-host table
     assert page["metrics"]["Confirmed failures"] == "5" and page["metrics"]["Ejected now"] == "0"  # the client: 0
     assert xss is None and scripts == 0  # host and endpoint names were shown as text, never run
+    # store health: the master's own figures, beside the client's
+    assert {"Store health", "Retry rate and storage segments", "Recent failures"} <= set(page["headings"])
+    assert page["metrics"]["Segments"] == f"{master.segments:,.0f}" and page["metrics"]["Keys"] == f"{master.keys:,.0f}"
+    # recent failures: the 6 exhausted calls; the newest one's timeline opened, with its 3 attempts
+    assert "6 call(s) in the window" in page["text"]
+    assert page["metrics"]["Outcome"] == "exhausted" and page["metrics"]["Attempts"] == "3"
     assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
