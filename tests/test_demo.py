@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import psutil
 import pytest
 
 from tq_mooncake.cluster import free_port, http_ok, wait_until
+from tq_mooncake.dashboard.store_health import StoreSample, parse_master_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("tq-mooncake")
@@ -60,6 +62,7 @@ def test_the_demo_runs_the_product_and_leaves_nothing_behind(tmp_path):
         )
         assert proc.poll() is None, "".join(lines)[-4000:]
         assert dashboard_up(port)
+        polled = master_metrics_of_dashboard(proc.pid)
         proc.wait(timeout=180)
         reader.join(timeout=10)
     finally:
@@ -82,6 +85,23 @@ def test_the_demo_runs_the_product_and_leaves_nothing_behind(tmp_path):
     assert not dashboard_up(port)
     assert list(folder.glob("traces-*.jsonl"))[0].stat().st_size > 0
     assert list(folder.glob("metrics-*.jsonl"))[0].stat().st_size > 0
+    assert polled.segments >= 1 and polled.clients >= 1  # the dashboard's store health polls the demo's master
+
+
+def master_metrics_of_dashboard(demo_pid: int) -> StoreSample:
+    """What the demo's dashboard polls for store health: its ``--master-metrics`` must be the endpoint of the demo's
+    master (``--metrics_port``), and serve a master's metrics."""
+    commands = []
+    for child in psutil.Process(demo_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # a storage process the demo is replacing
+            commands.append(child.cmdline())
+    (dashboard,) = [cmd for cmd in commands if "streamlit" in cmd]
+    (master,) = [cmd for cmd in commands if cmd and cmd[0].endswith("mooncake_master")]
+    url = dashboard[dashboard.index("--master-metrics") + 1]
+    (port,) = [a.split("=", 1)[1] for a in master if a.startswith("--metrics_port=")]
+    assert url == f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return parse_master_metrics(resp.read().decode(), time.time())
 
 
 class DemoRun:
