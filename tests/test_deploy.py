@@ -41,6 +41,7 @@ EXTERNAL_IMAGES = {
     "prometheus": "prom/prometheus",
 }
 PROMETHEUS_PORT = 9090  # prom/prometheus' --web.listen-address default
+JAEGER_UI_PORT = 16686  # jaegertracing/all-in-one: UI and HTTP query API
 
 
 if sys.version_info >= (3, 11):
@@ -196,7 +197,7 @@ def test_every_published_port_is_on_loopback(services: dict[str, dict[str, Any]]
             match = re.fullmatch(r"127\.0\.0\.1:(\d+):(\d+)", entry)
             assert match, f"{name} publishes {entry!r}, not bound to 127.0.0.1"
             published[int(match[1])] = name
-    assert published[16686] == "jaeger" and published[PROMETHEUS_PORT] == "prometheus"
+    assert published[JAEGER_UI_PORT] == "jaeger" and published[PROMETHEUS_PORT] == "prometheus"
     assert published[8501] == "dashboard"
 
 
@@ -340,7 +341,7 @@ def test_workload_command_and_its_otlp_endpoint(
     assert int(env["OTEL_METRIC_EXPORT_INTERVAL"]) > 0
 
 
-def test_dashboard_command_reads_the_prometheus_service(
+def test_dashboard_command_reads_the_prometheus_and_jaeger_services(
     monkeypatch: pytest.MonkeyPatch, services: dict[str, dict[str, Any]]
 ) -> None:
     dashboard = services["dashboard"]
@@ -353,6 +354,12 @@ def test_dashboard_command_reads_the_prometheus_service(
     assert args.address == "0.0.0.0"  # inside its container; published on 127.0.0.1 only
     assert f"127.0.0.1:{args.port}:{args.port}" in dashboard["ports"]
     assert "prometheus" in _depends(dashboard)
+    # recent failures from Jaeger's query API, by service name; links to the UI where the browser reaches it
+    settings = settings_from(args, environ={})
+    api, ui = urlsplit(settings.jaeger or ""), urlsplit(settings.jaeger_ui or "")
+    assert (api.hostname, api.port) == ("jaeger", JAEGER_UI_PORT) and "jaeger" in _depends(dashboard)
+    assert (ui.hostname, ui.port) == ("127.0.0.1", JAEGER_UI_PORT)
+    assert f"127.0.0.1:{JAEGER_UI_PORT}:{JAEGER_UI_PORT}" in services["jaeger"]["ports"]
 
 
 # ------------------------------------------------------------------------------------------------ collector
