@@ -9,7 +9,6 @@ keys or values: the client never records them).
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 
 from tq_mooncake.telemetry import conventions as c
 
-from .metrics import Labels, otlp_attributes, otlp_origin, otlp_seconds
+from .metrics import Labels, otlp_attributes, otlp_origin, otlp_request, otlp_seconds
 
 FAILED: tuple[str, ...] = tuple(o.value for o in c.FAILED_OUTCOMES)
 """The outcomes the panel lists by default: the call failed."""
@@ -214,18 +213,9 @@ class FailureBook:
             _, dropped = self.pending.popitem(last=False)
             self._pending_count -= len(dropped)
 
-    def select(
-        self,
-        start: float,
-        end: float,
-        outcomes: Iterable[str] = FAILED,
-        operations: Iterable[str] | None = None,
-        hosts: Iterable[str] | None = None,
-        limit: int = 100,
-    ) -> list[Call]:
-        """The calls that ended in ``(start, end]`` with one of ``outcomes``, of these operations and hosts (None
-        or empty: all), newest first, at most ``limit``."""
-        return select(self.calls.values(), start, end, outcomes, operations, hosts, limit)
+    def select(self, start: float, end: float, outcomes: Iterable[str] = FAILED, **filters: Any) -> list[Call]:
+        """``select`` over the calls kept (``operations``, ``hosts``, ``limit`` as there)."""
+        return select(self.calls.values(), start, end, outcomes, **filters)
 
 
 def select(
@@ -237,7 +227,8 @@ def select(
     hosts: Iterable[str] | None = None,
     limit: int = 100,
 ) -> list[Call]:
-    """``FailureBook.select`` over any calls."""
+    """The calls that ended in ``(start, end]`` with one of ``outcomes``, of these operations and hosts (None or
+    empty: all), newest first, at most ``limit``."""
     wanted, ops, hs = set(outcomes), set(operations or ()), set(hosts or ())
     chosen = [
         call
@@ -271,16 +262,9 @@ def parse_spans_line(line: str) -> list[SpanRecord]:
     Only ``mooncake.*`` spans are returned (others are skipped unread)."""
     if "mooncake." not in line:
         return []
-    try:
-        request = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(request, dict):
-        raise ValueError("not a JSON object")
-    if "resourceSpans" not in request:
-        if any(k in request for k in ("resourceMetrics", "resourceLogs", "resourceProfiles")):
-            return []
-        raise ValueError("no resourceSpans")
+    request = otlp_request(line, "resourceSpans")
+    if request is None:
+        return []
     out: list[SpanRecord] = []
     try:
         for rs in request["resourceSpans"]:

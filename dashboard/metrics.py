@@ -191,20 +191,33 @@ def _histogram_points(metric: Mapping[str, Any], origin: Labels, wanted: Contain
                 yield Point(name + BUCKET, origin, le, time, running, start, delta)
 
 
-def parse_metrics_line(line: str, wanted: Container[str] = WANTED) -> list[Point]:
-    """The points of one OTLP/JSON line (an ``ExportMetricsServiceRequest``, as the SDK's and the Collector's
-    file exporters write them). Sums, gauges and histograms only; lines of other signals (``resourceSpans``, ...)
-    give ``[]``. Raises ValueError for a line that is not such an object."""
+SIGNALS = ("resourceMetrics", "resourceSpans", "resourceLogs", "resourceProfiles")
+"""The top-level keys of the OTLP/JSON export requests, one per signal."""
+
+
+def otlp_request(line: str, signal: str) -> dict[str, Any] | None:
+    """One OTLP/JSON line as the request object holding ``signal`` (one of ``SIGNALS``); None for a line of another
+    signal. Raises ValueError for a line that is not such an object."""
     try:
         request = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(request, dict):
         raise ValueError("not a JSON object")
-    if "resourceMetrics" not in request:
-        if any(k in request for k in ("resourceSpans", "resourceLogs", "resourceProfiles")):
-            return []
-        raise ValueError("no resourceMetrics")
+    if signal in request:
+        return request
+    if any(k in request for k in SIGNALS):
+        return None
+    raise ValueError(f"no {signal}")
+
+
+def parse_metrics_line(line: str, wanted: Container[str] = WANTED) -> list[Point]:
+    """The points of one OTLP/JSON line (an ``ExportMetricsServiceRequest``, as the SDK's and the Collector's
+    file exporters write them). Sums, gauges and histograms only; lines of other signals (``resourceSpans``, ...)
+    give ``[]``. Raises ValueError for a line that is not such an object."""
+    request = otlp_request(line, "resourceMetrics")
+    if request is None:
+        return []
     points: list[Point] = []
     try:
         for rm in request["resourceMetrics"]:

@@ -18,56 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_server import running_prometheus  # tests/support
 
-from tq_mooncake.cluster import free_port, http_ok, wait_until
+from tq_mooncake.cluster import free_port, wait_until
 from tq_mooncake.dashboard import metrics as m
 from tq_mooncake.dashboard.sample_run import Tally
 from tq_mooncake.dashboard.sources import FileSource, PrometheusSource
 from tq_mooncake.telemetry.conventions import Outcome
 
-PROMETHEUS = "/usr/bin/prometheus"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def ready(url: str) -> bool:
-    return http_ok(f"{url}/-/ready")
-
-
 @contextlib.contextmanager
-def running_prometheus(folder: Path) -> Iterator[tuple[str, int]]:
-    """A private Prometheus on a free loopback port scraping ``127.0.0.1:<target port>`` every second."""
-    assert Path(PROMETHEUS).is_file(), "run `make setup` (Debian package prometheus)"
-    target, port = free_port(), free_port()
-    config = folder / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"scrape_configs:\n  - job_name: tq-mooncake\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
-    )
-    url = f"http://127.0.0.1:{port}"
-    with open(folder / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={folder / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    try:
-        wait_until(lambda: ready(url) or proc.poll() is not None, 30, "prometheus to be ready")
-        assert proc.poll() is None, (folder / "prometheus.log").read_text()[-3000:]
+def scraping_a_free_port(folder: Path) -> Iterator[tuple[str, int]]:
+    """A private Prometheus scraping ``127.0.0.1:<target port>`` every second: its URL and that free port."""
+    target = free_port()
+    with running_prometheus(folder, [f"127.0.0.1:{target}"], "tq-mooncake") as url:
         yield url, target
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +44,7 @@ def prometheuses(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     no longer wait for. Separate servers keep each test's series apart."""
     with contextlib.ExitStack() as stack:
         yield {
-            name: stack.enter_context(running_prometheus(tmp_path_factory.mktemp(f"prometheus-{name}")))
+            name: stack.enter_context(scraping_a_free_port(tmp_path_factory.mktemp(f"prometheus-{name}")))
             for name in ("rates", "nodes")
         }
 

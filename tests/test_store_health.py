@@ -8,18 +8,17 @@ from __future__ import annotations
 import contextlib
 import http.server
 import math
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
+from prometheus_server import running_prometheus  # tests/support
 
-from tq_mooncake.cluster import free_port, http_ok, wait_until
+from tq_mooncake.cluster import free_port, wait_until
 from tq_mooncake.dashboard import sources
 from tq_mooncake.dashboard.sources import PrometheusError, PrometheusSource
 from tq_mooncake.dashboard.store_health import (
@@ -38,7 +37,6 @@ from tq_mooncake.dashboard.store_health import (
 )
 
 pure = pytest.mark.pure
-PROMETHEUS = "/usr/bin/prometheus"
 
 # An excerpt, verbatim, of what a real mooncake_master (0.3.13.post1) served on /metrics with two 16 MB storage
 # processes mounted, after a client's 2 gets of missing keys and 60 puts of 1 MiB (23 refused for space, 9 keys
@@ -539,45 +537,6 @@ def test_the_poller_reports_a_dead_port_and_what_is_not_a_master_without_raising
         starting = time.monotonic()
         with MasterPoller(server.address, timeout_s=0.3) as silent:  # start() on a silent master: by its timeout
             assert time.monotonic() - starting < 0.3 + 1.0 and silent.running
-
-
-@contextlib.contextmanager
-def running_prometheus(folder: Path, targets: list[str], job: str) -> Iterator[str]:
-    """A private Prometheus on a free loopback port scraping ``targets`` every second as ``job``; its URL.
-    (A minimal copy of tests/test_dashboard_prometheus.py's, with the targets given.)"""
-    assert Path(PROMETHEUS).is_file(), "run `make setup` (Debian package prometheus)"
-    port = free_port()
-    config = folder / "prometheus.yml"
-    listed = ", ".join(f"'{t}'" for t in targets)
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"scrape_configs:\n  - job_name: {job}\n    static_configs:\n      - targets: [{listed}]\n"
-    )
-    url = f"http://127.0.0.1:{port}"
-    with open(folder / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={folder / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    try:
-        wait_until(lambda: http_ok(f"{url}/-/ready") or proc.poll() is not None, 30, "prometheus to be ready")
-        assert proc.poll() is None, (folder / "prometheus.log").read_text()[-3000:]
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_prometheus_store_sums_what_prometheus_scraped_from_the_masters(start_master, start_storage_node, tmp_path):
