@@ -86,6 +86,17 @@ def shared_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MasterPr
         master.stop(timeout=0)  # SIGKILL: the fixtures of its clients (session, module) ended before this one
 
 
+@pytest.fixture(scope="session")
+def faulty_run(shared_master: MasterProcess, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One real faulty client process (``dashboard.sample_run``, 40 calls: 14 retried, 6 exhausted) that exported
+    its metrics and spans to a folder: ``(folder, what the injector did)``. Read it; copy it to change it."""
+    from tq_mooncake.dashboard.screenshot import run_workloads
+
+    folder = tmp_path_factory.mktemp("faulty-run") / "telemetry"
+    (result,) = run_workloads(shared_master, folder, [{"service": "faulty-run", "operations": 40}])
+    return folder, result
+
+
 @pytest.fixture
 def private_masters() -> Iterator[list[MasterProcess]]:
     """The masters this test started with ``start_master``, SIGKILLed at teardown: nothing is left to stop

@@ -8,14 +8,12 @@ from collections import Counter
 
 from tq_mooncake.dashboard.failures import FAILED, SHOWN_OUTCOMES
 from tq_mooncake.dashboard.sample_run import EXHAUST_CODES, MAX_ATTEMPTS, Tally
-from tq_mooncake.dashboard.screenshot import run_workloads
 from tq_mooncake.dashboard.trace_files import TraceFileSource
 from tq_mooncake.telemetry.conventions import Operation, Outcome
 
 
-def test_the_trace_files_give_back_every_call_the_injector_made_fail(shared_master, tmp_path):
-    folder = tmp_path / "telemetry"
-    (result,) = run_workloads(shared_master, folder, [{"service": "failures-run", "operations": 40}])
+def test_the_trace_files_give_back_every_call_the_injector_made_fail(faulty_run):
+    folder, result = faulty_run
     tally = Tally.from_json(result)
     assert tally.outcome(Outcome.EXHAUSTED) == 6 and tally.retried == 14
 
@@ -27,7 +25,7 @@ def test_the_trace_files_give_back_every_call_the_injector_made_fail(shared_mast
     for call in failed.calls:
         code = EXHAUST_CODES[Operation(call.operation)].name
         assert (call.keys, call.failed_keys, call.attempt_count, call.error_type) == (20, 1, MAX_ATTEMPTS, code)
-        assert call.complete and call.who("service") == "failures-run" and call.who("process") == str(result["pid"])
+        assert call.complete and call.who("service") == "faulty-run" and call.who("process") == str(result["pid"])
         assert [(a.number, a.keys, a.failed, a.codes) for a in call.attempts] == [
             (1, 20, 1, (code,)),
             *((n, 1, 1, (code,)) for n in range(2, MAX_ATTEMPTS + 1)),
