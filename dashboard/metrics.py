@@ -15,7 +15,7 @@ import os
 import re
 import stat
 from collections import Counter
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -237,6 +237,8 @@ def parse_metrics_line(line: str, wanted: Container[str] = WANTED) -> list[Point
 
 FileId = tuple[int, int]
 """A file's identity, ``(st_dev, st_ino)``: a rename keeps it, a copy gets a new one."""
+CHUNK = 4 << 20
+"""How much of a file is read at once (a large unread file is not held whole)."""
 MARK = 1024
 """How many bytes before a file's offset are kept to recognise the file there (they hold the last line's times)."""
 
@@ -263,35 +265,60 @@ class TailReader:
     (truncated or rewritten: ``copytruncate``; another file on a deleted one's inode) is read from the start."""
 
     offsets: dict[FileId, Position] = field(default_factory=dict)
+    unreadable: dict[str, str] = field(default_factory=dict)  # file name -> why it could not be read
     bytes_read: int = 0  # bytes read past the offsets, in all (a partial line again with its rest; not the marks)
 
     def new_lines(self, path: Path, listed: os.stat_result | None = None) -> list[str]:
-        """The complete lines appended to ``path`` since the last call; ``[]`` when it is gone. ``listed`` is its
-        ``stat`` from the folder's listing: then ``[]`` without opening it when its size, name and modification time
-        are those of the last read, and ``[]`` when the path now holds another file or less (rotated since: the next
-        listing has it in order)."""
+        """``lines`` as a list."""
+        return list(self.lines(path, listed))
+
+    def lines(self, path: Path, listed: os.stat_result | None = None) -> Iterator[str]:
+        """The complete lines appended to ``path`` since the last call, read ``CHUNK`` bytes at a time (the position
+        moves on as each chunk's lines are handed out: read them all); none when it is gone or cannot be read (then
+        ``unreadable`` says why, by name, until it can). ``listed`` is its ``stat`` from the folder's listing: then
+        none without opening it when its size, name and modification time are those of the last read, and none when
+        the path now holds another file or less (rotated since: the next listing has it in order)."""
         if listed is not None:
             known = self.offsets.get(file_id(listed))
             if known is not None and known[:3] == (listed.st_size, path.name, listed.st_mtime_ns):
-                return []
+                return
         try:
-            with open(path, "rb") as f:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            self.unreadable.pop(path.name, None)
+            return
+        except OSError as exc:
+            self.unreadable[path.name] = exc.strerror or str(exc)
+            return
+        with f:
+            try:
                 st = os.fstat(f.fileno())
                 if listed is not None and (file_id(st) != file_id(listed) or st.st_size < listed.st_size):
-                    return []
+                    return
                 offset, _, _, mark = self.offsets.get(file_id(st), Position(0, "", 0, b""))
-                f.seek(offset - len(mark))
+                f.seek(max(0, offset - len(mark)))
                 if f.read(len(mark)) != mark:
                     offset, mark = 0, b""
                 f.seek(offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1
-        mark = (mark + data[max(0, end - MARK) : end])[-MARK:]
-        self.offsets[file_id(st)] = Position(offset + end, path.name, st.st_mtime_ns, mark)
-        self.bytes_read += len(data)
-        return [line for line in data[:end].decode("utf-8", errors="replace").splitlines() if line.strip()]
+                rest = b""
+                while data := f.read(CHUNK):
+                    self.bytes_read += len(data)
+                    data, rest = rest + data, b""
+                    end = data.rfind(b"\n") + 1
+                    rest = data[end:]
+                    if not end:
+                        continue
+                    offset += end
+                    mark = (mark + data[max(0, end - MARK) : end])[-MARK:]
+                    self.offsets[file_id(st)] = Position(offset, path.name, st.st_mtime_ns, mark)
+                    yield from (
+                        line for line in data[:end].decode("utf-8", errors="replace").splitlines() if line.strip()
+                    )
+                self.offsets[file_id(st)] = Position(offset, path.name, st.st_mtime_ns, mark)  # renamed: its name
+            except OSError as exc:  # e.g. EIO, or a directory's EISDIR
+                self.unreadable[path.name] = exc.strerror or str(exc)
+                return
+        self.unreadable.pop(path.name, None)
 
     def forget_others(self, listed: Iterable[os.stat_result]) -> None:
         """Drops the offsets of the files not among ``listed`` (deleted, or renamed out of the listing)."""

@@ -54,6 +54,7 @@ class Snapshot:
     last_problem: str = ""  # why the last skipped line was skipped
     error: str | None = None  # the source could not be read at all
     gauges: list[Point] = field(default_factory=list)  # values of the gauges in metrics.GAUGES, as reported
+    unreadable: dict[str, str] = field(default_factory=dict)  # files that could not be read (name -> why)
 
 
 class Source(Protocol):
@@ -92,8 +93,9 @@ class FileSource:
         """Read what was appended since the last call; returns the number of points read."""
         listing = file_list(self.folder, FILE_PATTERNS)
         points: list[Point] = []
+        self._tail.unreadable.clear()  # said again below for each file still unreadable
         for path, listed in listing:
-            for line in self._tail.new_lines(path, listed):
+            for line in self._tail.lines(path, listed):
                 try:
                     points.extend(parse_line(line))
                 except ValueError as exc:
@@ -127,6 +129,7 @@ class FileSource:
                 files=self._files,
                 skipped_lines=self.skipped_lines,
                 last_problem=self.last_problem,
+                unreadable=dict(self._tail.unreadable),
             )
 
 

@@ -36,14 +36,18 @@ class TraceFileSource:
         """Read what was appended since the last call; returns the number of spans read."""
         listing = file_list(self.folder, TRACE_PATTERNS, skip=())
         read = 0
+        self._tail.unreadable.clear()  # said again below for each file still unreadable
         for path, listed in listing:
-            for line in self._tail.new_lines(path, listed):
+            for line in self._tail.lines(path, listed):
+                problems: list[str] = []
                 try:
-                    spans = parse_spans_line(line)
+                    spans = parse_spans_line(line, problems)
                 except ValueError as exc:
+                    problems.append(str(exc))
+                    spans = []
+                if problems:
                     self.skipped_lines += 1
-                    self.last_problem = f"{path.name}: {exc}"
-                    continue
+                    self.last_problem = f"{path.name}: {problems[-1]}"
                 self.book.add(spans)
                 read += len(spans)
         self._tail.forget_others(listed for _, listed in listing)
@@ -59,6 +63,9 @@ class TraceFileSource:
             self.refresh()
             notice = f"{self.files} span file(s)"
             if self.skipped_lines:
-                notice += f" · {self.skipped_lines} malformed line(s) skipped, the last: {self.last_problem}"
+                notice += f" · {self.skipped_lines} line(s) with malformed spans skipped, the last: {self.last_problem}"
+            if self._tail.unreadable:
+                name, why = next(iter(self._tail.unreadable.items()))
+                notice += f" · {len(self._tail.unreadable)} file(s) cannot be read: {name} ({why})"
             calls = self.book.select(start, end, outcomes, limit=self.book.max_calls)
             return FailureSnapshot(calls, self.description, notice=notice)

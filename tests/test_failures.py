@@ -4,15 +4,21 @@ reads them incrementally across rotation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 from span_files import clean_get, exhausted_get, exported, retried_put, spans_of  # tests/support
 
 from tq_mooncake.dashboard.failures import (
     FAILED,
+    LARGEST,
+    MAX_ATTEMPTS,
     SHOWN_OUTCOMES,
+    Attempt,
+    Call,
     FailureBook,
     parse_spans_line,
     select,
@@ -65,20 +71,38 @@ def test_spans_join_whatever_order_and_lines_they_come_in(tmp_path):
 
 
 def test_the_book_stays_within_its_bounds(tmp_path):
-    lines = exported(tmp_path, *([exhausted_get] * 6), *([retried_put] * 6))
+    lines = exported(tmp_path, *([exhausted_get] * 6), *([retried_put] * 20))
     spans = spans_of(lines)
     book = FailureBook(max_calls=4, max_pending=3)
     book.add(spans)
     kept = book.select(0, float("inf"), SHOWN_OUTCOMES)
-    assert len(book.calls) == 4 and len(kept) == 4
+    assert len(book.calls) == 8 and len(kept) == 8  # 4 of each kind: 20 retried calls push no failure out
     assert [c.end for c in kept] == sorted((c.end for c in kept), reverse=True)
-    newest_four = sorted((s for s in spans if s.name in ("mooncake.get", "mooncake.put")), key=lambda s: -s.end)[:4]
-    assert {c.span_id for c in kept} == {s.span_id for s in newest_four}
+    for name in ("mooncake.get", "mooncake.put"):
+        newest = sorted((s for s in spans if s.name == name), key=lambda s: -s.end)[:4]
+        assert {c.span_id for c in kept if c.operation == name[9:]} == {s.span_id for s in newest}
     assert all(c.complete for c in kept)  # the attempts come first (they end before their call): joined
     # attempts whose call never comes are held up to max_pending, the oldest dropped first
     orphans = FailureBook(max_pending=3)
     orphans.add([s for s in spans if s.name.endswith(".attempt")])
     assert sum(len(v) for v in orphans.pending.values()) <= 3
+
+
+def test_absurd_attributes_are_clamped_and_a_call_keeps_at_most_max_attempts(tmp_path):
+    (good,) = [s for s in spans_of(exported(tmp_path, retried_put)) if s.name == "mooncake.put"]
+    odd = {"mooncake.attempts": "nan", "db.operation.batch.size": "1e30", "mooncake.keys.failed": "-5"}
+    call = Call.from_span(dataclasses.replace(good, attrs={**good.attrs, **odd}))
+    assert (call.attempt_count, call.keys, call.failed_keys) == (0, LARGEST, 0)
+    attempt = dataclasses.replace(good, name="mooncake.put.attempt", parent_id=good.span_id, span_id="a")
+    odd_attempt = Attempt.from_span(
+        dataclasses.replace(attempt, attrs={"mooncake.backoff_s": "inf", "mooncake.chunk": "nan"})
+    )
+    assert (odd_attempt.backoff_s, odd_attempt.chunk, odd_attempt.number) == (0.0, 0, 1)
+    book = FailureBook()
+    many = [dataclasses.replace(attempt, span_id=f"{i:016x}") for i in range(MAX_ATTEMPTS + 10)]
+    book.add([*many, good, *many[:5]])  # attempts before and after their call, some twice
+    (kept,) = book.select(0, float("inf"), SHOWN_OUTCOMES)
+    assert len(kept.attempts) == MAX_ATTEMPTS and len({a.span_id for a in kept.attempts}) == MAX_ATTEMPTS
 
 
 def test_select_filters_by_window_outcome_operation_and_host(tmp_path):
@@ -104,8 +128,13 @@ def test_malformed_and_foreign_lines(tmp_path):
         with pytest.raises(ValueError):
             parse_spans_line(bad)
     no_time = {"resourceSpans": [{"scopeSpans": [{"spans": [{"name": "mooncake.get", "traceId": "ab"}]}]}]}
-    with pytest.raises(ValueError, match="malformed"):
-        parse_spans_line(json.dumps(no_time))
+    problems: list[str] = []
+    assert parse_spans_line(json.dumps(no_time), problems) == [] and "malformed span" in problems[0]
+    request = json.loads(exported(tmp_path, retried_put, name="two.jsonl")[-1])  # its operation span's line
+    spans = request["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    spans.insert(0, no_time["resourceSpans"][0]["scopeSpans"][0]["spans"][0])  # a broken span in the same line
+    problems.clear()
+    assert [s.name for s in parse_spans_line(json.dumps(request), problems)] == ["mooncake.put"] and len(problems) == 1
     # the trace-file source counts them and reads on
     folder = tmp_path / "tel"
     folder.mkdir()
@@ -113,7 +142,7 @@ def test_malformed_and_foreign_lines(tmp_path):
     (folder / "traces-h-1.jsonl").write_text('{"mooncake.x": \n' + "\n".join(good) + "\n")
     source = TraceFileSource(folder)
     snap = source.load(0, float("inf"))
-    assert len(snap.calls) == 1 and source.skipped_lines == 1 and "1 malformed line" in snap.notice
+    assert len(snap.calls) == 1 and source.skipped_lines == 1 and "1 line(s) with malformed spans" in snap.notice
     assert TraceFileSource(tmp_path / "missing").load(0, 1).error
 
 
@@ -162,3 +191,24 @@ def test_the_tables_show_counts_and_codes_and_links_only_for_hex_ids(tmp_path):
     attempts = attempts_table(call)
     assert list(attempts["attempt"]) == [1, 1, 2, 3] and list(attempts["storage endpoint"])[-1] == "10.0.0.7:7001"
     assert list(attempts["backoff ms"]) == [0.0, 0.0, 2.0, 4.0]
+
+
+def test_an_unreadable_span_file_is_named_and_the_others_read(tmp_path, monkeypatch):
+    folder = tmp_path / "tel"
+    folder.mkdir()
+    (folder / "traces-h-1.jsonl").write_text("\n".join(exported(tmp_path, exhausted_get)) + "\n")
+    (folder / "traces-other-1.jsonl").write_text("{}\n")
+    real_open = open
+
+    def refuse(path, *args, **kwargs):  # what a file of another user (mode 600) gives a non-root dashboard
+        if Path(path).name == "traces-other-1.jsonl":
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("tq_mooncake.dashboard.metrics.open", refuse, raising=False)
+    source = TraceFileSource(folder)
+    snap = source.load(0, float("inf"))
+    assert len(snap.calls) == 1 and snap.error is None
+    assert "1 file(s) cannot be read: traces-other-1.jsonl (Permission denied)" in snap.notice
+    monkeypatch.undo()
+    assert "cannot be read" not in source.load(0, float("inf")).notice  # readable again: said no more
