@@ -19,7 +19,7 @@ import streamlit as st
 
 from tq_mooncake.dashboard import metrics as m
 from tq_mooncake.dashboard.charts import age, frame, lines
-from tq_mooncake.dashboard.failures import SHOWN_OUTCOMES
+from tq_mooncake.dashboard.failures import SpanSource
 from tq_mooncake.dashboard.failures_view import failures_panel
 from tq_mooncake.dashboard.jaeger import JaegerSource
 from tq_mooncake.dashboard.settings import WINDOWS, Settings, Thresholds, parse_settings
@@ -32,7 +32,6 @@ from tq_mooncake.telemetry import conventions as c
 
 APP = Path(__file__).resolve()
 ALL_SPAN_PROMETHEUS = WINDOWS["7d"]
-SpanSource = TraceFileSource | JaegerSource
 WINDOW_NAMES = {
     "1m": "last minute",
     "5m": "last 5 min",
@@ -319,6 +318,24 @@ def empty_state(source: Source, snapshot: Snapshot, window: str, now: float) -> 
     return False
 
 
+def beside(
+    panels: Panels,
+    start: float,
+    end: float,
+    step: float,
+    retried: list[tuple[float, dict[str, float | None]]],
+    operations: list[str],
+    hosts: list[str],
+) -> None:
+    """Store health (on the charts' intervals, with the client's retry rate ``retried``) and recent failures (under
+    the page's operation and host filters)."""
+    if panels.store is None:
+        store_panel(None, retried, start, end, step, panels.store_hint)
+    else:
+        store_panel(panels.store(start, end), retried, start, end, step)
+    failures_panel(panels.spans, start, end, operations, hosts, panels.spans_hint)
+
+
 def body(source: Source, window: str, thresholds: Thresholds, panels: Panels) -> None:
     """Everything below the title: reloaded by the auto-refresh fragment."""
     now = time.time()
@@ -332,10 +349,15 @@ def body(source: Source, window: str, thresholds: Thresholds, panels: Panels) ->
         start, end = now - seconds, now
         before_start = start - seconds
         snapshot = source.load(before_start, end)
+    if snapshot.unreadable:
+        st.warning(f"{len(snapshot.unreadable)} metrics file(s) cannot be read:")
+        st.code("\n".join(f"{name}: {why}" for name, why in snapshot.unreadable.items()), language=None)
     if snapshot.skipped_lines:
         st.warning(f"{snapshot.skipped_lines} malformed line(s) skipped. The last one:")
         st.code(snapshot.last_problem, language=None)
+    step = chart_step(start, end)
     if empty_state(source, snapshot, window, now):
+        beside(panels, start, end, step, [], [], [])  # the store and the failures still tell what happened
         return
     ops_col, hosts_col = st.columns(2)
     operations = ops_col.multiselect("Operation", c.OPERATIONS, placeholder="all operations", key="ops")
@@ -348,16 +370,10 @@ def body(source: Source, window: str, thresholds: Thresholds, panels: Panels) ->
     for column, tile in zip(st.columns(6), tiles(current, previous, thresholds), strict=True):
         with column:
             show_tile(tile)
-    step = chart_step(start, end)
     series = m.time_series(snapshot.increments, start, end, step, keep)
     charts(snapshot, series, step, start, end, keep)
     retried = [(t, {"retried %": row["retried %"]}) for t, row in rate_rows(series)]
-    if panels.store is None:
-        store_panel(None, retried, start, end, step, panels.store_hint)
-    else:
-        store_panel(panels.store(start, end), retried, start, end, step)
-    spans = None if panels.spans is None else panels.spans.load(start, end, SHOWN_OUTCOMES)
-    failures_panel(spans, start, end, operations, hosts, panels.spans_hint)
+    beside(panels, start, end, step, retried, operations, hosts)
     host_table(snapshot, start, end, keep)
     storage_nodes(current, snapshot.gauges, series, step, start, end, keep)
     caption = f"{WINDOW_NAMES[window]}, compared with the window before it · updated {time.strftime('%H:%M:%S')}"

@@ -17,7 +17,7 @@ import streamlit as st
 
 from tq_mooncake.telemetry import conventions as c
 
-from .failures import FAILED, SHOWN_OUTCOMES, Attempt, Call, FailureSnapshot, select
+from .failures import FAILED, SHOWN_OUTCOMES, Attempt, Call, SpanSource, select
 
 SHOWN = 50
 """Calls listed (the newest); the timeline can open any of them."""
@@ -61,7 +61,7 @@ def calls_table(calls: Sequence[Call], link: str | None) -> pd.DataFrame:
 
 def trace_link(link: str, trace_id: str) -> str | None:
     """The trace's page in the span source's UI; None for an id that is not hex (never put into a URL)."""
-    return link.format(trace_id=trace_id) if _HEX.fullmatch(trace_id) else None
+    return link.replace("{trace_id}", trace_id) if _HEX.fullmatch(trace_id) else None
 
 
 def attempts_table(call: Call) -> pd.DataFrame:
@@ -112,24 +112,26 @@ def timeline_chart(call: Call) -> alt.Chart:
 
 
 def failures_panel(
-    snapshot: FailureSnapshot | None,
+    source: SpanSource | None,
     start: float,
     end: float,
     operations: Sequence[str],
     hosts: Sequence[str],
     hint: str = "",
 ) -> None:
-    """The panel for the calls of ``snapshot`` in ``(start, end]`` that match the page's operation and host filters
-    and the panel's own outcome filter. ``snapshot`` None: no span source; ``hint`` says how to give one."""
+    """The panel for the calls of ``source`` that ended in ``(start, end]`` with an outcome of the panel's own filter
+    (only those are asked for), under the page's operation and host filters. ``source`` None: no span source;
+    ``hint`` says how to give one."""
     st.subheader("Recent failures")
-    if snapshot is None:
+    if source is None:
         st.caption("no span source")
         if hint:
             st.info(hint)
         return
     outcomes = st.multiselect(
         "Outcome", SHOWN_OUTCOMES, default=list(FAILED), key="f_outcomes", placeholder="failed outcomes"
-    )
+    ) or list(FAILED)
+    snapshot = source.load(start, end, outcomes)
     st.caption(
         f"from {snapshot.description} · every call that retried or failed is kept by the default sampler; counts, "
         "codes and storage endpoints only, never keys"
@@ -140,7 +142,7 @@ def failures_panel(
         return
     if snapshot.notice:
         st.text(snapshot.notice)
-    calls = select(snapshot.calls, start, end, outcomes or FAILED, operations, hosts, limit=len(snapshot.calls))
+    calls = select(snapshot.calls, start, end, outcomes, operations, hosts, limit=len(snapshot.calls))
     if not calls:
         st.caption("no call with these outcomes in this window")
         return
@@ -149,6 +151,11 @@ def failures_panel(
     config = {"trace": st.column_config.LinkColumn("trace", display_text="open")} if snapshot.link else None
     st.dataframe(calls_table(shown, snapshot.link), hide_index=True, column_config=config)
     by_id = {call.id: call for call in shown}
+    kept = st.session_state.get("f_call")
+    if kept not in by_id:  # the call opened before, if it scrolled out of the newest listed: still there to keep
+        earlier = next((call for call in calls if call.id == kept), None)
+        if earlier is not None:
+            by_id[earlier.id] = earlier
     chosen = st.selectbox(
         "Attempt timeline of",
         list(by_id),
@@ -175,7 +182,9 @@ def _timeline(call: Call, link: str | None) -> None:
     for column, (label, value) in zip(st.columns(len(cards)), cards, strict=True):
         with column, st.container(border=True):
             st.metric(label, value)
-    if not call.complete:
+    if call.dropped:
+        st.caption(f"{len(call.attempts):,} attempts shown; {call.dropped:,} more attempt spans were not kept")
+    elif not call.complete:
         st.caption(f"{len(call.attempts)} of its {call.attempt_count} attempt spans were read")
     if call.attempts:
         st.altair_chart(timeline_chart(call))

@@ -337,3 +337,11 @@ def test_the_span_and_store_sources_say_what_is_missing_or_unreachable(folder, m
     codes = [c.value for c in at.code]
     assert any("cannot reach" in c and "/metrics" in c for c in codes)
     assert any("cannot reach Jaeger" in c for c in codes)
+
+
+def test_the_panels_still_show_when_no_client_reported_metrics(folder):
+    exported(folder, exhausted_get, name="traces-h-1.jsonl")  # a client that failed and then stopped reporting
+    at = run_app()
+    assert any("No tq-mooncake metrics" in t for t in markdown(at))
+    assert {"Store health", "Recent failures"} <= {h.value for h in at.subheader}
+    assert list(by_column(at, "failed keys")["outcome"]) == ["exhausted"]
