@@ -21,6 +21,24 @@ def time_domain(start: float, end: float) -> list[str]:
     return [pd.Timestamp(start, unit="s", tz="UTC").isoformat(), pd.Timestamp(end, unit="s", tz="UTC").isoformat()]
 
 
+def time_format(start: float, end: float) -> str:
+    """The time axis' label format for the window: 24-hour clock, seconds under an hour, the date past two days."""
+    seconds = end - start
+    if seconds <= 3600:
+        return "%H:%M:%S"
+    return "%H:%M" if seconds <= 2 * 86400 else "%b %d %H:%M"
+
+
+def time_axis(start: float, end: float) -> alt.X:
+    """The x encoding of every chart over time: exactly the window, labelled in ``time_format``."""
+    return alt.X(
+        "time:T",
+        title=None,
+        scale=alt.Scale(domain=time_domain(start, end)),
+        axis=alt.Axis(format=time_format(start, end)),
+    )
+
+
 def line_chart(rows: Rows, unit: str, start: float, end: float) -> alt.Chart:
     """A line chart over the window with a dot per interval that has data (intervals without are left out)."""
     long = frame(rows).rename_axis("time").reset_index().melt("time", var_name="series", value_name=unit).dropna()
@@ -28,7 +46,7 @@ def line_chart(rows: Rows, unit: str, start: float, end: float) -> alt.Chart:
         alt.Chart(long)
         .mark_line(point=True)
         .encode(
-            x=alt.X("time:T", title=None, scale=alt.Scale(domain=time_domain(start, end))),
+            x=time_axis(start, end),
             y=alt.Y(f"{unit}:Q"),
             color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom")),
         )

@@ -61,6 +61,7 @@ class StoreSample:
     rpc_requests: float = 0.0
     rpc_failures: float = 0.0
     failures_by_rpc: Mapping[str, float] = field(default_factory=dict)
+    segment_names: frozenset[str] = frozenset()  # the mounted segments (a storage process's ``host:port``)
 
     @property
     def used_fraction(self) -> float | None:
@@ -106,6 +107,7 @@ def parse_master_metrics(text: str, time: float) -> StoreSample:
         rpc_requests=sum(counters[f"master_{rpc}_requests"] for rpc in rpcs),
         rpc_failures=float(sum(failures.values())),
         failures_by_rpc={rpc: n for rpc, n in sorted(failures.items()) if n},
+        segment_names=frozenset(dict(labels).get("segment", "") for labels in segments) - {""},
     )
 
 
@@ -125,7 +127,11 @@ def normalize_url(text: str) -> str:
     except ValueError:
         raise ValueError(f"{hint} (bad port)") from None
     if not parts.hostname or (schemeless and port is None):
-        raise ValueError(hint)
+        raise ValueError(hint + (" ([::1]:PORT for an IPv6 address)" if raw.count(":") > 1 else ""))
+    if port == 0:
+        raise ValueError(f"{hint} (port 0)")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{OPTION}: credentials in the URL are not supported (they would be shown on the page)")
     path = parts.path if parts.path not in ("", "/") else "/metrics"
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
@@ -268,6 +274,8 @@ class _Added:
     evicted: float
     requests: float
     failures: Mapping[str, float]
+    lost: int = 0  # segments mounted at the sample before, not at this one (a storage process dropped out)
+    joined: int = 0  # segments mounted now, not at the sample before
 
 
 def _is_reset(prev: StoreSample, cur: StoreSample) -> bool:
@@ -285,8 +293,9 @@ def _added(samples: Iterable[StoreSample]) -> Iterator[_Added]:
     prev: StoreSample | None = None
     for cur in sorted(samples, key=lambda s: s.time):
         if prev is not None:
+            lost, joined = len(prev.segment_names - cur.segment_names), len(cur.segment_names - prev.segment_names)
             if _is_reset(prev, cur):
-                yield _Added(cur, cur.evicted_keys, cur.rpc_requests, dict(cur.failures_by_rpc))
+                yield _Added(cur, cur.evicted_keys, cur.rpc_requests, dict(cur.failures_by_rpc), lost, joined)
             else:
                 failures = {r: n - prev.failures_by_rpc.get(r, 0.0) for r, n in cur.failures_by_rpc.items()}
                 yield _Added(
@@ -294,6 +303,8 @@ def _added(samples: Iterable[StoreSample]) -> Iterator[_Added]:
                     cur.evicted_keys - prev.evicted_keys,
                     cur.rpc_requests - prev.rpc_requests,
                     {r: n for r, n in failures.items() if n},
+                    lost,
+                    joined,
                 )
         prev = cur
 
@@ -312,6 +323,8 @@ class StoreFigures:
     rpc_requests_per_s: float | None = None
     rpc_failures_per_s: float | None = None
     failures_by_rpc_per_s: Mapping[str, float] = field(default_factory=dict)
+    segments_lost: int | None = None  # segments that dropped out in the bin (None: not measured)
+    segments_joined: int | None = None  # segments newly mounted in the bin
 
     @property
     def used_fraction(self) -> float | None:
@@ -359,6 +372,8 @@ def store_series(
                 rpc_requests_per_s=sum(a.requests for a in adds) / step,
                 rpc_failures_per_s=sum(by_rpc.values()) / step,
                 failures_by_rpc_per_s={r: v / step for r, v in sorted(by_rpc.items())},
+                segments_lost=sum(a.lost for a in adds),
+                segments_joined=sum(a.joined for a in adds),
             )
         out.append((start + (i + 1) * step, figures))
     return out
@@ -375,6 +390,8 @@ class StoreWindow:
     rpc_failures: float = 0.0
     failures_by_rpc: Mapping[str, float] = field(default_factory=dict)
     measured: int = 0
+    segments_lost: int = 0
+    segments_joined: int = 0
 
     def top_rpcs(self, n: int) -> list[str]:
         """The ``n`` RPCs with the most failures in the window, the most first (then by name)."""
@@ -396,6 +413,8 @@ def store_window(samples: Iterable[StoreSample], start: float, end: float) -> St
         rpc_failures=float(sum(by_rpc.values())),
         failures_by_rpc=dict(by_rpc),
         measured=len(adds),
+        segments_lost=sum(a.lost for a in adds),
+        segments_joined=sum(a.joined for a in adds),
     )
 
 
@@ -439,6 +458,7 @@ def prometheus_query() -> str:
     """One PromQL query for every figure of a ``StoreSample``, each series labelled ``figure`` (its field)."""
     parts = [f'label_replace({expr}, "figure", "{name}", "", "")' for name, expr in PROMETHEUS_FIGURES.items()]
     parts.append(f'label_replace(({PROMETHEUS_FAILURES}), "figure", "failures_by_rpc", "", "")')
+    parts.append(f'label_replace(max by (segment) ({SEGMENT_GAUGE}), "figure", "segment", "", "")')
     return " or ".join(parts)
 
 
@@ -468,6 +488,7 @@ def _samples_from(result: list[dict[str, Any]]) -> list[StoreSample]:
     """``StoreSample``s at the steps where every master gauge has a value (the others default to 0)."""
     at: dict[float, dict[str, float]] = {}
     failures: dict[float, dict[str, float]] = {}
+    names: dict[float, set[str]] = {}
     for series in result:
         metric = series.get("metric", {})
         figure = metric.get("figure", "")
@@ -477,6 +498,8 @@ def _samples_from(result: list[dict[str, Any]]) -> list[StoreSample]:
                 continue
             if figure == "failures_by_rpc":
                 failures.setdefault(float(t), {})[metric.get("rpc", "")] = value
+            elif figure == "segment":
+                names.setdefault(float(t), set()).add(metric.get("segment", ""))
             elif figure in PROMETHEUS_FIGURES:
                 at.setdefault(float(t), {})[figure] = value
     samples = []
@@ -491,6 +514,7 @@ def _samples_from(result: list[dict[str, Any]]) -> list[StoreSample]:
                 **{name: values.get(name, 0.0) for name in PROMETHEUS_FIGURES},
                 rpc_failures=float(sum(by_rpc.values())),
                 failures_by_rpc=by_rpc,
+                segment_names=frozenset(names.get(t, set()) - {""}),
             )
         )
     return samples

@@ -63,7 +63,13 @@ def _count(x: float | None) -> str:
     return DASH if x is None else f"{x:,.0f}"
 
 
-RETRY_AND_SEGMENTS = {"retried %": "#d62728", "segments mounted": "#1f77b4", "active clients": "#7f7f7f"}
+RETRY_AND_SEGMENTS = {
+    "retried %": "#d62728",
+    "segments mounted": "#1f77b4",
+    "active clients": "#7f7f7f",
+    "segments lost": "#9467bd",
+    "segments joined": "#2ca02c",
+}
 """Series of the first chart -> colour (fixed, so that the retry rate stands out from the counts)."""
 
 
@@ -71,8 +77,13 @@ def retry_and_segments(
     retry_rows: Rows, series: list[tuple[float, StoreFigures]], start: float, end: float
 ) -> alt.LayerChart:
     """The client's retry rate (left axis) layered with the segments mounted (thick) and the active clients (dashed,
-    over it: they often coincide, one client per storage process) as steps on the right axis."""
+    over it: they often coincide, one client per storage process) as steps on the right axis, and a triangle where
+    segments were lost (down) or joined (up) in an interval: a replaced storage process shows there even when its
+    successor mounted before the master dropped it (the count never dips)."""
     counts: Rows = [(t, {"segments mounted": f.segments, "active clients": f.clients}) for t, f in series]
+    churn: Rows = [
+        (t, {"segments lost": f.segments_lost or None, "segments joined": f.segments_joined or None}) for t, f in series
+    ]
     colors = alt.Scale(domain=list(RETRY_AND_SEGMENTS), range=list(RETRY_AND_SEGMENTS.values()))
     color = alt.Color("series:N", title=None, scale=colors, legend=alt.Legend(orient="bottom"))
     left = line_chart(retry_rows, "%", start, end).encode(color=color)
@@ -86,7 +97,13 @@ def retry_and_segments(
             strokeWidth=alt.StrokeWidth("series:N", legend=None, scale=alt.Scale(domain=kinds, range=[4, 1.5])),
         )
     )
-    return alt.layer(left, right).resolve_scale(y="independent")
+    shapes = alt.Shape(
+        "series:N",
+        legend=None,
+        scale=alt.Scale(domain=["segments lost", "segments joined"], range=["triangle-down", "triangle-up"]),
+    )
+    marks = line_chart(churn, "count", start, end).mark_point(size=140, filled=True).encode(color=color, shape=shapes)
+    return alt.layer(left, alt.layer(right, marks)).resolve_scale(y="independent")
 
 
 def store_panel(
@@ -139,7 +156,13 @@ def cards(window: StoreWindow, now: float) -> None:
         ),
         ("Keys", _count(latest.keys), "objects the master holds"),
         ("Clients", _count(latest.clients), "active: processes the master counts as alive"),
-        ("Segments", _count(latest.segments), "mounted: storage processes' memory"),
+        (
+            "Segments",
+            _count(latest.segments),
+            f"mounted; {window.segments_lost:,} lost, {window.segments_joined:,} joined in the window"
+            if measured
+            else "mounted: storage processes' memory",
+        ),
         ("Evictions", _count(window.evictions if measured else None), "keys evicted in the window"),
         (
             "RPC failures",
@@ -164,7 +187,10 @@ def charts(
 ) -> None:
     every = f"per {age(step)} interval"
     st.subheader("Retry rate and storage segments")
-    st.caption(f"the client's retried % (left axis); segments mounted and active clients (right axis); {every}")
+    st.caption(
+        f"the client's retried % (left axis); segments mounted and active clients (right axis), ▼ segments lost and "
+        f"▲ joined in an interval; {every}"
+    )
     st.altair_chart(retry_and_segments(retry_rows, series, start, end))
     left, right = st.columns(2)
     with left:

@@ -6,6 +6,7 @@ service, HTTP errors, an endless or silent answer), and Debian's real Prometheus
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.server
 import math
 import threading
@@ -149,6 +150,7 @@ RECORDED = StoreSample(
     rpc_requests=60 + 37 + 2 + 2 + 4 + 0,  # put_start, put_end, get_replica_list, mount_segment, ping, batch_put_start
     rpc_failures=25.0,
     failures_by_rpc={"get_replica_list": 2.0, "put_start": 23.0},  # not put_start_alloc: a cause of put_start's
+    segment_names=frozenset({"127.0.0.1:13739", "127.0.0.1:12725"}),
 )
 OTHER_SERVICE = """\
 # HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.
@@ -257,7 +259,18 @@ def test_a_host_and_port_become_the_metrics_url(given_url: str, url: str) -> Non
 
 @pure
 @pytest.mark.parametrize(
-    "bad", ["", "mooncake-master", "ftp://host:9003", "file:///etc/passwd", "host:port", "http://:9003", "a b:1"]
+    "bad",
+    [
+        "",
+        "mooncake-master",
+        "ftp://host:9003",
+        "file:///etc/passwd",
+        "host:port",
+        "http://:9003",
+        "a b:1",
+        "localhost:0",
+        "http://admin:s3cret@127.0.0.1:9003",  # would be shown on the page
+    ],
 )
 def test_other_urls_are_refused_naming_the_option(bad: str) -> None:
     with pytest.raises(ValueError, match="--master-metrics"):
@@ -442,6 +455,21 @@ def test_the_poller_follows_a_real_master_as_a_storage_process_mounts_and_dies(s
     assert after_kill[-1].rpc_failures == mounted.rpc_failures  # its death is no RPC failure at the master
     segments = [f.segments for _, f in store_series(snap.samples, began, end, 0.25) if f.segments is not None]
     assert segments[0] == 0 and 1 in segments and segments[-1] == 0
+    (name,) = mounted.segment_names  # the storage process's segment, by name: joined, then lost
+    window = store_window(snap.samples, began, end)
+    assert (window.segments_joined, window.segments_lost) == (1, 1) and name not in after_kill[-1].segment_names
+
+
+@pure
+def test_segments_lost_and_joined_count_names_not_the_total() -> None:
+    """A storage process replaced: its successor mounts before the master drops the dead one, so the count goes
+    2, 3, 2 and never below 2; the names say one segment was lost and one joined."""
+    names = [{"a", "b"}, {"a", "b", "c"}, {"b", "c"}, {"b", "c"}]
+    samples = [dataclasses.replace(RECORDED, time=float(t), segment_names=frozenset(n)) for t, n in enumerate(names)]
+    series = store_series(samples, 0.0, 4.0, 1.0)
+    assert [(f.segments_joined, f.segments_lost) for _, f in series] == [(1, 0), (0, 1), (0, 0), (None, None)]
+    window = store_window(samples, 0.0, 4.0)
+    assert (window.segments_joined, window.segments_lost) == (1, 1)
 
 
 class Endpoint(http.server.ThreadingHTTPServer):
@@ -565,5 +593,6 @@ def test_prometheus_store_sums_what_prometheus_scraped_from_the_masters(start_ma
     for name in ("segments", "capacity_bytes", "allocated_bytes", "keys", "clients", "evicted_keys"):
         assert getattr(got, name) == getattr(live, name) + getattr(RECORDED, name), name
     assert live.failures_by_rpc == {} and got.failures_by_rpc == RECORDED.failures_by_rpc
+    assert got.segment_names == live.segment_names | RECORDED.segment_names  # by name, from the segment label
     assert RECORDED.rpc_requests < got.rpc_requests <= RECORDED.rpc_requests + live.rpc_requests
     assert before.samples == [] and "no Mooncake master series" in (before.error or "")
