@@ -320,6 +320,34 @@ class TailReader:
                 return
         self.unreadable.pop(path.name, None)
 
+    def skip(self, path: Path, listed: os.stat_result, keep: int = 0) -> bool:
+        """Count ``path`` (the file ``listed``) as read, without reading it, up to the start of the first line that
+        begins in its last ``keep`` bytes (0: up to its last complete line): for data too old to matter. False
+        (nothing changed) when there is no such line start within 64 KiB, or the file cannot be read."""
+        window = 64 << 10
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if file_id(st) != file_id(listed) or keep >= st.st_size:
+                    return False
+                if keep <= 0:
+                    f.seek(max(0, st.st_size - window))
+                    tail = f.read(window)
+                    if not (end := tail.rfind(b"\n") + 1):
+                        return False
+                    offset = st.st_size - len(tail) + end
+                else:
+                    f.seek(st.st_size - keep - 1)  # from the byte before: a line may begin right there
+                    if (newline := f.read(window).find(b"\n")) < 0:
+                        return False
+                    offset = st.st_size - keep + newline
+                f.seek(max(0, offset - MARK))
+                mark = f.read(offset - max(0, offset - MARK))
+        except OSError:
+            return False
+        self.offsets[file_id(st)] = Position(offset, path.name, st.st_mtime_ns, mark)
+        return True
+
     def forget_others(self, listed: Iterable[os.stat_result]) -> None:
         """Drops the offsets of the files not among ``listed`` (deleted, or renamed out of the listing)."""
         keep = {file_id(st) for st in listed}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from span_files import clean_get, exhausted_get, exported, retried_put, spans_of  # tests/support
 
+from tq_mooncake.dashboard import metrics as m
 from tq_mooncake.dashboard.failures import (
     FAILED,
     LARGEST,
@@ -212,3 +213,27 @@ def test_an_unreadable_span_file_is_named_and_the_others_read(tmp_path, monkeypa
     assert "1 file(s) cannot be read: traces-other-1.jsonl (Permission denied)" in snap.notice
     monkeypatch.undo()
     assert "cannot be read" not in source.load(0, float("inf")).notice  # readable again: said no more
+
+
+def test_the_first_read_takes_the_newest_files_up_to_its_budget(tmp_path):
+    folder = tmp_path / "tel"
+    folder.mkdir()
+    for seq in (1, 2, 3):  # rotated files, oldest first, then the active one
+        name = f"traces-h-1.{seq:06d}.jsonl"
+        (folder / name).write_text("\n".join(exported(tmp_path, exhausted_get, name=f"src-{seq}.jsonl")) + "\n")
+        os.utime(folder / name, (1000 + seq, 1000 + seq))
+    (folder / "traces-h-1.jsonl").write_text("\n".join(exported(tmp_path, exhausted_get, name="src-4.jsonl")) + "\n")
+    source = TraceFileSource(folder)
+    source.first_read_bytes = (folder / "traces-h-1.000003.jsonl").stat().st_size  # room for the active file only
+    assert len(source.load(0, float("inf")).calls) == 1 and source.skipped_files == 3
+    assert "3 older file(s) not read or read in part" in source.load(0, float("inf")).notice
+    with open(folder / "traces-h-1.000001.jsonl", "a") as f:  # a file skipped at the start is read on from there
+        f.write("\n".join(exported(tmp_path, retried_put, name="src-5.jsonl")) + "\n")
+    assert [c.outcome for c in source.load(0, float("inf"), SHOWN_OUTCOMES).calls][0] == "success_after_retry"
+    half = TraceFileSource(folder)  # a budget inside the active file: it is read from a line start inside it
+    active = (folder / "traces-h-1.jsonl").read_bytes()
+    half.first_read_bytes = len(active) // 2
+    half.load(0, float("inf"), SHOWN_OUTCOMES)
+    unread = half._tail.offsets[m.file_id((folder / "traces-h-1.jsonl").stat())]
+    assert 0 < half._tail.bytes_read < len(active) and active[unread.offset - 1 : unread.offset] == b"\n"
+    assert half.skipped_lines == 0 and half.skipped_files == 4
