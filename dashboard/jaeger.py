@@ -1,5 +1,5 @@
 """The recent-failures panel's span source in the docker-compose recipe: Jaeger's HTTP query API (the one its UI
-uses, ``/api/...`` on port 16686), over urllib.
+uses, ``/api/...`` on port 16686), over ``http_get`` (every request bounded in time and size).
 
 * ``jaeger_spans``: one trace of ``/api/traces`` as ``SpanRecord``s equal to what ``failures.parse_spans_line``
   reads from the OTLP JSON of the same spans (Jaeger keeps microseconds: times are the OTLP ones truncated to
@@ -10,20 +10,21 @@ uses, ``/api/...`` on port 16686), over urllib.
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
 import re
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Generic, TypeVar
 
 from tq_mooncake.telemetry import conventions as c
 
+from . import http_get
 from .failures import ATTEMPT_SPANS, FAILED, OPERATION_SPANS, SHOWN_OUTCOMES, FailureBook, FailureSnapshot, SpanRecord
 from .metrics import otlp_origin, otlp_seconds
 
@@ -48,12 +49,18 @@ ADDED_TAGS = frozenset(
     }
 )
 """Span tags that Jaeger's OTLP translation and collector add (kind, status, scope, format): not span attributes."""
+THREAD_PREFIX = "tq-mooncake-jaeger"
+"""The name prefix of the threads that ask Jaeger (a load's pool)."""
 _MOONCAKE_SPANS = OPERATION_SPANS | ATTEMPT_SPANS
 _HEX = re.compile(r"[0-9a-f]+")
 
 
 class JaegerError(RuntimeError):
     """Jaeger's query API could not be reached, refused a request or gave something else than its JSON."""
+
+
+class OutOfBudget(JaegerError):
+    """A request not made, or given up, because the load's ``budget_s`` was spent (not Jaeger's failure alone)."""
 
 
 # ------------------------------------------------------------------------------------------------ traces
@@ -164,27 +171,77 @@ def jaeger_spans(trace: Mapping[str, Any]) -> list[SpanRecord]:
 
 
 def http_url(value: str, option: str) -> str:
-    """``value`` without a trailing slash if it is an http(s) URL with a host and no query; ValueError naming
-    ``option`` else."""
-    parts = urllib.parse.urlsplit(value.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+    """``value`` without a trailing slash if it is an http(s) URL with a host, a port other than 0 (or none), no
+    credentials, query or fragment; ValueError naming ``option`` else (credentials would be shown on the page and in
+    its links, and are not in the message)."""
+    text = value.strip()
+    parts = urllib.parse.urlsplit(text)
+    if "@" in parts.netloc:
+        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+        raise ValueError(
+            f"{option}: credentials in the URL are not supported (they would be shown on the page and in its links),"
+            f" got {shown!r}"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0 or parts.query or parts.fragment:
         raise ValueError(f"{option} must be an http:// or https:// URL (e.g. http://127.0.0.1:16686), got {value!r}")
-    return value.strip().rstrip("/")
+    return text.rstrip("/")
 
 
 def _micros(seconds: float) -> int:
     return int(math.floor(max(0.0, seconds) * 1e6))
 
 
+T = TypeVar("T")
+
+
+@dataclass
+class _Gathered(Generic[T]):
+    """What jobs run on a pool until a deadline gave: results by job index, Jaeger's failures, how many were late
+    (not finished, or OutOfBudget)."""
+
+    results: dict[int, T] = field(default_factory=dict)
+    failures: list[JaegerError] = field(default_factory=list)
+    late: int = 0
+
+    @property
+    def last_failure(self) -> str:
+        return str(self.failures[-1]) if self.failures else ""
+
+
+def _gather(pool: Executor, jobs: list[Callable[[], T]], deadline: float) -> _Gathered[T]:
+    """Run ``jobs`` on ``pool``, waiting until ``deadline``: the unfinished ones are cancelled or abandoned (their
+    results ignored). A job's OutOfBudget makes it late, another JaegerError is a failure, and any other exception
+    is raised here."""
+    futures = [pool.submit(job) for job in jobs]
+    wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+    out: _Gathered[T] = _Gathered()
+    for i, future in enumerate(futures):
+        if not future.done() or isinstance(future.exception(), OutOfBudget):
+            future.cancel()
+            out.late += 1
+        elif isinstance(future.exception(), JaegerError):
+            out.failures.append(future.exception())  # type: ignore[arg-type]
+        else:
+            out.results[i] = future.result()
+    return out
+
+
 class JaegerSource:
     """Recent failed calls from Jaeger's query API at ``url`` (e.g. ``http://127.0.0.1:16686``); ``ui_url`` is where
-    the browser reaches Jaeger's UI, for ``link`` (default ``url``).
+    the browser reaches Jaeger's UI, for ``link`` (default ``url``; braces in it stay as they are: only
+    ``{trace_id}`` is meant to be replaced, with ``str.replace``).
 
     Each ``load`` searches, for each of the first ``max_services`` services (by name) that have a ``mooncake.*``
     operation span, the traces with an operation span of each wanted outcome that started in the range (less
     ``lookback_s``: a call is listed by its end, Jaeger searches by start), at most ``limit`` per search (Jaeger
-    keeps the newest). The list of those services is kept ``services_ttl_s`` seconds. Every request has a
-    ``timeout_s`` timeout and reads at most ``max_bytes``. Thread-safe."""
+    keeps the newest). The list of those services is kept ``services_ttl_s`` seconds. The operations look-ups and
+    the searches run on ``workers`` threads; a whole ``load`` takes at most about ``budget_s``: what has not
+    answered by then is abandoned. Every request ends within ``timeout_s`` (whole, ``http_get``) and what remains
+    of the budget, and reads at most ``max_bytes``. Thread-safe; no request is made holding the lock."""
 
     def __init__(
         self,
@@ -197,37 +254,45 @@ class JaegerSource:
         services_ttl_s: float = 30.0,
         lookback_s: float = 120.0,
         max_bytes: int = MAX_ANSWER_BYTES,
+        budget_s: float = 10.0,
+        workers: int = 8,
     ) -> None:
         self.url = http_url(url, "--jaeger")
         self.ui_url = http_url(ui_url, "--jaeger-ui") if ui_url else self.url
-        if not timeout_s > 0 or limit < 1 or max_services < 1 or max_bytes < 1:
-            raise ValueError("timeout_s, limit, max_services and max_bytes must be positive")
+        if not (timeout_s > 0 and budget_s > 0) or min(limit, max_services, max_bytes, workers) < 1:
+            raise ValueError("timeout_s, budget_s, limit, max_services, max_bytes and workers must be positive")
         self.timeout_s, self.limit, self.max_services = float(timeout_s), int(limit), int(max_services)
         self.services_ttl_s, self.lookback_s, self.max_bytes = float(services_ttl_s), float(lookback_s), max_bytes
+        self.budget_s, self.workers = float(budget_s), int(workers)
         self.description = f"Jaeger at {self.url}"
-        self.link = f"{self.ui_url}/trace/{{trace_id}}"
+        self.link = self.ui_url + "/trace/{trace_id}"  # not format(): braces in ui_url stay literal
         self._lock = threading.Lock()
         self._services: tuple[float, list[str], str] | None = None  # (when, services, notice)
 
     # -------------------------------------------------------------------- HTTP
 
-    def get(self, path: str, params: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    def get(self, path: str, params: Mapping[str, Any] | None = None, deadline: float | None = None) -> tuple[Any, str]:
         """The ``data`` of Jaeger's JSON answer to ``GET path?params`` (``None`` as ``[]``) and the text of its
-        ``errors`` (``""`` for none); JaegerError on any failure, with Jaeger's own message where it gave one."""
+        ``errors`` (``""`` for none), asked with ``timeout_s`` or until ``deadline`` (``time.monotonic()``) if
+        sooner; JaegerError on any failure, with Jaeger's own message where it gave one (OutOfBudget when the
+        deadline was the reason)."""
+        timeout = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
+        if timeout <= 0:
+            raise OutOfBudget(f"{self.url}{path} was not asked: the load's {self.budget_s:g} s were spent")
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        target = f"{self.url}{path}{query}"
-        request = urllib.request.Request(target, headers={"Accept": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                raw = resp.read(self.max_bytes + 1)
-        except urllib.error.HTTPError as exc:
-            raise JaegerError(f"{self.url}{path} answered HTTP {exc.code} {_error_text(exc)}".strip()) from None
-        except TimeoutError:
-            raise JaegerError(f"{self.url}{path} did not answer within {self.timeout_s:g} s") from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            raise JaegerError(f"cannot reach Jaeger at {self.url}: {getattr(exc, 'reason', exc)}") from None
-        if len(raw) > self.max_bytes:
-            raise JaegerError(f"{self.url}{path} answered more than {self.max_bytes} bytes")
+            raw = http_get.get(f"{self.url}{path}{query}", timeout, self.max_bytes, accept="application/json").body
+        except http_get.HttpError as exc:
+            said = _error_text(exc.body) or exc.excerpt
+            raise JaegerError(f"{self.url}{path} answered HTTP {exc.status} {said}".strip()) from None
+        except http_get.HttpTimeout:
+            if timeout < self.timeout_s:  # cut short by the deadline
+                raise OutOfBudget(f"{self.url}{path} did not answer within the load's {self.budget_s:g} s") from None
+            raise JaegerError(f"{self.url}{path} did not answer within {timeout:.3g} s") from None
+        except http_get.HttpTooLarge:
+            raise JaegerError(f"{self.url}{path} answered more than {self.max_bytes} bytes") from None
+        except (http_get.HttpGetError, ValueError) as exc:  # unreachable, not HTTP, or a URL it does not take
+            raise JaegerError(f"cannot reach Jaeger at {self.url}: {exc}") from None
         try:
             body = json.loads(raw)
         except ValueError:
@@ -241,29 +306,47 @@ class JaegerSource:
 
     # -------------------------------------------------------------------- services
 
-    def services(self) -> tuple[list[str], str]:
+    def services(self, deadline: float | None = None, pool: Executor | None = None) -> tuple[list[str], str]:
         """The services searched (those with a ``mooncake.*`` operation, the first ``max_services``) and a notice
-        saying how many were left out; kept ``services_ttl_s`` seconds. JaegerError when Jaeger cannot say."""
+        saying how many were left out, asked until ``deadline`` (default: ``budget_s`` from now), the operations on
+        ``pool`` (default: one of ``workers`` threads). Kept ``services_ttl_s`` seconds when every service could be
+        looked at; one that could not is left out, and the notice says so. JaegerError when Jaeger cannot say
+        (``/api/services`` failed, or no operations look-up answered)."""
         with self._lock:
-            now = time.monotonic()
-            if self._services is not None and now - self._services[0] < self.services_ttl_s:
-                return list(self._services[1]), self._services[2]
-            listed, _ = self.get("/api/services")
-            if not isinstance(listed, list):
-                raise JaegerError(f"{self.url}/api/services: not a list of services")
-            names = sorted({str(s) for s in listed})
-            found = [s for s in names[:MAX_CHECKED_SERVICES] if self._has_mooncake_spans(s)]
-            notes = []
-            if len(names) > MAX_CHECKED_SERVICES:
-                notes.append(f"{len(names) - MAX_CHECKED_SERVICES} Jaeger service(s) not looked at")
-            if len(found) > self.max_services:
-                notes.append(f"{len(found) - self.max_services} service(s) with mooncake spans left out")
-            chosen = found[: self.max_services]
-            self._services = (now, chosen, " · ".join(notes))
-            return list(chosen), self._services[2]
+            cached = self._services
+        asked_at = time.monotonic()
+        if cached is not None and asked_at - cached[0] < self.services_ttl_s:
+            return list(cached[1]), cached[2]
+        if pool is None:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix=THREAD_PREFIX) as own:
+                return self.services(deadline, own)
+        deadline = asked_at + self.budget_s if deadline is None else deadline
+        listed, _ = self.get("/api/services", deadline=deadline)
+        if not isinstance(listed, list):
+            raise JaegerError(f"{self.url}/api/services: not a list of services")
+        names = sorted({str(s) for s in listed})
+        checked = names[:MAX_CHECKED_SERVICES]
+        looked = _gather(pool, [partial(self._has_mooncake_spans, s, deadline) for s in checked], deadline)
+        if checked and not looked.results:
+            raise JaegerError(looked.last_failure or f"no operations look-up answered within {self.budget_s:g} s")
+        found = [s for i, s in enumerate(checked) if looked.results.get(i)]
+        notes = []
+        if len(names) > MAX_CHECKED_SERVICES:
+            notes.append(f"{len(names) - MAX_CHECKED_SERVICES} Jaeger service(s) not looked at")
+        if looked.failures or looked.late:
+            missed = len(looked.failures) + looked.late
+            why = f"the last: {looked.last_failure}" if looked.failures else f"not within {self.budget_s:g} s"
+            notes.append(f"{missed} service(s) left out: their operations could not be looked up ({why})")
+        if len(found) > self.max_services:
+            notes.append(f"{len(found) - self.max_services} service(s) with mooncake spans left out")
+        chosen, notice = found[: self.max_services], " · ".join(notes)
+        if not (looked.failures or looked.late):
+            with self._lock:
+                self._services = (asked_at, chosen, notice)
+        return list(chosen), notice
 
-    def _has_mooncake_spans(self, service: str) -> bool:
-        operations, _ = self.get("/api/operations", {"service": service})
+    def _has_mooncake_spans(self, service: str, deadline: float | None = None) -> bool:
+        operations, _ = self.get("/api/operations", {"service": service}, deadline)
         if not isinstance(operations, list):
             raise JaegerError(f"{self.url}/api/operations: not a list of operations")
         names = {str(op.get("name", "")) if isinstance(op, dict) else str(op) for op in operations}
@@ -276,7 +359,9 @@ class JaegerSource:
 
     # -------------------------------------------------------------------- traces
 
-    def traces(self, service: str, outcome: str, start: float, end: float) -> tuple[list[Any], str]:
+    def traces(
+        self, service: str, outcome: str, start: float, end: float, deadline: float | None = None
+    ) -> tuple[list[Any], str]:
         """Jaeger's traces of ``service`` with a span tagged ``mooncake.outcome=outcome`` that started in
         ``[start - lookback_s, end]``, at most ``limit``, and what Jaeger said about them (``errors``)."""
         params = {
@@ -286,50 +371,64 @@ class JaegerSource:
             "end": math.ceil(max(0.0, end) * 1e6),
             "limit": self.limit,
         }
-        data, errors = self.get("/api/traces", params)
+        data, errors = self.get("/api/traces", params, deadline)
         if not isinstance(data, list):
             raise JaegerError(f"{self.url}/api/traces: not a list of traces")
         return data, errors
 
     def load(self, start: float, end: float, outcomes: Iterable[str] = FAILED) -> FailureSnapshot:
-        """The calls that ended in ``(start, end]`` with one of ``outcomes``, newest first, at most ``limit``, with
-        their attempts. Never raises for Jaeger's failures: ``error`` says what went wrong (nothing is listed
-        then); a malformed trace is skipped and counted in ``notice``."""
+        """Every call found that ended in ``(start, end]`` with one of ``outcomes``, newest first, with their
+        attempts, within about ``budget_s``. Never raises for Jaeger's failures: ``error`` says what went wrong
+        (nothing is listed then) when Jaeger could not list its services or no search answered; searches that
+        failed or did not answer in time while others did are counted in ``notice``, as are malformed traces
+        (skipped)."""
         if not (math.isfinite(start) and math.isfinite(end)):
             return FailureSnapshot([], self.description, error="not a finite time range", link=self.link)
         wanted = [o for o in dict.fromkeys(outcomes) if o in SHOWN_OUTCOMES]
-        book = FailureBook()
-        seen: set[str] = set()
-        skipped, problem, full, jaeger_errors = 0, "", 0, ""
+        deadline = time.monotonic() + self.budget_s
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix=THREAD_PREFIX)
         try:
-            services, notice = self.services()
-            for service in services:
-                for outcome in wanted:
-                    found, errors = self.traces(service, outcome, start, end)
-                    full += len(found) >= self.limit
-                    jaeger_errors = errors or jaeger_errors
-                    for trace in found:
-                        trace_id = str(trace.get("traceID")) if isinstance(trace, dict) else ""
-                        if trace_id and trace_id in seen:
-                            continue
-                        try:
-                            spans = jaeger_spans(trace)
-                        except ValueError as exc:
-                            skipped, problem = skipped + 1, str(exc)
-                            continue
-                        seen.add(trace_id)
-                        book.add(spans)
+            services, notice = self.services(deadline, pool)
+            searches = [(s, o) for s in services for o in wanted]
+            jobs = [partial(self.traces, s, o, start, end, deadline) for s, o in searches]
+            found = _gather(pool, jobs, deadline)
+            if searches and not found.results:
+                raise JaegerError(found.last_failure or f"no trace search answered within {self.budget_s:g} s")
         except JaegerError as exc:
             self.forget_services()
             return FailureSnapshot([], self.description, error=str(exc), link=self.link)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # what runs still ends by the deadline (get's timeout)
+        book = FailureBook()
+        seen: set[str] = set()
+        skipped, problem, full, jaeger_errors = 0, "", 0, ""
+        for i in sorted(found.results):
+            traces, errors = found.results[i]
+            full += len(traces) >= self.limit
+            jaeger_errors = errors or jaeger_errors
+            for trace in traces:
+                trace_id = str(trace.get("traceID")) if isinstance(trace, dict) else ""
+                if trace_id and trace_id in seen:
+                    continue
+                try:
+                    spans = jaeger_spans(trace)
+                except ValueError as exc:
+                    skipped, problem = skipped + 1, str(exc)
+                    continue
+                seen.add(trace_id)
+                book.add(spans)
         notes = [f"{len(services)} Jaeger service(s) with mooncake spans"] + ([notice] if notice else [])
+        if found.late:
+            notes.append(f"{found.late} of {len(searches)} search(es) did not answer within {self.budget_s:g} s")
+        if found.failures:
+            notes.append(f"{len(found.failures)} of {len(searches)} search(es) failed, the last: {found.last_failure}")
         if full:
             notes.append(f"{full} search(es) returned the most traces asked for ({self.limit}): older calls missed")
         if skipped:
             notes.append(f"{skipped} malformed trace(s) skipped, the last: {problem}")
         if jaeger_errors:
             notes.append(f"Jaeger said: {jaeger_errors}")
-        calls = book.select(start, end, wanted, limit=self.limit)
+        calls = book.select(start, end, wanted, limit=len(book.calls))  # each search is bounded by limit already
         return FailureSnapshot(calls, self.description, notice=" · ".join(notes), link=self.link)
 
 
@@ -339,10 +438,10 @@ def _errors_text(errors: Any) -> str:
     return "; ".join(str(e.get("msg", e)) if isinstance(e, dict) else str(e) for e in errors[:3])
 
 
-def _error_text(exc: urllib.error.HTTPError) -> str:
-    """Jaeger's message in an error answer (``{"errors": [{"code", "msg"}]}``), else ``""``."""
+def _error_text(body: bytes) -> str:
+    """Jaeger's message in an error answer's body (``{"errors": [{"code", "msg"}]}``), else ``""``."""
     try:
-        body = json.loads(exc.read(64 * 1024))
-    except (ValueError, OSError):
+        data = json.loads(body)
+    except ValueError:
         return ""
-    return _errors_text(body.get("errors")) if isinstance(body, dict) and body.get("errors") else ""
+    return _errors_text(data.get("errors")) if isinstance(data, dict) and data.get("errors") else ""

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator
 from tq_mooncake.client.codes import ErrorCode
 from tq_mooncake.client.observer import OperationSummary
 from tq_mooncake.client.replica_routing import RoutingReport
-from tq_mooncake.cluster import free_port
+from tq_mooncake.cluster import free_port, wait_until
 from tq_mooncake.dashboard.failures import FAILED, SHOWN_OUTCOMES, FailureBook, parse_spans_line
-from tq_mooncake.dashboard.jaeger import JaegerSource, jaeger_spans, tag_text
+from tq_mooncake.dashboard.jaeger import THREAD_PREFIX, JaegerSource, jaeger_spans, tag_text
 from tq_mooncake.telemetry import OTelObserver, instruments
 from tq_mooncake.telemetry.conventions import Operation, Outcome
 from tq_mooncake.telemetry.jsonl import JsonLinesSpanExporter
@@ -340,17 +341,28 @@ def as_string(tag: dict[str, Any]) -> str:
     return ("true" if value else "false") if tag["type"] == "bool" else str(value)
 
 
+class StandInServer(ThreadingHTTPServer):
+    """A listen backlog for a source's parallel requests: at the default 5, connections past it wait for the
+    client's SYN to be retried (1 s later)."""
+
+    request_queue_size = 128
+
+
 class StandInJaeger:
     """Jaeger's query API (1.65's routes and envelope) over ``traces``, searching them as its memory store does:
     a trace matches when one span of the service started in [start, end] (µs) with every tag (span and process
-    tags); at most ``limit``, the newest by first span. ``mode``: ``ok``, ``500``, ``text``, ``hang``."""
+    tags); at most ``limit``, the newest by first span. ``mode``: ``ok``, ``500``, ``text``, ``hang``. ``before``
+    is called with each request's path and parameters before it is answered: it may wait (on ``release``, set at
+    the end) and may return the answer to send instead (status, body)."""
 
     def __init__(self, traces: list[dict[str, Any]]) -> None:
         self.traces = traces
         self.junk: list[Any] = []  # appended to every /api/traces answer
         self.extra_services = ["jaeger-all-in-one"]
         self.mode = "ok"
+        self.before: Callable[[str, dict[str, str]], tuple[int, bytes] | None] = lambda path, params: None
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.in_flight = self.most_in_flight = 0
         self.release = threading.Event()
         self._lock = threading.Lock()
         stand_in = self
@@ -361,7 +373,13 @@ class StandInJaeger:
                 params = dict(urllib.parse.parse_qsl(url.query))
                 with stand_in._lock:
                     stand_in.requests.append((url.path, params))
-                status, body = stand_in.answer(url.path, params)
+                    stand_in.in_flight += 1
+                    stand_in.most_in_flight = max(stand_in.most_in_flight, stand_in.in_flight)
+                try:
+                    status, body = stand_in.before(url.path, params) or stand_in.answer(url.path, params)
+                finally:
+                    with stand_in._lock:
+                        stand_in.in_flight -= 1
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json" if status == 200 else "text/plain")
@@ -374,7 +392,7 @@ class StandInJaeger:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = StandInServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = False  # server_close() joins the handler threads
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), name="stand-in-jaeger")
@@ -448,10 +466,17 @@ class StandInJaeger:
         return False
 
 
+def no_source_threads() -> bool:
+    return not any(t.name.startswith(THREAD_PREFIX) for t in threading.enumerate())
+
+
 @pytest.fixture
 def jaeger(traces: list[dict[str, Any]]) -> Iterator[StandInJaeger]:
+    """A started stand-in; at the end, stopped, and the sources' threads that asked it ended too (bounded: each
+    request ends by its load's deadline)."""
     with StandInJaeger(traces) as server:
         yield server
+    wait_until(no_source_threads, 5, "the Jaeger sources' threads to end")
 
 
 START, END = BASE_NS / 1e9 - 30, BASE_NS / 1e9 + 30
@@ -469,10 +494,10 @@ def test_the_source_lists_the_failed_calls_newest_first_with_their_attempts(jaeg
         ("get", "exhausted", 5),
     ]
     assert snap.link is not None
-    assert snap.link.format(trace_id=snap.calls[1].trace_id) == f"{UI}/trace/{FIRST_TRACE:032x}"
+    assert snap.link.replace("{trace_id}", snap.calls[1].trace_id) == f"{UI}/trace/{FIRST_TRACE:032x}"
     assert "2 Jaeger service(s) with mooncake spans" in snap.notice
 
-    assert [p["service"] for p in jaeger.asked("/api/operations")] == ["jaeger-all-in-one", "loader", "trainer"]
+    assert sorted(p["service"] for p in jaeger.asked("/api/operations")) == ["jaeger-all-in-one", "loader", "trainer"]
     searched = jaeger.asked("/api/traces")
     assert {(p["service"], json.loads(p["tags"])["mooncake.outcome"]) for p in searched} == {
         (s, o) for s in ("loader", "trainer") for o in FAILED
@@ -535,11 +560,15 @@ def test_failures_of_jaeger_are_errors_never_exceptions(jaeger):
     jaeger.mode = "text"
     assert "did not answer JSON" in (source.load(START, END).error or "")
     jaeger.mode = "ok"
-    small = JaegerSource(jaeger.url, max_bytes=200).load(START, END)
-    assert "more than 200 bytes" in (small.error or "")
+    small = JaegerSource(jaeger.url, max_bytes=50).load(START, END)  # /api/services is larger
+    assert "/api/services answered more than 50 bytes" in (small.error or "")
     jaeger.mode = "hang"
     hung = JaegerSource(jaeger.url, timeout_s=0.2).load(START, END)
     assert hung.calls == [] and "did not answer within 0.2 s" in (hung.error or "")
+    began = time.monotonic()
+    spent = JaegerSource(jaeger.url, timeout_s=5, budget_s=0.3).load(START, END)
+    assert time.monotonic() - began < 0.3 + MARGIN_S
+    assert spent.calls == [] and "/api/services did not answer within the load's 0.3 s" in (spent.error or "")
 
 
 def test_malformed_traces_are_skipped_and_counted(jaeger, traces):
@@ -556,12 +585,117 @@ def test_the_url_is_checked():
     for bad in ("ftp://jaeger:21", "jaeger:16686", "", "http://", "file:///etc/passwd", "http://j:16686/?x=1"):
         with pytest.raises(ValueError, match="--jaeger must be an http"):
             JaegerSource(bad)
+    for bad in ("http://jaeger:0", "http://jaeger:99999", "http://jaeger:port/"):
+        with pytest.raises(ValueError, match="--jaeger must be an http"):
+            JaegerSource(bad)
+    for bad in ("http://user:secret@jaeger:16686", "https://secret@jaeger/", "http://:secret@jaeger"):
+        with pytest.raises(ValueError, match="--jaeger: credentials in the URL are not supported") as caught:
+            JaegerSource(bad)
+        assert "secret" not in str(caught.value) and "***@jaeger" in str(caught.value)
+    with pytest.raises(ValueError, match="--jaeger-ui: credentials in the URL"):
+        JaegerSource("http://jaeger:16686", ui_url="http://admin:secret@ui.example")
     with pytest.raises(ValueError, match="--jaeger-ui must be an http"):
         JaegerSource("http://jaeger:16686", ui_url="javascript:alert(1)")
     source = JaegerSource("https://jaeger.example/base/", timeout_s=1)
     assert source.link == "https://jaeger.example/base/trace/{trace_id}" and source.url == "https://jaeger.example/base"
     with pytest.raises(ValueError):
         JaegerSource("http://jaeger:16686", limit=0)
+    with pytest.raises(ValueError):
+        JaegerSource("http://jaeger:16686", budget_s=0)
+
+
+def test_braces_in_the_ui_url_stay_literal_in_the_link():
+    source = JaegerSource("http://jaeger:16686", ui_url="http://ui.example/{x}/jaeger/")
+    assert source.link.replace("{trace_id}", "ab12") == "http://ui.example/{x}/jaeger/trace/ab12"
+
+
+# ------------------------------------------------------------------------------------------------ slow or failing
+
+MARGIN_S = 0.4  # past a budget, for a loaded machine
+
+
+def test_a_search_slower_than_the_budget_is_abandoned(jaeger):
+    def before(path: str, params: dict[str, str]) -> None:
+        if path == "/api/traces" and params["service"] == "trainer" and "budget_denied" in params["tags"]:
+            jaeger.release.wait(10)
+
+    jaeger.before = before
+    began = time.monotonic()
+    snap = JaegerSource(jaeger.url, timeout_s=5, budget_s=0.5).load(START, END)
+    assert time.monotonic() - began < 0.5 + MARGIN_S
+    assert snap.error is None and [c.outcome for c in snap.calls] == ["exhausted"]
+    assert f"1 of {2 * len(FAILED)} search(es) did not answer within 0.5 s" in snap.notice
+    wait_until(no_source_threads, 0.5 + MARGIN_S, "the abandoned search to end (its request has the load's deadline)")
+
+
+def test_the_searches_run_in_parallel(jaeger):
+    def before(path: str, params: dict[str, str]) -> None:
+        if path == "/api/traces":
+            jaeger.release.wait(0.2)
+
+    jaeger.before = before
+    began = time.monotonic()
+    snap = JaegerSource(jaeger.url, workers=8).load(START, END)
+    elapsed = time.monotonic() - began
+    assert snap.error is None and len(snap.calls) == 2 and snap.notice == "2 Jaeger service(s) with mooncake spans"
+    assert elapsed < 2 * len(FAILED) * 0.2 / 2  # one after another: 8 x 0.2 s
+    assert jaeger.most_in_flight >= 4
+
+
+def test_a_failing_search_among_others_is_a_notice_not_an_error(jaeger):
+    down = StandInJaeger.envelope(None, [{"code": 500, "msg": "shard 3 is down"}])
+    jaeger.before = lambda path, params: (
+        (500, down) if params.get("service") == "loader" and path == "/api/traces" else None
+    )
+    snap = JaegerSource(jaeger.url).load(START, END)
+    assert snap.error is None and [c.outcome for c in snap.calls] == ["budget_denied", "exhausted"]
+    assert f"{len(FAILED)} of {2 * len(FAILED)} search(es) failed, the last: " in snap.notice
+    assert "/api/traces answered HTTP 500 shard 3 is down" in snap.notice
+
+
+def test_a_service_whose_operations_fail_is_left_out_and_asked_again(jaeger):
+    down = StandInJaeger.envelope(None, [{"code": 503, "msg": "busy"}])
+    jaeger.before = lambda path, params: (503, down) if params.get("service") == "loader" else None
+    source = JaegerSource(jaeger.url)
+    snap = source.load(START, END, SHOWN_OUTCOMES)
+    assert snap.error is None and [c.outcome for c in snap.calls] == ["budget_denied", "exhausted"]
+    assert "1 service(s) left out: their operations could not be looked up (the last: " in snap.notice
+    assert "answered HTTP 503 busy" in snap.notice
+    jaeger.before = lambda path, params: None
+    again = source.load(START, END, SHOWN_OUTCOMES)  # not kept: asked again, and now complete
+    assert [c.outcome for c in again.calls] == ["success_after_retry", "budget_denied", "exhausted"]
+    assert len(jaeger.asked("/api/services")) == 2
+
+
+def test_a_slow_jaeger_does_not_hold_other_loads_on_the_lock(jaeger):
+    slowed = [True]  # the first /api/services only
+
+    def before(path: str, params: dict[str, str]) -> None:
+        if path == "/api/services" and slowed:
+            slowed.clear()
+            jaeger.release.wait(10)
+
+    jaeger.before = before
+    source = JaegerSource(jaeger.url, timeout_s=5)
+    first: list[Any] = []
+    thread = threading.Thread(target=lambda: first.append(source.load(START, END)), name="first-load")
+    thread.start()
+    try:
+        wait_until(lambda: len(jaeger.asked("/api/services")) == 1, 5, "the first load's /api/services")
+        began = time.monotonic()
+        second = source.load(START, END)
+        assert time.monotonic() - began < 1.0 and thread.is_alive()  # the first still waits on its request
+        assert second.error is None and len(second.calls) == 2
+    finally:
+        jaeger.release.set()
+        thread.join(10)
+    assert not thread.is_alive() and first[0].error is None and len(first[0].calls) == 2
+
+
+def test_every_call_found_is_listed_not_only_limit(jaeger):
+    snap = JaegerSource(jaeger.url, limit=1).load(START, END)  # one trace per search, two searches found one
+    assert [c.outcome for c in snap.calls] == ["budget_denied", "exhausted"]
+    assert "search(es) returned the most traces asked for (1)" in snap.notice
 
 
 def to_jaeger_minimal() -> dict[str, Any]:
