@@ -14,15 +14,14 @@ from __future__ import annotations
 import json
 import math
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from tq_mooncake.telemetry import conventions as c
 
+from . import http_get
 from .metrics import (
     BUCKET,
     COUNT,
@@ -41,6 +40,8 @@ FILE_PATTERNS = ("*.jsonl", "*.json", "*.jsonl[.-][0-9]*", "*.json[.-][0-9]*")
 """Active and rotated files: ``x.jsonl``, ours ``x.000001.jsonl``, logrotate's ``x.jsonl.1`` and ``x.jsonl-20261201``
 (compressed ones are left out: ``metrics.COMPRESSED``)."""
 MAX_POINTS = 1000  # per series and query; Prometheus refuses more than 11,000
+MAX_ANSWER_BYTES = 256 << 20  # the largest Prometheus answer read
+JSON = "application/json"
 
 
 @dataclass
@@ -189,20 +190,19 @@ class PrometheusSource:
     def query_range(self, query: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
         """The ``result`` of ``/api/v1/query_range`` (a matrix); PrometheusError on any failure."""
         params = urllib.parse.urlencode({"query": query, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": step})
-        request = urllib.request.Request(
-            f"{self.url}/api/v1/query_range?{params}", headers={"Accept": "application/json"}
-        )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                body = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
+            answer = http_get.get(f"{self.url}/api/v1/query_range?{params}", self.timeout_s, MAX_ANSWER_BYTES, JSON)
+            body = json.loads(answer.body)
+        except http_get.HttpError as exc:
             try:
-                detail = json.loads(exc.read()).get("error", "")
-            except (ValueError, OSError):
+                detail = json.loads(exc.body).get("error", "")
+            except (ValueError, AttributeError):
                 detail = ""
-            raise PrometheusError(f"{self.url} answered HTTP {exc.code} {detail}".strip()) from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise PrometheusError(f"cannot query {self.url}: {getattr(exc, 'reason', exc)}") from None
+            raise PrometheusError(f"{self.url} answered HTTP {exc.status} {detail}".strip()) from None
+        except (OSError, ValueError) as exc:
+            raise PrometheusError(f"cannot query {self.url}: {exc}") from None
+        if not isinstance(body, dict):
+            raise PrometheusError(f"{self.url}: not the Prometheus API's JSON")
         if body.get("status") != "success":
             raise PrometheusError(f"{self.url}: {body.get('error', 'query failed')}")
         return body.get("data", {}).get("result", [])

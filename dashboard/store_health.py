@@ -15,9 +15,7 @@ import math
 import re
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import http_get
 from .sources import PrometheusError, PrometheusSource, query_step
 
 OPTION = "--master-metrics"
@@ -151,22 +150,9 @@ class StoreSnapshot:
 
 
 def fetch_text(url: str, timeout_s: float, max_bytes: int = MAX_BYTES) -> str:
-    """The body ``url`` answers, at most ``max_bytes``, read whole by ``timeout_s`` after the call (checked as data
-    comes; every wait on the network is bounded by ``timeout_s`` too, so a call ends within about twice that).
-    OSError (``urllib.error.URLError``, ``HTTPError``, ``TimeoutError``) or ValueError (too big) if not."""
-    deadline = time.monotonic() + timeout_s
-    request = urllib.request.Request(url, headers={"Accept": "text/plain"})
-    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := resp.read1(64 << 10):
-            size += len(chunk)
-            if size > max_bytes:
-                raise ValueError(f"more than {max_bytes >> 20} MiB: not a master's metrics")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no whole answer within {timeout_s:g} s")
-            chunks.append(chunk)
-    return b"".join(chunks).decode("utf-8", errors="replace")
+    """The body ``url`` answers (UTF-8, bad bytes replaced): the whole exchange within ``timeout_s``, at most
+    ``max_bytes``. ``http_get.HttpGetError`` (an OSError) if not; ValueError for a URL it does not take."""
+    return http_get.get(url, timeout_s, max_bytes, accept="text/plain").text()
 
 
 class MasterPoller:
@@ -200,7 +186,7 @@ class MasterPoller:
         """Stop polling: at once between polls; a poll under way ends first (bounded: ``fetch_text``)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(2 * self.timeout_s + 1.0)
+            self._thread.join(self.timeout_s + 1.0)
 
     @property
     def running(self) -> bool:
@@ -211,10 +197,14 @@ class MasterPoller:
         try:
             text = fetch_text(self.url, self.timeout_s)
             sample = parse_master_metrics(text, time.time())
-        except urllib.error.HTTPError as exc:
-            self._failed(f"{self.url} answered HTTP {exc.code} {exc.reason}")
-        except urllib.error.URLError as exc:
-            self._failed(f"cannot reach {self.url}: {exc.reason}")
+        except http_get.HttpError as exc:
+            self._failed(f"{self.url} answered HTTP {exc.status} {exc.reason}")
+        except http_get.HttpUnreachable as exc:
+            self._failed(f"cannot reach {self.url}: {exc}")
+        except http_get.HttpTooLarge:
+            self._failed(f"{self.url} is not a Mooncake master's metrics endpoint: more than {MAX_BYTES >> 20} MiB")
+        except http_get.HttpTimeout as exc:
+            self._failed(f"cannot read {self.url}: timed out: {exc}")
         except ValueError as exc:
             self._failed(f"{self.url} is not a Mooncake master's metrics endpoint: {exc}")
         except Exception as exc:  # a timeout mid-read, a reset connection, a malformed answer, ...
