@@ -12,6 +12,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 from prometheus_server import running_prometheus  # tests/support
 
-from tq_mooncake.cluster import free_port, wait_until
+from tq_mooncake.cluster import MasterProcess, StorageNodeProcess, free_port, wait_until
 from tq_mooncake.dashboard import sources
 from tq_mooncake.dashboard.sources import PrometheusError, PrometheusSource
 from tq_mooncake.dashboard.store_health import (
@@ -567,17 +568,34 @@ def test_the_poller_reports_a_dead_port_and_what_is_not_a_master_without_raising
             assert time.monotonic() - starting < 0.3 + 1.0 and silent.running
 
 
-def test_prometheus_store_sums_what_prometheus_scraped_from_the_masters(start_master, start_storage_node, tmp_path):
+class MasterScrape:
+    """``BACKGROUND_JOBS`` (tests/conftest.py): a real master, a server replaying another master's recorded text, and
+    Debian's Prometheus scraping both, started with the session: Prometheus' first scrape of a new target comes some
+    5 s after it starts, over by the time the test runs."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._stack = contextlib.ExitStack()
+
+    def start(self) -> None:
+        self.started = time.time()
+        self.master = self._stack.enter_context(MasterProcess(self.folder).start())
+        self.recording = self._stack.enter_context(serving(REAL_MASTER_TEXT))
+        targets = [f"127.0.0.1:{self.master.metrics_port}", self.recording.address]
+        self.url = self._stack.enter_context(running_prometheus(self.folder, targets, "mooncake-master"))
+
+    def kill(self) -> None:
+        self._stack.close()
+
+
+BACKGROUND_JOBS = MasterScrape
+
+
+def test_prometheus_store_sums_what_prometheus_scraped_from_the_masters(jobs, tmp_path):
     """Prometheus scrapes a real master (one storage process mounted) and a recording of another (two segments,
     failures): ``prometheus_store`` gives the sums of what the two endpoints serve."""
-    master = start_master()
-    started = time.time()
-    with (
-        serving(REAL_MASTER_TEXT) as recording,
-        running_prometheus(tmp_path, [f"127.0.0.1:{master.metrics_port}", recording.address], "mooncake-master") as url,
-    ):
-        start_storage_node(master)
-        source = PrometheusSource(url)
+    master, url, source = jobs.master, jobs.url, PrometheusSource(jobs.url)
+    with StorageNodeProcess(master, tmp_path).start():
 
         def newest() -> StoreSample | None:
             samples = prometheus_store(source, time.time() - 60, time.time()).samples
@@ -586,7 +604,7 @@ def test_prometheus_store_sums_what_prometheus_scraped_from_the_masters(start_ma
         wait_until(lambda: getattr(newest(), "segments", 0) == 3, 30, "prometheus to scrape both masters", 0.2)
         snap = prometheus_store(source, time.time() - 60, time.time())
         live = parse_master_metrics(master.metrics_text(), 0.0)
-        before = prometheus_store(source, started - 600, started - 300)  # before Prometheus ran
+        before = prometheus_store(source, jobs.started - 600, jobs.started - 300)  # before Prometheus ran
     got = snap.samples[-1]
     assert snap.error is None and snap.description == f"master metrics from Prometheus at {url}"
     assert live.segments == 1 and live.capacity_bytes == 64 << 20
