@@ -89,7 +89,7 @@ def test_the_browser_shows_the_retry_and_exhaustion_rates_the_injector_caused(sh
     newest = max(int(dp["timeUnixNano"]) for dp in _points(metrics_file))
     (folder / "metrics-hostile-1.jsonl").write_text(hostile_line(newest) + "\n" + node_line(newest) + "\n")
 
-    app_args = ["--dir", str(folder), "--refresh", "1", "--master-metrics", shared_master.metrics_url]
+    app_args = ["--dir", str(folder), "--refresh", "2", "--master-metrics", shared_master.metrics_url]
     with RunningApp(app_args, tmp_path / "dashboard.log") as app:
         assert app.command[app.command.index("--server.address") + 1] == "127.0.0.1"
         with chromium(tmp_path / "chromium-profile") as driver:
