@@ -85,7 +85,7 @@ def retry_and_segments(
         (t, {"segments lost": f.segments_lost or None, "segments joined": f.segments_joined or None}) for t, f in series
     ]
     colors = alt.Scale(domain=list(RETRY_AND_SEGMENTS), range=list(RETRY_AND_SEGMENTS.values()))
-    color = alt.Color("series:N", title=None, scale=colors, legend=alt.Legend(orient="bottom"))
+    color = alt.Color("series:N", title=None, scale=colors, legend=alt.Legend(orient="bottom", labelOffset=10))
     left = line_chart(retry_rows, "%", start, end).encode(color=color)
     kinds = ["segments mounted", "active clients"]
     right = (
