@@ -84,8 +84,8 @@ def get(url: str, timeout_s: float, max_bytes: int, accept: str = "*/*") -> Http
     asked for). Raises ``HttpError``, ``HttpUnreachable``, ``HttpTimeout``, ``HttpBadAnswer`` or ``HttpTooLarge``
     (all ``HttpGetError``, an OSError); ValueError for a URL that is not ``http(s)://host[:port]/...`` without
     credentials or for a ``timeout_s`` or ``max_bytes`` that is not positive."""
-    if not timeout_s > 0 or max_bytes < 1:
-        raise ValueError("timeout_s and max_bytes must be positive")
+    if not 0 < timeout_s <= 86400 or max_bytes < 1:
+        raise ValueError("timeout_s must be in (0, 86400] and max_bytes positive")
     parts, request = _request(url, accept)
     deadline = time.monotonic() + timeout_s
     stage = "resolving the host name"

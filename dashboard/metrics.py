@@ -249,12 +249,23 @@ def file_id(st: os.stat_result) -> FileId:
 
 class Position(NamedTuple):
     """How far a file was read: to ``offset`` (just past a newline), under ``name``, modified at ``mtime_ns``;
-    ``mark``: the last bytes read (up to ``MARK``)."""
+    ``mark``: the last bytes read (up to ``MARK``); ``size``: the file's size then (past ``offset`` when it ends in
+    a line still without its newline)."""
 
     offset: int
     name: str
     mtime_ns: int
     mark: bytes
+    size: int = -1
+
+
+def _split(data: bytes) -> Iterator[str]:
+    """The non-blank lines of ``data`` (complete lines), split at ``\\n`` only (a raw U+2028 or U+0085 inside a JSON
+    string is no line break), a trailing ``\\r`` dropped."""
+    for raw in data.split(b"\n"):
+        line = raw.decode("utf-8", errors="replace").removesuffix("\r")
+        if line.strip():
+            yield line
 
 
 @dataclass
@@ -280,7 +291,11 @@ class TailReader:
         the path now holds another file or less (rotated since: the next listing has it in order)."""
         if listed is not None:
             known = self.offsets.get(file_id(listed))
-            if known is not None and known[:3] == (listed.st_size, path.name, listed.st_mtime_ns):
+            if known is not None and (known.size, known.name, known.mtime_ns) == (
+                listed.st_size,
+                path.name,
+                listed.st_mtime_ns,
+            ):
                 return
         try:
             f = open(path, "rb")
@@ -295,7 +310,7 @@ class TailReader:
                 st = os.fstat(f.fileno())
                 if listed is not None and (file_id(st) != file_id(listed) or st.st_size < listed.st_size):
                     return
-                offset, _, _, mark = self.offsets.get(file_id(st), Position(0, "", 0, b""))
+                offset, _, _, mark, _ = self.offsets.get(file_id(st), Position(0, "", 0, b""))
                 f.seek(max(0, offset - len(mark)))
                 if f.read(len(mark)) != mark:
                     offset, mark = 0, b""
@@ -311,10 +326,9 @@ class TailReader:
                     offset += end
                     mark = (mark + data[max(0, end - MARK) : end])[-MARK:]
                     self.offsets[file_id(st)] = Position(offset, path.name, st.st_mtime_ns, mark)
-                    yield from (
-                        line for line in data[:end].decode("utf-8", errors="replace").splitlines() if line.strip()
-                    )
-                self.offsets[file_id(st)] = Position(offset, path.name, st.st_mtime_ns, mark)  # renamed: its name
+                    yield from _split(data[:end])
+                # read to the end: the name (renamed?) and the size (a partial line is not read again unchanged)
+                self.offsets[file_id(st)] = Position(offset, path.name, st.st_mtime_ns, mark, offset + len(rest))
             except OSError as exc:  # e.g. EIO, or a directory's EISDIR
                 self.unreadable[path.name] = exc.strerror or str(exc)
                 return
@@ -323,7 +337,8 @@ class TailReader:
     def skip(self, path: Path, listed: os.stat_result, keep: int = 0) -> bool:
         """Count ``path`` (the file ``listed``) as read, without reading it, up to the start of the first line that
         begins in its last ``keep`` bytes (0: up to its last complete line): for data too old to matter. False
-        (nothing changed) when there is no such line start within 64 KiB, or the file cannot be read."""
+        (nothing changed) when there is no such line start (within 64 MiB past the cut; 0: within its last 64 KiB),
+        or the file cannot be read."""
         window = 64 << 10
         try:
             with open(path, "rb") as f:
@@ -338,9 +353,12 @@ class TailReader:
                     offset = st.st_size - len(tail) + end
                 else:
                     f.seek(st.st_size - keep - 1)  # from the byte before: a line may begin right there
-                    if (newline := f.read(window).find(b"\n")) < 0:
-                        return False
-                    offset = st.st_size - keep + newline
+                    scanned = 0
+                    while (newline := (chunk := f.read(window)).find(b"\n")) < 0:
+                        scanned += len(chunk)
+                        if not chunk or scanned >= CHUNK * 16:  # no line start in 64 MiB: read it all
+                            return False
+                    offset = st.st_size - keep + scanned + newline
                 f.seek(max(0, offset - MARK))
                 mark = f.read(offset - max(0, offset - MARK))
         except OSError:

@@ -237,3 +237,36 @@ def test_the_first_read_takes_the_newest_files_up_to_its_budget(tmp_path):
     unread = half._tail.offsets[m.file_id((folder / "traces-h-1.jsonl").stat())]
     assert 0 < half._tail.bytes_read < len(active) and active[unread.offset - 1 : unread.offset] == b"\n"
     assert half.skipped_lines == 0 and half.skipped_files == 4
+
+
+def test_lines_split_at_newlines_only_and_a_partial_line_is_not_read_again(tmp_path):
+    folder = tmp_path / "tel"
+    folder.mkdir()
+    (line,) = exported(tmp_path, retried_put, name="put.jsonl")[-1:]  # the operation span's line
+    odd = line.replace('"host-a"', '"host\u2028a\u0085"')  # raw separators inside a JSON string (Go may write them)
+    path = folder / "traces-h-1.jsonl"
+    path.write_text(odd + "\r\n" + '{"partial": ', encoding="utf-8")
+    source = TraceFileSource(folder)
+    (call,) = source.load(0, float("inf"), SHOWN_OUTCOMES).calls
+    assert call.who("host") == "host\u2028a\u0085" and source.skipped_lines == 0
+    read = source._tail.bytes_read
+    source.load(0, float("inf"), SHOWN_OUTCOMES)
+    assert source._tail.bytes_read == read  # the partial line, unchanged, is not read again
+
+
+def test_the_first_read_budget_holds_with_lines_longer_than_the_search_window(tmp_path):
+    folder = tmp_path / "tel"
+    folder.mkdir()
+    lines = exported(tmp_path, *([exhausted_get] * 40), name="many.jsonl")
+    batch = json.loads(lines[0])
+    spans = batch["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    for extra in lines[1:]:  # one line of every span: as a batch export of many calls writes it
+        spans += json.loads(extra)["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    big = json.dumps(batch)
+    assert len(big) > 100 << 10  # longer than skip()'s 64 KiB search window
+    path = folder / "traces-h-1.jsonl"
+    path.write_text((big + "\n") * 4)
+    source = TraceFileSource(folder)
+    source.first_read_bytes = len(big) + len(big) // 2  # inside the third line: read from the fourth
+    calls = source.load(0, float("inf")).calls
+    assert source.skipped_files == 1 and source._tail.bytes_read == len(big) + 1 and len(calls) == 40

@@ -271,3 +271,9 @@ def test_urls_it_does_not_take(url):
     with pytest.raises(ValueError) as caught:
         get(url, 1.0, 1000)
     assert "secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0, float("nan"), float("inf"), 1e12])
+def test_timeouts_it_does_not_take(timeout_s):
+    with pytest.raises(ValueError, match="timeout_s"):
+        get("http://127.0.0.1:1/", timeout_s, 1000)
