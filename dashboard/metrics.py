@@ -279,9 +279,14 @@ class TailReader:
     unreadable: dict[str, str] = field(default_factory=dict)  # file name -> why it could not be read
     bytes_read: int = 0  # bytes read past the offsets, in all (a partial line again with its rest; not the marks)
 
-    def new_lines(self, path: Path, listed: os.stat_result | None = None) -> list[str]:
-        """``lines`` as a list."""
-        return list(self.lines(path, listed))
+    def read(self, listing: list[tuple[Path, os.stat_result]]) -> Iterator[tuple[Path, str]]:
+        """One pass over a folder's ``listing`` (``file_list``): each file's new ``lines`` as ``(path, line)``, in the
+        listing's order; then the files not listed are forgotten. ``unreadable`` is what this pass could not read."""
+        self.unreadable.clear()
+        for path, listed in listing:
+            for line in self.lines(path, listed):
+                yield path, line
+        self.forget_others(listed for _, listed in listing)
 
     def lines(self, path: Path, listed: os.stat_result | None = None) -> Iterator[str]:
         """The complete lines appended to ``path`` since the last call, read ``CHUNK`` bytes at a time (the position

@@ -94,15 +94,12 @@ class FileSource:
         """Read what was appended since the last call; returns the number of points read."""
         listing = file_list(self.folder, FILE_PATTERNS)
         points: list[Point] = []
-        self._tail.unreadable.clear()  # said again below for each file still unreadable
-        for path, listed in listing:
-            for line in self._tail.lines(path, listed):
-                try:
-                    points.extend(parse_line(line))
-                except ValueError as exc:
-                    self.skipped_lines += 1
-                    self.last_problem = f"{path.name}: {exc}"
-        self._tail.forget_others(listed for _, listed in listing)
+        for path, line in self._tail.read(listing):
+            try:
+                points.extend(parse_line(line))
+            except ValueError as exc:
+                self.skipped_lines += 1
+                self.last_problem = f"{path.name}: {exc}"
         self._files = len(listing)
         points.sort(key=lambda p: p.time)  # in time order whatever the files' order (see Differencer)
         counters, gauges = split_gauges(points)

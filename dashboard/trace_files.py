@@ -47,21 +47,18 @@ class TraceFileSource:
             self._started = True
             self.skipped_files = self._skip_old(listing)
         read = 0
-        self._tail.unreadable.clear()  # said again below for each file still unreadable
-        for path, listed in listing:
-            for line in self._tail.lines(path, listed):
-                problems: list[str] = []
-                try:
-                    spans = parse_spans_line(line, problems)
-                except ValueError as exc:
-                    problems.append(str(exc))
-                    spans = []
-                if problems:
-                    self.skipped_lines += 1
-                    self.last_problem = f"{path.name}: {problems[-1]}"
-                self.book.add(spans)
-                read += len(spans)
-        self._tail.forget_others(listed for _, listed in listing)
+        for path, line in self._tail.read(listing):
+            problems: list[str] = []
+            try:
+                spans = parse_spans_line(line, problems)
+            except ValueError as exc:
+                problems.append(str(exc))
+                spans = []
+            if problems:
+                self.skipped_lines += 1
+                self.last_problem = f"{path.name}: {problems[-1]}"
+            self.book.add(spans)
+            read += len(spans)
         self.files = len(listing)
         self.spans += read
         return read

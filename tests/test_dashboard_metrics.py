@@ -150,18 +150,18 @@ def test_parse_reads_collector_style_lines_with_several_resources():
 def test_tail_reader_returns_complete_new_lines_only_and_rereads_a_truncated_or_rewritten_file(tmp_path):
     path = tmp_path / "metrics-x.jsonl"
     tail = m.TailReader()
-    assert tail.new_lines(path) == []  # not there yet
+    assert list(tail.lines(path)) == []  # not there yet
     path.write_text('{"a": 1}\n{"b":')
-    assert tail.new_lines(path) == ['{"a": 1}']
-    assert tail.new_lines(path) == []  # the half line waits
+    assert list(tail.lines(path)) == ['{"a": 1}']
+    assert list(tail.lines(path)) == []  # the half line waits
     with open(path, "a") as f:
         f.write(' 2}\n{"c": 3}\n')
-    assert tail.new_lines(path) == ['{"b": 2}', '{"c": 3}']
+    assert list(tail.lines(path)) == ['{"b": 2}', '{"c": 3}']
     assert tail.offsets[m.file_id(path.stat())].offset == path.stat().st_size
     path.write_text('{"d": 4}\n')  # truncated and rewritten: read from the start
-    assert tail.new_lines(path) == ['{"d": 4}']
+    assert list(tail.lines(path)) == ['{"d": 4}']
     path.write_text('{"g": 7}\n{"h": 8}\n')  # rewritten past the offset, a line ending there too: from the start
-    assert tail.new_lines(path) == ['{"g": 7}', '{"h": 8}']
+    assert list(tail.lines(path)) == ['{"g": 7}', '{"h": 8}']
     assert tail.bytes_read == 14 + 5 + 18 + 9 + 18  # each call reads from its offset on: the half line until it ends
 
 
@@ -262,31 +262,31 @@ def test_tail_reader_follows_a_file_through_renames_by_identity_and_forgets_dele
     path, rotated = tmp_path / "metrics-x.jsonl", tmp_path / "metrics-x.000001.jsonl"
     tail = m.TailReader()
     path.write_text('{"a": 1}\n')
-    assert tail.new_lines(path, path.stat()) == ['{"a": 1}']
+    assert list(tail.lines(path, path.stat())) == ['{"a": 1}']
     append(path, '{"b": 2}\n')
     listed = path.stat()  # listed, then rotated before it is read
     path.rename(rotated)
     path.write_text('{"c": 3}\n')
-    assert tail.new_lines(path, listed) == []  # another file at the path now: left for the next listing
+    assert list(tail.lines(path, listed)) == []  # another file at the path now: left for the next listing
     tail.forget_others([listed])
-    assert tail.new_lines(rotated, rotated.stat()) == ['{"b": 2}']  # on from its offset
-    assert tail.new_lines(path, path.stat()) == ['{"c": 3}']
-    assert tail.new_lines(rotated, rotated.stat()) == [] and tail.bytes_read == 3 * 9  # each byte once
+    assert list(tail.lines(rotated, rotated.stat())) == ['{"b": 2}']  # on from its offset
+    assert list(tail.lines(path, path.stat())) == ['{"c": 3}']
+    assert list(tail.lines(rotated, rotated.stat())) == [] and tail.bytes_read == 3 * 9  # each byte once
 
     append(path, '{"x": 0}\n')
     listed = path.stat()  # listed, then truncated before it is read (copytruncate: the copy holds the new line)
     path.write_text("")
-    assert tail.new_lines(path, listed) == [] and tail.offsets[m.file_id(listed)].offset == 9  # for the next listing
+    assert list(tail.lines(path, listed)) == [] and tail.offsets[m.file_id(listed)].offset == 9  # for the next listing
     append(path, '{"d":4}\n')
-    assert tail.new_lines(path, path.stat()) == ['{"d":4}']  # shorter than its offset: from the start
+    assert list(tail.lines(path, path.stat())) == ['{"d":4}']  # shorter than its offset: from the start
     # as long but other lines, like a new file on a deleted one's inode: its new mtime, or else its new name, tell
     path.write_text('{"y":9}\n')
     os.utime(path, ns=(10**18, 10**18))
-    assert tail.new_lines(path, path.stat()) == ['{"y":9}']
+    assert list(tail.lines(path, path.stat())) == ['{"y":9}']
     path.write_text('{"z":0}\n')
     os.utime(path, ns=(10**18, 10**18))  # in the same tick of a coarse clock
     renamed = path.rename(tmp_path / "metrics-x.000002.jsonl")
-    assert tail.new_lines(renamed, renamed.stat()) == ['{"z":0}']
+    assert list(tail.lines(renamed, renamed.stat())) == ['{"z":0}']
 
     rotated.unlink()  # deleted: forgotten
     tail.forget_others([renamed.stat()])
