@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from tq_mooncake.telemetry import conventions as c
 
-from .metrics import Labels, otlp_attributes, otlp_origin, otlp_request, otlp_seconds
+from .metrics import Labels, format_endpoint, label, otlp_attributes, otlp_origin, otlp_request, otlp_seconds
 
 FAILED: tuple[str, ...] = tuple(o.value for o in c.FAILED_OUTCOMES)
 """The outcomes the panel lists by default: the call failed."""
@@ -91,8 +91,7 @@ class Attempt:
 
     @classmethod
     def from_span(cls, span: SpanRecord) -> Attempt:
-        address, port = span.attrs.get(c.SERVER_ADDRESS, ""), span.attrs.get(c.SERVER_PORT, "")
-        endpoint = "" if not address else (f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
+        endpoint = format_endpoint(span.attrs.get(c.SERVER_ADDRESS, ""), span.attrs.get(c.SERVER_PORT, ""))
         codes = tuple(x for x in span.attrs.get(c.ERROR_CODES, "").split(",") if x)
         return cls(
             span_id=span.span_id,
@@ -104,7 +103,7 @@ class Attempt:
             backoff_s=span.number(c.BACKOFF_S),
             start=span.start,
             end=span.end,
-            endpoint=endpoint.rstrip(":"),
+            endpoint=endpoint,
             nodes_down=span.integer(c.NODES_DOWN),
             fallbacks=span.integer(c.KEYS_FALLBACK),
             unreachable=span.integer(c.KEYS_UNREACHABLE),
@@ -149,7 +148,7 @@ class Call:
         return self.outcome in FAILED
 
     def who(self, name: str) -> str:
-        return next((v for k, v in self.origin if k == name), "")
+        return label(self.origin, name)
 
     @property
     def codes(self) -> tuple[str, ...]:

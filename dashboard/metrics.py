@@ -53,6 +53,11 @@ def labels(mapping: Mapping[str, Any]) -> Labels:
     return tuple(sorted((str(k), str(v)) for k, v in mapping.items() if v is not None and str(v) != ""))
 
 
+def label(pairs: Labels, name: str, default: str = "") -> str:
+    """The value of ``name`` in the label set ``pairs`` (``default`` without it)."""
+    return next((v for k, v in pairs if k == name), default)
+
+
 def format_le(bound: float) -> str:
     """A histogram bound as an ``le`` label: ``+Inf`` or the float's repr (``0.005``, ``1.0``)."""
     return "+Inf" if math.isinf(bound) else repr(float(bound))
@@ -66,10 +71,10 @@ class _Labelled:
     attrs: Labels
 
     def attr(self, name: str, default: str = "") -> str:
-        return next((v for k, v in self.attrs if k == name), default)
+        return label(self.attrs, name, default)
 
     def who(self, name: str) -> str:
-        return next((v for k, v in self.origin if k == name), "")
+        return label(self.origin, name)
 
 
 @dataclass(frozen=True)
@@ -621,10 +626,12 @@ Prometheus' default lookback: a process that stopped reporting stops counting)."
 def endpoint_name(item: _Labelled) -> str:
     """A storage endpoint as ``address:port`` (``[v6]:port``); the address alone without a port (``_OTHER``, the
     endpoints past ``MAX_ENDPOINT_ATTRIBUTES``); ``unknown`` without an address."""
-    address, port = item.attr(c.SERVER_ADDRESS), item.attr(c.SERVER_PORT)
-    if not address:
-        return "unknown"
-    if not port:
+    return format_endpoint(item.attr(c.SERVER_ADDRESS), item.attr(c.SERVER_PORT)) or "unknown"
+
+
+def format_endpoint(address: str, port: str) -> str:
+    """``address:port`` (``[v6]:port``); the address alone without a port; ``""`` without an address."""
+    if not address or not port:
         return address
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
