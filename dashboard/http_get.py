@@ -131,15 +131,29 @@ def get(url: str, timeout_s: float, max_bytes: int, accept: str = "*/*") -> Http
 _PORTS = {"http": 80, "https": 443}
 
 
+CREDENTIALS = "credentials in the URL are not supported"
+
+
+def url_problem(parts: urllib.parse.SplitResult) -> str:
+    """Why ``get`` does not take a URL of these parts (``""``: it does): not http(s), no host, credentials
+    (``CREDENTIALS``), a port that is 0, not a number or out of range. The callers that check a user's URL say it
+    in their own words."""
+    if parts.scheme not in _PORTS or not parts.hostname:
+        return "not an http:// or https:// URL with a host"
+    if "@" in parts.netloc:
+        return CREDENTIALS
+    try:
+        port = parts.port
+    except ValueError:
+        return "a port that is not a number from 1 to 65535"
+    return "port 0 in the URL" if port == 0 else ""
+
+
 def _request(url: str, accept: str) -> tuple[urllib.parse.SplitResult, bytes]:
     """The URL's parts and the request's bytes; ValueError for a URL ``get`` does not take."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in _PORTS or not parts.hostname:
-        raise ValueError(f"not an http:// or https:// URL with a host: {url!r}")
-    if "@" in parts.netloc:
-        raise ValueError("credentials in the URL are not supported")
-    if parts.port == 0:  # urlsplit raises ValueError itself for a port that is not a number in range
-        raise ValueError("port 0 in the URL")
+    if why := url_problem(parts):
+        raise ValueError(why)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if _UNSAFE.search(target + parts.netloc) or any(ch in accept for ch in "\r\n\0"):
         raise ValueError("control characters or spaces in the URL or the Accept header")

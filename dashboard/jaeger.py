@@ -171,22 +171,16 @@ def jaeger_spans(trace: Mapping[str, Any]) -> list[SpanRecord]:
 
 
 def http_url(value: str, option: str) -> str:
-    """``value`` without a trailing slash if it is an http(s) URL with a host, a port other than 0 (or none), no
-    credentials, query or fragment; ValueError naming ``option`` else (credentials would be shown on the page and in
-    its links, and are not in the message)."""
+    """``value`` without a trailing slash if it is a URL ``http_get`` takes (http(s), a host, no credentials, a port
+    other than 0 or none), with no query or fragment; ValueError naming ``option`` else (credentials would be shown
+    on the page and in its links, and are not in the message)."""
     text = value.strip()
     parts = urllib.parse.urlsplit(text)
-    if "@" in parts.netloc:
+    why = http_get.url_problem(parts)
+    if why == http_get.CREDENTIALS:
         shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
-        raise ValueError(
-            f"{option}: credentials in the URL are not supported (they would be shown on the page and in its links),"
-            f" got {shown!r}"
-        )
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0 or parts.query or parts.fragment:
+        raise ValueError(f"{option}: {why} (they would be shown on the page and in its links), got {shown!r}")
+    if why or parts.query or parts.fragment:
         raise ValueError(f"{option} must be an http:// or https:// URL (e.g. http://127.0.0.1:16686), got {value!r}")
     return text.rstrip("/")
 

@@ -119,18 +119,13 @@ def normalize_url(text: str) -> str:
         raise ValueError(hint)
     schemeless = "://" not in raw
     parts = urllib.parse.urlsplit(f"http://{raw}" if schemeless else raw)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"{OPTION} {text!r}: only http and https URLs")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"{hint} (bad port)") from None
-    if not parts.hostname or (schemeless and port is None):
+    why = http_get.url_problem(parts)
+    if why == http_get.CREDENTIALS:
+        raise ValueError(f"{OPTION}: {why} (they would be shown on the page)")
+    if why:
+        raise ValueError(f"{hint} ({why})")
+    if schemeless and parts.port is None:
         raise ValueError(hint + (" ([::1]:PORT for an IPv6 address)" if raw.count(":") > 1 else ""))
-    if port == 0:
-        raise ValueError(f"{hint} (port 0)")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"{OPTION}: credentials in the URL are not supported (they would be shown on the page)")
     path = parts.path if parts.path not in ("", "/") else "/metrics"
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
