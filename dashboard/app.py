@@ -60,13 +60,11 @@ def source_for(kind: str, target: str) -> Source:
 
 @dataclass(frozen=True)
 class Panels:
-    """Where the panels beside the metrics read from: ``spans`` for recent failures (None: no source, ``spans_hint``
-    says how to give one), ``store`` the master's health for a time range (None: not configured)."""
+    """Where the panels beside the metrics read from: ``spans`` for recent failures, ``store`` the master's health for
+    a time range (None: not configured; the panel says how to give one)."""
 
     spans: SpanSource | None
     store: Callable[[float, float], StoreSnapshot] | None
-    spans_hint: str = ""
-    store_hint: str = ""
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -98,12 +96,7 @@ def panels_for(settings: Settings, source: Source) -> Panels:
         store = poller_for(settings.master_metrics).snapshot
     else:
         store = None
-    return Panels(
-        spans,
-        store,
-        "Pass --jaeger URL (Jaeger's query API), or --dir with the clients' traces-*.jsonl files.",
-        "Pass --master-metrics host:port (the mooncake_master's --metrics_port) to show the store's health.",
-    )
+    return Panels(spans, store)
 
 
 def sidebar(settings: Settings) -> tuple[Source, str, Thresholds, float | None]:
@@ -329,11 +322,8 @@ def beside(
 ) -> None:
     """Store health (on the charts' intervals, with the client's retry rate ``retried``) and recent failures (under
     the page's operation and host filters)."""
-    if panels.store is None:
-        store_panel(None, retried, start, end, step, panels.store_hint)
-    else:
-        store_panel(panels.store(start, end), retried, start, end, step)
-    failures_panel(panels.spans, start, end, operations, hosts, panels.spans_hint)
+    store_panel(None if panels.store is None else panels.store(start, end), retried, start, end, step)
+    failures_panel(panels.spans, start, end, operations, hosts)
 
 
 def body(source: Source, window: str, thresholds: Thresholds, panels: Panels) -> None:

@@ -117,16 +117,14 @@ def failures_panel(
     end: float,
     operations: Sequence[str],
     hosts: Sequence[str],
-    hint: str = "",
 ) -> None:
     """The panel for the calls of ``source`` that ended in ``(start, end]`` with an outcome of the panel's own filter
-    (only those are asked for), under the page's operation and host filters. ``source`` None: no span source;
-    ``hint`` says how to give one."""
+    (only those are asked for), under the page's operation and host filters. ``source`` None: no span source (it
+    says how to give one)."""
     st.subheader("Recent failures")
     if source is None:
         st.caption("no span source")
-        if hint:
-            st.info(hint)
+        st.info("Pass --jaeger URL (Jaeger's query API), or --dir with the clients' traces-*.jsonl files.")
         return
     outcomes = st.multiselect(
         "Outcome", SHOWN_OUTCOMES, default=list(FAILED), key="f_outcomes", placeholder="failed outcomes"

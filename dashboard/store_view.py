@@ -106,17 +106,14 @@ def retry_and_segments(
     return alt.layer(left, alt.layer(right, marks)).resolve_scale(y="independent")
 
 
-def store_panel(
-    snapshot: StoreSnapshot | None, retry_rows: Rows, start: float, end: float, step: float, hint: str = ""
-) -> None:
+def store_panel(snapshot: StoreSnapshot | None, retry_rows: Rows, start: float, end: float, step: float) -> None:
     """Draw the section for the window ``(start, end]`` in bins of ``step`` (those of the client's charts);
-    ``snapshot``: the master's samples for the window (None: no source configured, ``hint`` says how to give one);
+    ``snapshot``: the master's samples for the window (None: no source configured: it says how to give one);
     ``retry_rows``: the client's retry rate per bin, ``[(bin end, {"retried %": value})]``."""
     st.subheader("Store health")
     if snapshot is None:
         st.info(
-            hint
-            or f"No master metrics: give the dashboard {OPTION} HOST:PORT (the master's --metrics_port) to show "
+            f"No master metrics: give the dashboard {OPTION} HOST:PORT (the master's --metrics_port) to show "
             "the store's capacity, keys, clients, segments, evictions and RPC failures here."
         )
         return
