@@ -589,12 +589,22 @@ def time_series(
     increments: Iterable[Increment], start: float, end: float, step: float, keep: Filter | None = None
 ) -> list[tuple[float, Figures]]:
     """``(bin end, figures)`` for the bins ``(start + i*step, start + (i+1)*step]`` covering the window."""
-    n = max(1, math.ceil((end - start) / step - 1e-9))
+    n = bin_count(start, end, step)
     bins = [Figures(step) for _ in range(n)]
     for inc in increments:
         if start < inc.time <= end and (keep is None or keep(inc)):
-            bins[min(n - 1, max(0, math.ceil((inc.time - start) / step) - 1))].add(inc)
+            bins[bin_of(inc.time, start, step, n)].add(inc)
     return [(start + (i + 1) * step, f) for i, f in enumerate(bins)]
+
+
+def bin_count(start: float, end: float, step: float) -> int:
+    """How many bins of ``step`` cover ``(start, end]`` (at least one): the bins of every chart over time."""
+    return max(1, math.ceil((end - start) / step - 1e-9))
+
+
+def bin_of(t: float, start: float, step: float, n: int) -> int:
+    """The bin ``(start + i*step, start + (i+1)*step]`` of time ``t``, within ``0 .. n-1``."""
+    return min(n - 1, max(0, math.ceil((t - start) / step) - 1))
 
 
 def by_origin(

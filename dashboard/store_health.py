@@ -11,6 +11,7 @@ the same way in both modes:
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import re
 import threading
@@ -24,6 +25,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import http_get
+from .metrics import bin_count, bin_of
 from .sources import PrometheusError, PrometheusSource, query_step
 
 OPTION = "--master-metrics"
@@ -278,20 +280,43 @@ def _added(samples: Iterable[StoreSample]) -> Iterator[_Added]:
     prev: StoreSample | None = None
     for cur in sorted(samples, key=lambda s: s.time):
         if prev is not None:
-            lost, joined = len(prev.segment_names - cur.segment_names), len(cur.segment_names - prev.segment_names)
-            if _is_reset(prev, cur):
-                yield _Added(cur, cur.evicted_keys, cur.rpc_requests, dict(cur.failures_by_rpc), lost, joined)
-            else:
-                failures = {r: n - prev.failures_by_rpc.get(r, 0.0) for r, n in cur.failures_by_rpc.items()}
-                yield _Added(
-                    cur,
-                    cur.evicted_keys - prev.evicted_keys,
-                    cur.rpc_requests - prev.rpc_requests,
-                    {r: n for r, n in failures.items() if n},
-                    lost,
-                    joined,
-                )
+            base = StoreSample(prev.time, 0, 0, 0, 0, 0) if _is_reset(prev, cur) else prev  # counters at zero
+            failures = {r: n - base.failures_by_rpc.get(r, 0.0) for r, n in cur.failures_by_rpc.items()}
+            yield _Added(
+                cur,
+                cur.evicted_keys - base.evicted_keys,
+                cur.rpc_requests - base.rpc_requests,
+                {r: n for r, n in failures.items() if n},
+                len(prev.segment_names - cur.segment_names),
+                len(cur.segment_names - prev.segment_names),
+            )
         prev = cur
+
+
+@dataclass(frozen=True)
+class _Total:
+    """What some samples' counters added together (``_added`` of a bin or a window)."""
+
+    measured: int
+    evicted: float
+    requests: float
+    failures: Counter[str]
+    lost: int
+    joined: int
+
+    @classmethod
+    def of(cls, adds: list[_Added]) -> _Total:
+        failures: Counter[str] = Counter()
+        for a in adds:
+            failures.update(a.failures)
+        return cls(
+            len(adds),
+            sum(a.evicted for a in adds),
+            sum(a.requests for a in adds),
+            failures,
+            sum(a.lost for a in adds),
+            sum(a.joined for a in adds),
+        )
 
 
 @dataclass(frozen=True)
@@ -318,47 +343,35 @@ class StoreFigures:
         return self.allocated_bytes / self.capacity_bytes
 
 
-def _bin_index(t: float, start: float, step: float, n: int) -> int:
-    return min(n - 1, max(0, math.ceil((t - start) / step) - 1))
-
-
 def store_series(
     samples: Iterable[StoreSample], start: float, end: float, step: float
 ) -> list[tuple[float, StoreFigures]]:
     """``(bin end, figures)`` for the bins ``(start + i*step, start + (i+1)*step]`` covering the window (the bins
     of ``metrics.time_series``). Samples before ``start`` only serve as the baseline of later ones."""
     ordered = sorted(samples, key=lambda s: s.time)
-    n = max(1, math.ceil((end - start) / step - 1e-9))
+    n = bin_count(start, end, step)
     last: list[StoreSample | None] = [None] * n
     added: list[list[_Added]] = [[] for _ in range(n)]
     for s in ordered:
         if start < s.time <= end:
-            last[_bin_index(s.time, start, step, n)] = s
+            last[bin_of(s.time, start, step, n)] = s
     for a in _added(ordered):
         if start < a.sample.time <= end:
-            added[_bin_index(a.sample.time, start, step, n)].append(a)
+            added[bin_of(a.sample.time, start, step, n)].append(a)
     out = []
     for i in range(n):
-        s, adds = last[i], added[i]
-        figures = StoreFigures()
-        if s is not None:
-            figures = StoreFigures(s.clients, s.keys, s.allocated_bytes, s.capacity_bytes, s.segments)
-        if adds:
-            by_rpc: Counter[str] = Counter()
-            for a in adds:
-                by_rpc.update(a.failures)
-            figures = StoreFigures(
-                figures.clients,
-                figures.keys,
-                figures.allocated_bytes,
-                figures.capacity_bytes,
-                figures.segments,
-                evictions_per_s=sum(a.evicted for a in adds) / step,
-                rpc_requests_per_s=sum(a.requests for a in adds) / step,
-                rpc_failures_per_s=sum(by_rpc.values()) / step,
-                failures_by_rpc_per_s={r: v / step for r, v in sorted(by_rpc.items())},
-                segments_lost=sum(a.lost for a in adds),
-                segments_joined=sum(a.joined for a in adds),
+        s, total = last[i], _Total.of(added[i])
+        gauges = () if s is None else (s.clients, s.keys, s.allocated_bytes, s.capacity_bytes, s.segments)
+        figures = StoreFigures(*gauges)
+        if total.measured:
+            figures = dataclasses.replace(
+                figures,
+                evictions_per_s=total.evicted / step,
+                rpc_requests_per_s=total.requests / step,
+                rpc_failures_per_s=sum(total.failures.values()) / step,
+                failures_by_rpc_per_s={r: v / step for r, v in sorted(total.failures.items())},
+                segments_lost=total.lost,
+                segments_joined=total.joined,
             )
         out.append((start + (i + 1) * step, figures))
     return out
@@ -387,19 +400,16 @@ def store_window(samples: Iterable[StoreSample], start: float, end: float) -> St
     """Totals of the samples with ``start < time <= end`` (earlier ones only as a baseline)."""
     ordered = sorted(samples, key=lambda s: s.time)
     inside = [s for s in ordered if start < s.time <= end]
-    adds = [a for a in _added(ordered) if start < a.sample.time <= end]
-    by_rpc: Counter[str] = Counter()
-    for a in adds:
-        by_rpc.update(a.failures)
+    total = _Total.of([a for a in _added(ordered) if start < a.sample.time <= end])
     return StoreWindow(
         inside[-1] if inside else None,
-        evictions=sum(a.evicted for a in adds),
-        rpc_requests=sum(a.requests for a in adds),
-        rpc_failures=float(sum(by_rpc.values())),
-        failures_by_rpc=dict(by_rpc),
-        measured=len(adds),
-        segments_lost=sum(a.lost for a in adds),
-        segments_joined=sum(a.joined for a in adds),
+        evictions=total.evicted,
+        rpc_requests=total.requests,
+        rpc_failures=float(sum(total.failures.values())),
+        failures_by_rpc=dict(total.failures),
+        measured=total.measured,
+        segments_lost=total.lost,
+        segments_joined=total.joined,
     )
 
 
