@@ -19,6 +19,7 @@ import streamlit as st
 
 from tq_mooncake.dashboard import metrics as m
 from tq_mooncake.dashboard.charts import age, frame, lines
+from tq_mooncake.dashboard.charts import cards as show_cards
 from tq_mooncake.dashboard.failures import SpanSource
 from tq_mooncake.dashboard.failures_view import failures_panel
 from tq_mooncake.dashboard.jaeger import JaegerSource
@@ -253,10 +254,7 @@ def storage_nodes(
         ("Confirmed failures", f"{sum(whole.node_failures.values()):,.0f}", "one per endpoint per attempt"),
         ("Replica fallbacks", f"{sum(whole.fallbacks.values()):,.0f}", "keys read from another replica"),
     )
-    for column, (label, value, caption) in zip(st.columns(len(cards)), cards, strict=True):
-        with column, st.container(border=True):
-            st.metric(label, value)
-            st.caption(caption)
+    show_cards(cards)
     if not rows:
         st.caption("no storage endpoint was ejected, failed or routed around in this window")
         return

@@ -3,6 +3,8 @@ and ages as the page writes them. Views call these so that every chart over time
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -56,6 +58,15 @@ def line_chart(rows: Rows, unit: str, start: float, end: float) -> alt.Chart:
 def lines(rows: Rows, unit: str, start: float, end: float) -> None:
     """Draw ``line_chart``."""
     st.altair_chart(line_chart(rows, unit, start, end))
+
+
+def cards(items: Sequence[tuple[str, str, str]]) -> None:
+    """A row of bordered cards, one per ``(label, value, caption)`` (no caption line for ``""``)."""
+    for column, (label, value, caption) in zip(st.columns(len(items)), items, strict=True):
+        with column, st.container(border=True):
+            st.metric(label, value)
+            if caption:
+                st.caption(caption)
 
 
 def age(seconds: float) -> str:

@@ -17,6 +17,7 @@ import streamlit as st
 
 from tq_mooncake.telemetry import conventions as c
 
+from .charts import cards
 from .failures import FAILED, SHOWN_OUTCOMES, Attempt, Call, SpanSource, select
 
 SHOWN = 50
@@ -171,15 +172,14 @@ def _label(call: Call) -> str:
 
 
 def _timeline(call: Call, link: str | None) -> None:
-    cards = (
-        ("Outcome", call.outcome),
-        ("Failed keys", f"{call.failed_keys:,} of {call.keys:,}"),
-        ("Attempts", f"{call.attempt_count:,}"),
-        ("Duration", f"{call.duration * 1000:,.1f} ms"),
+    cards(
+        (
+            ("Outcome", call.outcome, ""),
+            ("Failed keys", f"{call.failed_keys:,} of {call.keys:,}", ""),
+            ("Attempts", f"{call.attempt_count:,}", ""),
+            ("Duration", f"{call.duration * 1000:,.1f} ms", ""),
+        )
     )
-    for column, (label, value) in zip(st.columns(len(cards)), cards, strict=True):
-        with column, st.container(border=True):
-            st.metric(label, value)
     if call.dropped:
         st.caption(f"{len(call.attempts):,} attempts shown; {call.dropped:,} more attempt spans were not kept")
     elif not call.complete:

@@ -10,7 +10,8 @@ import time
 import altair as alt
 import streamlit as st
 
-from .charts import Rows, age, line_chart
+from .charts import Rows, age, line_chart, lines
+from .charts import cards as show_cards
 from .store_health import (
     OPTION,
     MasterPoller,
@@ -167,10 +168,7 @@ def cards(window: StoreWindow, now: float) -> None:
             f"of {_count(window.rpc_requests if measured else None)} requests in the window",
         ),
     )
-    for column, (label, value, caption) in zip(st.columns(len(shown)), shown, strict=True):
-        with column, st.container(border=True):
-            st.metric(label, value)
-            st.caption(caption)
+    show_cards(shown)
     st.caption(f"gauges as of the latest sample, {age(now - latest.time)} old")
 
 
@@ -194,21 +192,21 @@ def charts(
         st.subheader("Capacity used")
         st.caption(f"allocated bytes over the mounted capacity, %; {every}")
         used = [(t, {"capacity used %": None if f.used_fraction is None else f.used_fraction * 100}) for t, f in series]
-        st.altair_chart(line_chart(used, "%", start, end))
+        lines(used, "%", start, end)
     with right:
         st.subheader("Keys")
         st.caption(f"objects the master holds; {every}")
-        st.altair_chart(line_chart([(t, {"keys": f.keys}) for t, f in series], "count", start, end))
+        lines([(t, {"keys": f.keys}) for t, f in series], "count", start, end)
     left, right = st.columns(2)
     with left:
         st.subheader("Evictions")
         st.caption(f"keys evicted per second; {every}")
-        st.altair_chart(line_chart([(t, {"evictions/s": f.evictions_per_s}) for t, f in series], "keys/s", start, end))
+        lines([(t, {"evictions/s": f.evictions_per_s}) for t, f in series], "keys/s", start, end)
     with right:
         st.subheader("RPC failures by RPC")
         st.caption(f"failed master RPCs per second, the {TOP_RPCS} most failing on their own; {every}")
         if window.rpc_failures:
             rows = failure_rows(series, window.top_rpcs(TOP_RPCS))
-            st.altair_chart(line_chart(rows, "failures/s", start, end))
+            lines(rows, "failures/s", start, end)
         else:
             st.caption("no master RPC failed in this window")
