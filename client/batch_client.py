@@ -39,6 +39,8 @@ from .replica_reader import ReplicaReader, ReplicaReadingStore
 from .replica_routing import ReplicaRouter
 from .retry import Clock, Jitter
 from .store import Registrations, connect_store, replicate_config
+from .transfer_memory import TransferMemory
+from .written_sizes import WrittenSizes
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +107,12 @@ class MooncakeBatchClient:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.config.max_workers, thread_name_prefix="tq-mooncake"
         )
-        self._register = self.config.protocol != "tcp"
+        self._register = self.config.registers_memory
+        self._memory = TransferMemory(self._store, self.config.local_buffer_size, self._register)
         self._state = threading.Condition()
         self._warned_at = -math.inf
         self._writing = KeyLocks()
+        self._written = WrittenSizes()
         self._in_flight = 0
         self._closed = False
 
@@ -141,6 +145,7 @@ class MooncakeBatchClient:
             while self._in_flight:
                 self._state.wait()
         self._executor.shutdown(wait=True)
+        self._memory.close()
         self._store.close()
 
     def __enter__(self) -> MooncakeBatchClient:
@@ -195,6 +200,8 @@ class MooncakeBatchClient:
                     checksum,
                     asked,
                     self._router,
+                    self._written,
+                    self._memory,
                 )
                 chunks[lo] = chunk
                 return chunk
@@ -255,6 +262,7 @@ class MooncakeBatchClient:
                     cfg.max_value_bytes,
                     write_ids[lo:hi] if write_ids else None,
                     self._router,
+                    self._memory,
                 )
                 chunks[lo] = chunk
                 return chunk
@@ -270,6 +278,7 @@ class MooncakeBatchClient:
             keys = plans.validate_keys(keys)
             plans.check_parallel(keys, "custom_backend_meta", custom_backend_meta)
             force = self.config.clear_force
+            self._written.forget(keys)
             self._run(Operation.CLEAR, keys, lambda lo, hi, regs: ClearChunk(self._store, keys[lo:hi], force))
 
     # ------------------------------------------------------------------------------------ scheduling

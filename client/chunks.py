@@ -18,6 +18,8 @@ from .codes import ErrorCode
 from .replica_routing import LEARN_KEYS, TRANSFER_CODES, ReplicaRouter, RoutingReport
 from .replicas import Location
 from .store import Registrations
+from .transfer_memory import TransferMemory
+from .written_sizes import WrittenSizes
 
 COPY_MAX_BYTES = 64 << 10
 """Payloads of new keys up to this size are copied, with their trailer, into staging memory and written with
@@ -30,17 +32,19 @@ class PutChunk:
     """Writes (inserts or overwrites) ``items`` under ``keys``, each payload followed by its trailer
     (``integrity.py``) in one object.
 
-    Before the first attempt the master is asked what each key holds now (``batch_is_exist``, then the sizes of
-    the keys that exist with ``batch_get_replica_desc``):
+    Before the first attempt the client learns what each key holds now: from ``written`` (``written_sizes.py``:
+    the size this client last wrote under it) where it knows, else from the master (``batch_is_exist``, then the
+    sizes of the keys that exist with ``batch_get_replica_desc``):
 
     * nothing: a small payload (``COPY_MAX_BYTES``) is staged (copied with its trailer into a block,
       checksummed whole) and upserted; a large one is written zero-copy from its own memory with Mooncake's
       multi-buffer put, with a CRC32C of its samples (whole with ``checksum``);
-    * an object of the same size: staged and upserted, replaced in place in one step (multi-buffer put would
-      keep the old value and answer 0);
-    * an object of another size, or the master did not say: removed (forced) first, then written as new. An
-      upsert that changes a key's size parks the old buffer in the master for 600 s or more (measured: a 64 MB
-      segment full after 85 such overwrites), so it is never used for one.
+    * an object of the same size and a small payload: staged and upserted, replaced in place in one step
+      (multi-buffer put would keep the old value and answer 0);
+    * anything else (a large payload, another size, or the master did not say): removed (forced) first, then
+      written as new; a key whose removal fails keeps that code for the attempt and is not written (a write would
+      keep the old value). An upsert that changes a key's size parks the old buffer in the master for 600 s or
+      more (measured: a 64 MB segment full after 85 such overwrites), so it is never used for one.
 
     With a ``router`` (``replica_routing.py``), writes are steered to healthy endpoints while one is ejected or
     after a transfer failure; a key replaced in place whose write failed so is removed and written as new (an
@@ -49,8 +53,8 @@ class PutChunk:
 
     __slots__ = (
         "_store", "_keys", "_items", "_replicate", "_replica_num", "_regs", "_write_id", "_checksum", "_blocks",
-        "_arena", "_staged", "_gather", "_routed", "_in_place", "_router", "_steer", "_remove_first", "replicas",
-        "routing",
+        "_arena", "_staged", "_gather", "_routed", "_in_place", "_router", "_steer", "_remove_first", "_written",
+        "_memory", "replicas", "routing",
     )  # fmt: skip
 
     def __init__(
@@ -64,10 +68,15 @@ class PutChunk:
         checksum: bool,
         replica_num: int = 1,
         router: ReplicaRouter | None = None,
+        written: WrittenSizes | None = None,
+        memory: TransferMemory | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
         self._items = items
+        self._written = written
+        # With registration and a pool, every payload is staged into one lease: nothing registered per call.
+        self._memory = memory if memory is not None and memory.register and memory.available else None
         self._replicate = replicate
         self._replica_num = replica_num
         self._regs = regs
@@ -90,9 +99,13 @@ class PutChunk:
         """What routing did in the last attempt (None where it did nothing)."""
 
     def _block(self, size: int) -> tuple[np.ndarray, int]:
-        block = self._arena.take(max(size, 1))
+        leased = self._memory.lease(max(size, 1)) if self._memory is not None else None
+        if leased is not None:
+            block = np.frombuffer(leased[1], dtype=np.uint8)  # holds the lease as long as the chunk holds it
+        else:
+            block = self._arena.take(max(size, 1))
+            self._regs.add(block.ctypes.data, size)
         self._blocks.append(block)
-        self._regs.add(block.ctypes.data, size)
         return block, block.ctypes.data
 
     def _stage(self, positions: list[int]) -> None:
@@ -127,24 +140,50 @@ class PutChunk:
     def _route(self) -> None:
         """Decide each position's write path from what the store holds under its key (see the class)."""
         self._routed = True
-        positions = range(len(self._keys))
+        n = len(self._keys)
         T = integrity.TRAILER_SIZE
-        held = replicas.held_objects(self._store, self._keys)
         router = self._router
-        ejected = router.health.ejected() if router is not None and router.degraded() else frozenset()
-        # In place only where every replica is on a live endpoint: an in-place upsert writes into the old buffers.
+        degraded = router is not None and router.degraded()
+        ejected = router.health.ejected() if degraded else frozenset()
+        sizes = [item.size + T for item in self._items]
+        # What this client wrote last answers for its own overwrites (not while an endpoint is ejected: the
+        # replicas' endpoints are needed then); the master is asked about the other keys.
+        known = self._written.lookup(self._keys) if self._written is not None and not degraded else [None] * n
+        ask = [i for i in range(n) if known[i] is None]
+        answers = replicas.held_objects(self._store, [self._keys[i] for i in ask], endpoints=degraded)
+        held = [None if size is None else replicas.Held(size, frozenset()) for size in known]
+        for i, answer in zip(ask, answers, strict=True):
+            held[i] = answer
+        # In place only where every replica is on a live endpoint (an in-place upsert writes into the old buffers),
+        # and only small payloads: a large one would be copied, while removing and writing it zero-copy costs one
+        # RPC and a second transfer slice per key.
+        # With a registered pool every payload is staged (copied): a large one too.
+        copy_max = COPY_MAX_BYTES if self._memory is None else self._items_max()
         in_place = [
-            i for i in positions if held[i] is not None and held[i].size == self._items[i].size + T
-            and not held[i].endpoints & ejected
+            i for i in range(n) if (h := held[i]) is not None and h.size == sizes[i] and not h.endpoints & ejected
+            and self._items[i].size <= copy_max
         ]  # fmt: skip
         self._in_place = set(in_place)
-        replaced = [i for i in positions if held[i] is not None and i not in self._in_place]
-        if replaced:
-            self._store.batch_remove([self._keys[i] for i in replaced], True)  # absent keys answer -704: fine
-        new = set(replaced) | {i for i in positions if held[i] is None}
-        small = {i for i in new if self._items[i].size <= COPY_MAX_BYTES}
-        self._stage(sorted(set(in_place) | small))
+        self._remove_first.update(i for i in range(n) if held[i] is not None and i not in self._in_place)
+        new = set(range(n)) - self._in_place
+        small = {i for i in new if self._items[i].size <= copy_max}
+        self._stage(sorted(self._in_place | small))
         self._zero_copy(sorted(new - small))
+
+    def _items_max(self) -> int:
+        return max((item.size for item in self._items), default=0)
+
+    def _remove(self, positions: list[int], codes: dict[int, int]) -> None:
+        """Remove (forced) the keys at ``positions`` before they are written again; a position whose key could not
+        be removed keeps its code in ``codes`` and stays to be removed (a write now would keep the old value)."""
+        got = self._store.batch_remove([self._keys[p] for p in positions], True)
+        if len(got) != len(positions):
+            got = [int(ErrorCode.INTERNAL_ERROR)] * len(positions)
+        for p, code in zip(positions, got, strict=True):
+            if code in (0, ErrorCode.OBJECT_NOT_FOUND):
+                self._remove_first.discard(p)
+            else:
+                codes[p] = int(code)
 
     def __call__(self, pending: list[int]) -> tuple[Sequence[int], int]:
         if not self._routed:
@@ -155,13 +194,12 @@ class PutChunk:
         if router is not None and (self._steer or router.degraded()):
             replicate = router.steered(self._replicate, self._replica_num)
             self.routing = RoutingReport(steered=replicate is not self._replicate)
+        codes: dict[int, int] = {}
         again = [p for p in pending if p in self._remove_first]
         if again:
-            self._store.batch_remove([self._keys[p] for p in again], True)
-            self._remove_first.difference_update(again)
-        staged = [p for p in pending if p in self._staged]
-        gather = [p for p in pending if p in self._gather]
-        codes: dict[int, int] = {}
+            self._remove(again, codes)
+        staged = [p for p in pending if p in self._staged and p not in codes]
+        gather = [p for p in pending if p in self._gather and p not in codes]
         if staged:
             got = self._store.batch_upsert_from(
                 [self._keys[p] for p in staged],
@@ -195,6 +233,9 @@ class PutChunk:
                 self.replicas.update(zip(written, counts, strict=True))
         if self._replica_num == 1:
             self.replicas.update(dict.fromkeys(written, 1))
+        if self._written is not None:
+            self._written.wrote((self._keys[p], self._items[p].size + integrity.TRAILER_SIZE) for p in written)
+            self._written.forget(self._keys[p] for p, c in zip(pending, result, strict=True) if c != 0)
         if router is not None and failed:
             if self.routing is None:
                 self.routing = RoutingReport()
@@ -242,7 +283,7 @@ class GetChunk:
 
     __slots__ = (
         "_store", "_keys", "_plans", "_regs", "_allow_pickle", "_max_value_bytes", "_dest", "_tags", "_wids",
-        "_router", "values", "routing",
+        "_router", "_memory", "values", "routing",
     )  # fmt: skip
 
     def __init__(
@@ -255,10 +296,12 @@ class GetChunk:
         max_value_bytes: int,
         write_ids: Sequence[int | None] | None = None,
         router: ReplicaRouter | None = None,
+        memory: TransferMemory | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
         self._plans = read_plans
+        self._memory = memory
         self._router = router if router is not None and router.active else None
         self.routing: RoutingReport | None = None
         self._regs = regs
@@ -273,8 +316,13 @@ class GetChunk:
                 self._allocate(pos, plan.size + integrity.TRAILER_SIZE)
 
     def _allocate(self, pos: int, size: int) -> None:
-        ptr, holder = plans.allocate(self._plans[pos], size)
-        self._regs.add(ptr, size)
+        memory = self._memory
+        leased = memory.lease(size) if memory is not None and memory.wants(size) else None
+        if leased is not None:
+            ptr, holder = plans.allocate(self._plans[pos], size, leased[1])
+        else:
+            ptr, holder = plans.allocate(self._plans[pos], size)
+            self._regs.add(ptr, size)
         self._dest[pos] = (ptr, size, holder)
 
     def _sized(self, pos: int) -> int:

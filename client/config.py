@@ -293,6 +293,7 @@ class ClientConfig:
 
     ``local_hostname``: missing means ``127.0.0.1``; ``""`` means this host's address (TQ's behaviour).
     ``metadata_server`` is taken as given here (``from_dict`` normalises TQ's forms first).
+    ``register_memory``: None (the default) registers transfer memory where the protocol needs it (not over TCP).
     """
 
     local_hostname: str = "127.0.0.1"
@@ -311,6 +312,7 @@ class ClientConfig:
     clear_force: bool = True
     max_value_bytes: int = 1 * GiB
     setup_timeout_s: float = 5.0
+    register_memory: bool | None = None
     retry: RetryConfig = field(default_factory=RetryConfig)
     node_health: NodeHealthPolicy = field(default_factory=NodeHealthPolicy)
 
@@ -330,6 +332,8 @@ class ClientConfig:
             if not is_int(value) or not 0 <= value <= high:
                 raise ValueError(f"{name} must be a size in bytes from 0 to {high}, got {_short(value)}")
         _check_setup_timeout(self.setup_timeout_s)
+        if self.register_memory is not None and not isinstance(self.register_memory, bool):
+            raise ValueError(f"register_memory must be true, false or null, got {_short(self.register_memory)}")
         for name in ("hard_pin", "allow_pickle", "tensor_checksum", "clear_force"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {_short(getattr(self, name))}")
@@ -340,6 +344,11 @@ class ClientConfig:
                 f"node_health must be a NodeHealthPolicy (from_dict parses a mapping or a bool), got "
                 f"{_short(self.node_health)}"
             )
+
+    @property
+    def registers_memory(self) -> bool:
+        """Whether transfers use registered memory: ``register_memory``, or by default every protocol but TCP."""
+        return self.protocol != "tcp" if self.register_memory is None else self.register_memory
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any] | None) -> ClientConfig:

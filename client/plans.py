@@ -220,10 +220,17 @@ def _plan_from_meta(
     return ReadPlan(ReadKind.FRAME, size, want_dtype, want_shape, crc)
 
 
-def allocate(plan: ReadPlan, size: int) -> tuple[int, Any]:
+def allocate(plan: ReadPlan, size: int, memory: memoryview | None = None) -> tuple[int, Any]:
     """A destination for a stored object of ``size`` bytes (payload and trailer) read for ``plan``: (pointer,
     holder). The holder is one uint8 block: a torch tensor for a raw tensor (the value handed back is a view of
-    its first bytes, so its storage is the block), a numpy array for a frame."""
+    its first bytes, so its storage is the block), a numpy array for a frame; over ``memory`` (``size`` writable
+    bytes, e.g. a ``TransferMemory`` lease, which the holder then keeps alive) where given, else fresh."""
+    if memory is not None:
+        if plan.kind is ReadKind.TENSOR:
+            block = torch.frombuffer(memory, dtype=torch.uint8)
+            return block.data_ptr(), block
+        buf = np.frombuffer(memory, dtype=np.uint8)
+        return buf.ctypes.data, buf
     if plan.kind is ReadKind.TENSOR:
         block = torch.empty(size, dtype=torch.uint8)
         return block.data_ptr(), block

@@ -772,3 +772,16 @@ def test_retry_section_with_only_items_works():
 @pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (128, 4)])
 def test_default_max_workers_is_one_per_four_cpus_from_one_to_four(cpus, workers):
     assert default_max_workers(cpus) == workers
+
+
+@pytest.mark.parametrize("value", ["yes", "true", 1, 0, [True]])
+def test_register_memory_is_true_false_or_null(value):
+    with pytest.raises(ValueError, match="register_memory must be true, false or null"):
+        ClientConfig.from_dict({"register_memory": value})
+
+
+def test_memory_is_registered_by_default_only_where_the_protocol_needs_it():
+    assert ClientConfig().registers_memory is False  # TCP
+    assert ClientConfig.from_dict({"protocol": "rdma"}).registers_memory is True
+    assert ClientConfig.from_dict({"protocol": "rdma", "register_memory": False}).registers_memory is False
+    assert ClientConfig.from_dict({"register_memory": True, "local_buffer_size": None}).registers_memory is True

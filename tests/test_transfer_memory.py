@@ -1,0 +1,222 @@
+"""The put and get data path on a real master: what a put asks the master before writing (``written_sizes``), how
+it overwrites, and the memory transfers use (``transfer_memory``): reused leases of the local buffer, nothing
+registered per call when registration is on. Store calls are counted through a wrapper around the real store."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+
+from tq_mooncake.client import ErrorCode
+from tq_mooncake.client.chunks import COPY_MAX_BYTES
+from tq_mooncake.client.transfer_memory import POOLED_MIN_BYTES
+from tq_mooncake.client.written_sizes import WrittenSizes
+
+MiB = 1 << 20
+FAST_RETRY = {"max_attempts": 3, "initial_backoff_s": 0.001}
+
+
+class CountingStore:
+    """The real store, with every method call counted by name; ``fail_removes`` makes that many of the next
+    ``batch_remove`` calls answer ``REPLICA_IS_NOT_READY`` for every key (without removing anything)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.calls: Counter[str] = Counter()
+        self.fail_removes = 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._store, name)
+        if not callable(target) or name.startswith("_"):
+            return target
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self.calls[name] += 1
+                failing = name == "batch_remove" and self.fail_removes > 0
+                if failing:
+                    self.fail_removes -= 1
+            if failing:
+                return [int(ErrorCode.REPLICA_IS_NOT_READY)] * len(args[0])
+            return target(*args, **kwargs)
+
+        return counted
+
+    def take(self) -> Counter[str]:
+        """The calls counted since the last ``take``."""
+        with self._lock:
+            calls, self.calls = self.calls, Counter()
+        return calls
+
+
+def counted_client(make_client: Any, master: Any, **config: Any) -> tuple[Any, CountingStore]:
+    wrappers: list[CountingStore] = []
+
+    def wrap(store: Any) -> CountingStore:
+        wrappers.append(CountingStore(store))
+        return wrappers[-1]
+
+    client = make_client(master, wrap_store=wrap, **config)
+    return client, wrappers[0]
+
+
+# ------------------------------------------------------------------------------------------------ put
+def test_an_overwrite_by_this_client_asks_the_master_nothing_first(make_client, shared_master, keyspace):
+    client, store = counted_client(make_client, shared_master)
+    keys = keyspace(3)
+    values = [torch.full((16,), float(i)) for i in range(3)]
+    metas = client.put(keys, values)
+    first = store.take()
+    assert first["batch_is_exist"] == 1  # new keys: asked
+    metas = client.put(keys, [v + 1 for v in values])
+    again = store.take()
+    assert again["batch_is_exist"] == 0 and again["batch_get_replica_desc"] == 0 and again["batch_remove"] == 0
+    assert again["batch_upsert_from"] == 1  # replaced in place
+    got = client.get(keys, custom_backend_meta=metas)
+    assert all(torch.equal(g, v + 1) for g, v in zip(got, values, strict=True))
+    # Another size: known to exist, so removed first and written as new, still without asking.
+    metas = client.put(keys, [torch.zeros(32) for _ in keys])
+    resized = store.take()
+    assert resized["batch_is_exist"] == 0 and resized["batch_remove"] == 1
+    assert all(torch.equal(g, torch.zeros(32)) for g in client.get(keys, custom_backend_meta=metas))
+    # A clear forgets: the next put asks again.
+    client.clear(keys)
+    store.take()
+    client.put(keys, values)
+    assert store.take()["batch_is_exist"] == 1
+
+
+def test_an_overwrite_by_another_client_is_still_asked_about(make_client, shared_master, keyspace):
+    writer, _ = counted_client(make_client, shared_master)
+    other, store = counted_client(make_client, shared_master)
+    (key,) = keyspace(1)
+    writer.put([key], [torch.arange(8)])
+    (meta,) = other.put([key], [torch.arange(100)])  # another size, unknown to `other`: asked, removed, written
+    calls = store.take()
+    assert calls["batch_is_exist"] == 1 and calls["batch_get_replica_desc"] == 1 and calls["batch_remove"] == 1
+    assert torch.equal(writer.get([key], custom_backend_meta=[meta])[0], torch.arange(100))
+
+
+def test_a_large_overwrite_of_the_same_size_is_written_zero_copy_and_parks_nothing(
+    make_client, shared_master, keyspace
+):
+    # 80 overwrites of 1 MiB into a 64 MiB segment: an upsert that parked the old buffer would fill it after ~60.
+    client, store = counted_client(make_client, shared_master, global_segment_size=64 * MiB)
+    (key,) = keyspace(1)
+    for round_ in range(80):
+        value = torch.full((MiB // 4,), round_, dtype=torch.int32)
+        (meta,) = client.put([key], [value])
+        if round_ % 20 == 19:
+            assert torch.equal(client.get([key], custom_backend_meta=[meta])[0], value)
+    calls = store.take()
+    assert calls["batch_put_from_multi_buffers"] == 80 and calls["batch_upsert_from"] == 0
+    assert calls["batch_remove"] == 79 and calls["batch_is_exist"] == 1
+
+
+def test_a_key_whose_removal_fails_is_not_written_until_it_is_removed(make_client, shared_master, keyspace):
+    client, store = counted_client(make_client, shared_master, retry=FAST_RETRY)
+    (key,) = keyspace(1)
+    client.put([key], [torch.arange(4)])
+    store.fail_removes = 1  # the removal before the resized write answers REPLICA_IS_NOT_READY once
+    (meta,) = client.put([key], [torch.arange(2 * COPY_MAX_BYTES // 8)])
+    calls = store.take()
+    assert calls["batch_remove"] == 2  # failed, then again on the retry
+    assert calls["batch_put_from_multi_buffers"] == 1  # written once, after the removal went through
+    assert torch.equal(client.get([key], custom_backend_meta=[meta])[0], torch.arange(2 * COPY_MAX_BYTES // 8))
+
+
+@pytest.mark.pure
+def test_written_sizes_remembers_the_newest_keys_and_forgets_on_request():
+    sizes = WrittenSizes(max_keys=3)
+    sizes.wrote([("a", 1), ("b", 2), ("c", 3)])
+    sizes.wrote([("a", 10), ("d", 4)])  # "a" rewritten: the newest; "b" the oldest, forgotten
+    assert sizes.lookup(["a", "b", "c", "d", "e"]) == [10, None, 3, 4, None]
+    sizes.forget(["c", "zz"])
+    assert sizes.lookup(["c"]) == [None] and len(sizes) == 2
+    off = WrittenSizes(max_keys=0)
+    off.wrote([("a", 1)])
+    assert off.lookup(["a"]) == [None]
+    with pytest.raises(ValueError):
+        WrittenSizes(max_keys=-1)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def big_values(n: int, size: int = MiB, base: int = 0) -> list[torch.Tensor]:
+    return [torch.full((size // 4,), base + i, dtype=torch.int32) for i in range(n)]
+
+
+def test_large_reads_reuse_the_local_buffer_and_fall_back_to_fresh_memory_when_it_is_full(
+    make_client, shared_master, keyspace
+):
+    client = make_client(shared_master, local_buffer_size=8 * MiB)
+    memory = client._memory
+    assert memory.available
+    keys = keyspace(4)
+    metas = client.put(keys, big_values(4))
+    for _ in range(10):  # each read's values dropped before the next: the same regions serve every read
+        got = client.get(keys, custom_backend_meta=metas)
+        assert all(torch.equal(g, v) for g, v in zip(got, big_values(4), strict=True))
+        del got
+    assert memory.fallbacks == 0
+    held = [client.get(keys, custom_backend_meta=metas) for _ in range(3)]  # 12 MiB held: more than the buffer
+    assert memory.fallbacks > 0
+    assert all(torch.equal(g, v) for got in held for g, v in zip(got, big_values(4), strict=True))
+    del held
+    gc.collect()
+    refused = memory.fallbacks
+    client.get(keys, custom_backend_meta=metas)
+    assert memory.fallbacks == refused  # the regions came back when the values were freed
+
+
+def test_small_reads_over_tcp_use_fresh_memory(make_client, shared_master, keyspace):
+    client = make_client(shared_master, local_buffer_size=8 * MiB)
+    keys = keyspace(2)
+    metas = client.put(keys, [torch.arange(10), torch.zeros(POOLED_MIN_BYTES // 4)])
+    small, large = client.get(keys, custom_backend_meta=metas)
+    assert not client._memory.wants(small.numel() * 8 + 40) and client._memory.wants(POOLED_MIN_BYTES)
+    assert torch.equal(small, torch.arange(10)) and torch.equal(large, torch.zeros(POOLED_MIN_BYTES // 4))
+
+
+def test_values_read_into_the_local_buffer_stay_valid_after_close(make_client, shared_master, keyspace):
+    client = make_client(shared_master, local_buffer_size=8 * MiB)
+    keys = keyspace(3)
+    metas = client.put(keys, big_values(3, base=7))
+    got = client.get(keys, custom_backend_meta=metas)
+    client.clear(keys)
+    client.close()
+    gc.collect()
+    churn = [torch.randn(MiB) for _ in range(16)]  # reuse freed memory, if any was freed
+    assert all(torch.equal(g, v) for g, v in zip(got, big_values(3, base=7), strict=True))
+    del churn
+
+
+def test_registered_transfers_register_nothing_per_call_with_a_local_buffer(make_client, shared_master, keyspace):
+    """With registration on (what RDMA needs; forced here over TCP, where it is bookkeeping), every transfer uses
+    leases of the local buffer that the store registered at set-up: no register_buffer call per put or get."""
+    keys = keyspace(42)
+    values: list[Any] = [torch.full((16 << 10,), float(i)) for i in range(40)]  # 64 KiB each
+    values += [torch.arange(MiB // 8), {"a non-tensor": [1, 2]}]
+    for local_buffer, per_call in ((32 * MiB, False), (0, True)):
+        client, store = counted_client(make_client, shared_master, register_memory=True, local_buffer_size=local_buffer)
+        metas = client.put(keys, values)
+        client.get(keys, custom_backend_meta=metas)
+        store.take()
+        for _ in range(3):
+            metas = client.put(keys, values)
+            got = client.get(keys, custom_backend_meta=metas)
+            assert all(
+                torch.equal(g, v) if isinstance(v, torch.Tensor) else g == v for g, v in zip(got, values, strict=True)
+            )
+        calls = store.take()
+        if per_call:  # no local buffer: every block registered and unregistered on every call
+            assert calls["register_buffer"] >= 3 * 2 and calls["register_buffer"] == calls["unregister_buffer"]
+        else:
+            assert calls["register_buffer"] == 0 and calls["unregister_buffer"] == 0
+            assert client._memory.fallbacks == 0
+        client.clear(keys)
