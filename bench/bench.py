@@ -8,20 +8,25 @@ runs, interleaved round by round so that drift hits every path alike:
 * ``raw``: ``batch_upsert_from`` / ``batch_get_into`` on one source and one destination block, each
   registered once, 400 keys per call, one call after another (the floor: no per-key Python objects);
 * ``ours-off``: ``MooncakeBatchClient`` with telemetry off (``NOOP_OBSERVER``);
-* ``ours-on``: ``MooncakeBatchClient`` with the OpenTelemetry SDK, always-on sampling, spans and metrics
-  exported as OTLP JSON lines into a temporary folder (what ``TQ_MOONCAKE_TELEMETRY_DIR`` does);
-* ``ours-sampled``: ``ours-off`` with ``tensor_checksum: false`` (new raw tensors above 32 KiB get a CRC32C of
-  their samples, 64 bytes at every 4 KiB, instead of every byte): what the default's full checksum costs;
-* ``ours-no-routing``: ``ours-off`` with ``node_health: false`` (no storage-node loss handling): what that
-  handling costs on the healthy path;
+* ``ours-on``: ``MooncakeBatchClient`` with telemetry as ``configure()`` sets it up by default: the OpenTelemetry
+  SDK, the default sampler (every retried or failed call's trace, 1% of clean ones), spans and metrics exported as
+  OTLP JSON lines into a temporary folder (what ``TQ_MOONCAKE_TELEMETRY_DIR`` does);
 * ``tq-stock``: TransferQueue 0.1.11's ``MooncakeStoreClient`` (when installed).
+
+Diagnostic paths (``--paths``), each ``ours-off`` with one thing changed: ``ours-all-spans`` (telemetry with
+every span kept, always-on sampling), ``ours-sampled`` (``tensor_checksum: false``: new raw tensors above 32 KiB
+get a CRC32C of their samples instead of every byte), ``ours-no-routing`` (``node_health: false``), ``ours-fresh``
+(``local_buffer_size: 0``: no reused transfer memory, every destination fresh).
+
+Every client (ours and the stock one) has a local buffer of ``--local-buffer-mib`` (512 MiB; the default of
+``ClientConfig`` is 1 GiB) and no segment of its own.
 
 Every round checks the data read back against what was written (outside the timed part). Prints the
 median milliseconds per call, GB/s, and the ratios the performance targets are about (throughput ratio =
 the other path's median time / ours). ``--memory`` instead measures peak resident memory of a 2000 x 1 MiB
 round trip in a fresh process.
 
-    .venv/bin/python bench/bench.py [--quick] [--metadata http p2p] [--repeats 7] [--json out.json]
+    .venv/bin/python bench/bench.py [--quick] [--metadata http p2p] [--repeats 7] [--paths ...] [--json out.json]
     .venv/bin/python bench/bench.py --memory [--keys 2000] [--value-kib 1024]
     .venv/bin/python bench/bench.py --profile profile.txt --case "400x64KiB tensor" --repeats 20
 """
@@ -238,20 +243,59 @@ class StockPath(DataPath):
         self.client.close()
 
 
-def sdk_observer(folder: Path) -> tuple[Any, Callable[[], None]]:
-    """OTelObserver on SDK providers that export OTLP JSON lines into ``folder``; and their shutdown."""
-    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-
+def sdk_observer(folder: Path, sampler: Any = None) -> tuple[Any, Callable[[], None]]:
+    """OTelObserver on SDK providers that export OTLP JSON lines into ``folder`` (``sampler`` None: the default, as
+    ``configure()`` chooses it); and their shutdown."""
     from tq_mooncake.telemetry import OTelObserver
     from tq_mooncake.telemetry.pipeline import build_resource, file_pipeline
 
-    tracer_provider, meter_provider = file_pipeline(folder, build_resource("tq-mooncake-bench"), ALWAYS_ON)
+    tracer_provider, meter_provider = file_pipeline(folder, build_resource("tq-mooncake-bench"), sampler)
 
     def shutdown() -> None:
         tracer_provider.shutdown()
         meter_provider.shutdown()
 
     return OTelObserver(tracer_provider, meter_provider), shutdown
+
+
+MAIN_PATHS = ["raw", "ours-off", "ours-on", "tq-stock"]
+DIAGNOSTIC_PATHS = ["ours-all-spans", "ours-sampled", "ours-no-routing", "ours-fresh"]
+
+
+def build_paths(
+    names: list[str], config: dict[str, Any], raw_store: Any, tmp: Path, metadata: str
+) -> tuple[list[DataPath], list[Callable[[], None]]]:
+    """The paths named (in order), and the shutdowns of their telemetry pipelines."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    paths: list[DataPath] = []
+    shutdowns: list[Callable[[], None]] = []
+
+    def ours(name: str, overrides: dict[str, Any], observer: Any = NOOP_OBSERVER) -> DataPath:
+        return OursPath(name, MooncakeBatchClient({**config, **overrides}, observer=observer))
+
+    for name in names:
+        if name == "raw":
+            paths.append(RawPath(raw_store))
+        elif name == "ours-off":
+            paths.append(ours(name, {}))
+        elif name in ("ours-on", "ours-all-spans"):
+            sampler = ALWAYS_ON if name == "ours-all-spans" else None
+            observer, shutdown = sdk_observer(tmp / f"telemetry-{metadata}-{name}", sampler)
+            shutdowns.append(shutdown)
+            paths.append(ours(name, {}, observer))
+        elif name == "ours-sampled":
+            paths.append(ours(name, {"tensor_checksum": False}))
+        elif name == "ours-no-routing":
+            paths.append(ours(name, {"node_health": False}))
+        elif name == "ours-fresh":
+            paths.append(ours(name, {"local_buffer_size": 0}))
+        elif name == "tq-stock":
+            try:
+                paths.append(StockPath(config))
+            except ImportError:
+                print("TransferQueue is not installed: no tq-stock column", file=sys.stderr)
+    return paths, shutdowns
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -276,35 +320,19 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def run_mode(metadata: str, cases: list[Case], args: argparse.Namespace, tmp: Path) -> list[Result]:
     results: list[Result] = []
     largest = max(c.total for c in cases)
-    segment = max(256 << 20, 5 * largest + (64 << 20))  # every path's copy of the largest case, and slack
+    segment = max(256 << 20, (len(args.paths) + 2) * largest + (64 << 20))  # every path's copy of the largest case
     with MasterProcess(tmp, http_metadata=(metadata == "http")) as master:
         master.start()
         with StorageNodeProcess(master, tmp, segment=segment) as node:
             node.start()
-            config = master.client_config(global_segment_size=0, local_buffer_size=0)
+            config = master.client_config(global_segment_size=0, local_buffer_size=args.local_buffer_mib << 20)
             from mooncake.store import MooncakeDistributedStore
 
             raw_store = MooncakeDistributedStore()
             rc = raw_store.setup(LOOPBACK, master.metadata_server, 0, 0, "tcp", "", master.address)
             if rc != 0:
                 raise RuntimeError(f"raw store setup failed: {rc}")
-            observer, shutdown = sdk_observer(tmp / f"telemetry-{metadata}")
-            paths: list[DataPath] = [
-                RawPath(raw_store),
-                OursPath("ours-off", MooncakeBatchClient(config, observer=NOOP_OBSERVER)),
-                OursPath("ours-on", MooncakeBatchClient(config, observer=observer)),
-                OursPath(
-                    "ours-sampled", MooncakeBatchClient({**config, "tensor_checksum": False}, observer=NOOP_OBSERVER)
-                ),
-                OursPath(
-                    "ours-no-routing", MooncakeBatchClient({**config, "node_health": False}, observer=NOOP_OBSERVER)
-                ),
-            ]
-            if not args.no_stock:
-                try:
-                    paths.append(StockPath(config))
-                except ImportError:
-                    print("TransferQueue is not installed: no tq-stock column", file=sys.stderr)
+            paths, shutdowns = build_paths(args.paths, config, raw_store, tmp, metadata)
             try:
                 for case in cases:
                     results.append(run_case(metadata, case, paths, args))
@@ -312,7 +340,8 @@ def run_mode(metadata: str, cases: list[Case], args: argparse.Namespace, tmp: Pa
             finally:
                 for p in paths:
                     p.close()
-                shutdown()
+                for shutdown in shutdowns:
+                    shutdown()
     return results
 
 
@@ -344,6 +373,19 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "-"
 
 
+RATIOS = [
+    ("ours-on", "raw"),
+    ("ours-off", "raw"),
+    ("ours-on", "tq-stock"),
+    ("ours-on", "ours-off"),
+    ("ours-off", "ours-all-spans"),
+    ("ours-off", "ours-sampled"),
+    ("ours-off", "ours-no-routing"),
+    ("ours-off", "ours-fresh"),
+]
+"""(ours, other) pairs of the ratio table, where both ran: other's time / ours."""
+
+
 def report(results: list[Result]) -> str:
     lines = [
         "| metadata | case | path | put ms | get ms | put GB/s | get GB/s |",
@@ -358,26 +400,20 @@ def report(results: list[Result]) -> str:
                 f"| {r.metadata} | {r.case} | {path} | {put * 1e3:.2f} | {get * 1e3:.2f} | "
                 f"{r.total_bytes / put / GB:.2f} | {r.total_bytes / get / GB:.2f} |"
             )
+    pairs = [(a, b) for a, b in RATIOS if any(r.median(a, "put") and r.median(b, "put") for r in results)]
+    head = " | ".join(f"{a} vs {b} put | get" for a, b in pairs)
     lines += [
         "",
-        "Throughput ratios (time of the other path / time of ours; >= 1 means ours is at least as fast):",
+        "Throughput ratios (time of the second path / time of the first; >= 1 means the first is at least as fast):",
         "",
-        "| metadata | case | ours-on vs raw put | get | ours-off vs raw put | get | ours-on vs tq-stock put | get "
-        "| ours-off vs ours-sampled put | get | ours-off vs ours-no-routing put | get |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| metadata | case | {head} |",
+        "|---|---|" + "---|---|" * len(pairs),
     ]
     for r in results:
-        on_p, on_g = r.median("ours-on", "put"), r.median("ours-on", "get")
-        off_p, off_g = r.median("ours-off", "put"), r.median("ours-off", "get")
-        raw_p, raw_g = r.median("raw", "put"), r.median("raw", "get")
-        st_p, st_g = r.median("tq-stock", "put"), r.median("tq-stock", "get")
-        smp_p, smp_g = r.median("ours-sampled", "put"), r.median("ours-sampled", "get")
-        nr_p, nr_g = r.median("ours-no-routing", "put"), r.median("ours-no-routing", "get")
-        lines.append(
-            f"| {r.metadata} | {r.case} | {ratio(raw_p, on_p)} | {ratio(raw_g, on_g)} | {ratio(raw_p, off_p)} | "
-            f"{ratio(raw_g, off_g)} | {ratio(st_p, on_p)} | {ratio(st_g, on_g)} | {ratio(smp_p, off_p)} | "
-            f"{ratio(smp_g, off_g)} | {ratio(nr_p, off_p)} | {ratio(nr_g, off_g)} |"
-        )
+        cells = []
+        for a, b in pairs:
+            cells += [ratio(r.median(b, "put"), r.median(a, "put")), ratio(r.median(b, "get"), r.median(a, "get"))]
+        lines.append(f"| {r.metadata} | {r.case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -392,7 +428,8 @@ def profile(args: argparse.Namespace, cases: list[Case], tmp: Path) -> str:
         with StorageNodeProcess(master, tmp, segment=max(256 << 20, 3 * case.total)) as node:
             node.start()
             observer, shutdown = sdk_observer(tmp / "telemetry-profile")
-            client = MooncakeBatchClient(master.client_config(global_segment_size=0), observer=observer)
+            config = master.client_config(global_segment_size=0, local_buffer_size=args.local_buffer_mib << 20)
+            client = MooncakeBatchClient(config, observer=observer)
             path = OursPath("ours-on", client)
             try:
                 data = make_data(case, "profile")
@@ -463,6 +500,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-stock", action="store_true", help="leave TQ's stock client out")
+    parser.add_argument(
+        "--paths", nargs="+", choices=MAIN_PATHS + DIAGNOSTIC_PATHS, default=MAIN_PATHS, help="paths to run, in order"
+    )
+    parser.add_argument("--local-buffer-mib", type=int, default=512, help="each client's local buffer")
     parser.add_argument("--case", action="append", help="only cases whose name contains this (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--memory", action="store_true", help="measure peak RSS of a round trip instead")
@@ -470,6 +511,8 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=2000)
     parser.add_argument("--value-kib", type=int, default=1024)
     args = parser.parse_args()
+    if args.no_stock:
+        args.paths = [p for p in args.paths if p != "tq-stock"]
     logging.basicConfig(level=logging.WARNING)
     if args.memory:
         out = memory(args)
