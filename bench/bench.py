@@ -7,6 +7,9 @@ runs, interleaved round by round so that drift hits every path alike:
 
 * ``raw``: ``batch_upsert_from`` / ``batch_get_into`` on one source and one destination block, each
   registered once, 400 keys per call, one call after another (the floor: no per-key Python objects);
+* ``raw-checked``: the same with the objects end-to-end checking needs (each payload and its 40-byte trailer with
+  a CRC32C, laid out as the client lays them out) and each value's trailer and CRC32C checked on the way back:
+  the floor of this client's integrity contract;
 * ``ours-off``: ``MooncakeBatchClient`` with telemetry off (``NOOP_OBSERVER``);
 * ``ours-on``: ``MooncakeBatchClient`` with telemetry as ``configure()`` sets it up by default: the OpenTelemetry
   SDK, the default sampler (every retried or failed call's trace, 1% of clean ones), spans and metrics exported as
@@ -34,6 +37,7 @@ round trip in a fresh process.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -50,7 +54,8 @@ from typing import Any
 
 import torch
 
-from tq_mooncake.client import MooncakeBatchClient
+from tq_mooncake.client import MooncakeBatchClient, integrity
+from tq_mooncake.client.chunks import COPY_MAX_BYTES
 from tq_mooncake.client.observer import NOOP_OBSERVER
 from tq_mooncake.cluster import LOOPBACK, MasterProcess, StorageNodeProcess
 
@@ -192,6 +197,65 @@ class RawPath(DataPath):
         self.store.close()
 
 
+class RawCheckedPath(RawPath):
+    """The raw store writing and reading objects as end-to-end checking needs them, with none of the client's
+    per-key Python: each payload followed by a 40-byte trailer holding its CRC32C (copied with it into one warm
+    registered block up to ``COPY_MAX_BYTES``, else the payload zero-copy and the trailer as a second slice, as the
+    client does), read back into one warm block and each payload's CRC32C compared. The floor of the client's
+    integrity contract on this machine."""
+
+    name = "raw-checked"
+
+    def prepare(self, case: Case, data: Data) -> None:
+        super().prepare(case, data)
+        n, size, T = case.keys, case.value_bytes, integrity.TRAILER_SIZE
+        self.zero_copy = size > COPY_MAX_BYTES
+        self.staging = torch.empty(n * (T if self.zero_copy else size + T), dtype=torch.uint8)
+        self.dst = torch.empty(n * (size + T), dtype=torch.uint8)
+        base_t, base_d = self._register(self.staging), self._register(self.dst)
+        self.slots = [base_t + i * (T if self.zero_copy else size + T) for i in range(n)]
+        self.dst_ptrs = [base_d + i * (size + T) for i in range(n)]
+        self.sizes = [size + T] * n
+        self.tags = [integrity.key_tag(k) for k in self.keys]
+        self.put()  # the objects exist before the first timed get
+
+    def put(self) -> None:
+        size, T = self.case.value_bytes, integrity.TRAILER_SIZE
+        staging = self.staging.numpy()
+        for i, (src, slot) in enumerate(zip(self.src_ptrs, self.slots, strict=True)):
+            if not self.zero_copy:
+                ctypes.memmove(slot, src, size)
+            offset = slot - self.slots[0] + (0 if self.zero_copy else size)
+            integrity.pack_for(staging, offset, self.tags[i], 1, src, size, True)
+        for lo in range(0, len(self.keys), RAW_SLICE):
+            hi = lo + RAW_SLICE
+            keys = self.keys[lo:hi]
+            if self.zero_copy:  # multi-buffer put keeps an existing value: an overwrite removes it first
+                self.store.batch_remove(keys, True)
+                ptrs = [[s, t] for s, t in zip(self.src_ptrs[lo:hi], self.slots[lo:hi], strict=True)]
+                codes = self.store.batch_put_from_multi_buffers(keys, ptrs, [[size, T]] * len(keys), self.rc)
+            else:
+                codes = self.store.batch_upsert_from(keys, self.slots[lo:hi], self.sizes[lo:hi], self.rc)
+            if any(c != 0 for c in codes):
+                raise RuntimeError(f"raw-checked put failed: {sorted(set(codes))}")
+
+    def get(self) -> list[Any]:
+        for lo in range(0, len(self.keys), RAW_SLICE):
+            hi = lo + RAW_SLICE
+            got = self.store.batch_get_into(self.keys[lo:hi], self.dst_ptrs[lo:hi], self.sizes[lo:hi])
+            if any(n != s for n, s in zip(got, self.sizes[lo:hi], strict=True)):
+                raise RuntimeError(f"raw-checked get failed: {sorted(set(got))}")
+        size, T = self.case.value_bytes, integrity.TRAILER_SIZE
+        view = memoryview(self.dst.numpy())
+        rows = self.dst.view(self.case.keys, size + T)[:, :size]
+        for i in range(self.case.keys):
+            if integrity.check(view[i * (size + T) : (i + 1) * (size + T)], self.tags[i], None) != 0:
+                raise RuntimeError(f"raw-checked get: value {i} fails its check")
+        if self.data.block is None:
+            return [bytes(r.numpy()) for r in rows]
+        return list(rows.view(torch.int32).unbind(0))
+
+
 class OursPath(DataPath):
     def __init__(self, name: str, client: MooncakeBatchClient) -> None:
         self.name = name
@@ -258,7 +322,7 @@ def sdk_observer(folder: Path, sampler: Any = None) -> tuple[Any, Callable[[], N
     return OTelObserver(tracer_provider, meter_provider), shutdown
 
 
-MAIN_PATHS = ["raw", "ours-off", "ours-on", "tq-stock"]
+MAIN_PATHS = ["raw", "raw-checked", "ours-off", "ours-on", "tq-stock"]
 DIAGNOSTIC_PATHS = ["ours-all-spans", "ours-sampled", "ours-no-routing", "ours-fresh"]
 
 
@@ -277,6 +341,8 @@ def build_paths(
     for name in names:
         if name == "raw":
             paths.append(RawPath(raw_store))
+        elif name == "raw-checked":
+            paths.append(RawCheckedPath(raw_store))
         elif name == "ours-off":
             paths.append(ours(name, {}))
         elif name in ("ours-on", "ours-all-spans"):
@@ -375,6 +441,8 @@ def ratio(a: float | None, b: float | None) -> str:
 
 RATIOS = [
     ("ours-on", "raw"),
+    ("raw-checked", "raw"),
+    ("ours-on", "raw-checked"),
     ("ours-off", "raw"),
     ("ours-on", "tq-stock"),
     ("ours-on", "ours-off"),
