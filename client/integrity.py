@@ -46,6 +46,7 @@ FLAG_FRAME = 0x04
 SAMPLE_STRIDE = 4096
 SAMPLE_BYTES = 64
 _HEAD = struct.Struct("<4sBBHQQQI")  # the trailer but its own CRC, which covers these 36 bytes
+_WHOLE = struct.Struct(f"<{_HEAD.size}sI")  # the head, then its CRC32C
 TRAILER_SIZE = _HEAD.size + 4  # 40
 
 
@@ -85,7 +86,7 @@ def pack_into(
     ``crc`` is the payload's CRC32C (``flags``: of all of it, or of its samples), or None to write none."""
     flags = flags if crc is not None else flags & ~(FLAG_CRC32C | FLAG_SAMPLED_CRC32C)
     head = _HEAD.pack(MAGIC, VERSION, flags, 0, length, tag, write_id, crc or 0)
-    struct.pack_into(f"<{_HEAD.size}sI", buf, offset, head, crc32c.crc32c(head))
+    _WHOLE.pack_into(buf, offset, head, crc32c.crc32c(head))
 
 
 def pack_for(
