@@ -110,20 +110,24 @@ class Retrier:
                 nbytes = 0
             retry: dict[int, ErrorCode] = {}
             failed_now: Counter[ErrorCode] = Counter()
-            for pos, code in zip(pending, codes, strict=True):
-                verdict = self.classifier.classify(operation, int(code))
-                if verdict is Verdict.OK:
-                    if pos in ever_failed:
-                        result.retried_ok += 1
-                    continue
-                ec = ErrorCode.of(int(code))
-                failed_now[ec] += 1
-                ever_failed.add(pos)
-                if verdict is Verdict.RETRY:
-                    retry[pos] = ec
-                else:
-                    result.failed[pos] = ec
-                    result.outcome = Outcome.NON_RETRYABLE
+            if not any(codes):  # every key succeeded (the common case): nothing to classify key by key
+                if ever_failed:
+                    result.retried_ok += sum(pos in ever_failed for pos in pending)
+            else:
+                for pos, code in zip(pending, codes, strict=True):
+                    verdict = self.classifier.classify(operation, int(code))
+                    if verdict is Verdict.OK:
+                        if pos in ever_failed:
+                            result.retried_ok += 1
+                        continue
+                    ec = ErrorCode.of(int(code))
+                    failed_now[ec] += 1
+                    ever_failed.add(pos)
+                    if verdict is Verdict.RETRY:
+                        retry[pos] = ec
+                    else:
+                        result.failed[pos] = ec
+                        result.outcome = Outcome.NON_RETRYABLE
             result.nbytes += nbytes
             result.pending = retry
             routing = getattr(call, "routing", None)  # what routing around lost nodes did (chunks.py)

@@ -44,8 +44,9 @@ from .written_sizes import WrittenSizes
 
 logger = logging.getLogger(__name__)
 
-CLEAR_BATCH_KEYS = 4096
-"""Keys per ``batch_remove`` (``clear``'s chunk) at least: 4,608 keys in 12 chunks took 18 ms, in one 9 ms."""
+CLEAR_BATCH_KEYS = 8192
+"""Keys per ``batch_remove`` (``clear``'s chunk) at least: TQ's 4,608-key clear took 18 ms in 12 chunks, 10 ms in one
+(the raw call alone: 8 ms)."""
 
 ChunkFactory = Callable[[int, int, Registrations], ChunkCall]
 """Builds the store call of the chunk of keys ``[lo, hi)``, registering its memory with the ``Registrations``."""

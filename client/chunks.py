@@ -344,7 +344,7 @@ class GetChunk:
         """Check and decode the object of ``n`` bytes read for position ``pos``; 0 or the failure code."""
         wid = self._wids[pos] if self._wids else None
         frame = self._plans[pos].kind is plans.ReadKind.FRAME
-        code = integrity.check(plans.block_view(holder)[:n], self._tags[pos], wid, frame)
+        code = integrity.check(integrity.memory_at(self._dest[pos][0], n), self._tags[pos], wid, frame)
         if code:
             return code
         try:

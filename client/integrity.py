@@ -60,13 +60,22 @@ def new_write_id() -> int:
     return secrets.randbits(63) | 1
 
 
-def _at(ptr: int, size: int) -> Any:
-    return (ctypes.c_char * size).from_address(ptr)
+_memory_at = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_at.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_memory_at.restype = ctypes.py_object
+_PYBUF_READ = 0x100
+
+
+def memory_at(ptr: int, size: int) -> memoryview:
+    """A read-only memoryview of the ``size`` bytes at address ``ptr``, which must stay allocated while it is used
+    (it holds nothing alive). Under 1 us; a ctypes array over the same bytes costs about 12 us for every size not
+    seen before (a new ctypes type), which jagged values are."""
+    return _memory_at(ptr, size, _PYBUF_READ)
 
 
 def payload_crc(ptr: int, size: int) -> int:
     """CRC32C of ``size`` bytes at address ``ptr`` (the GIL is released for large buffers)."""
-    return crc32c.crc32c(_at(ptr, size)) if size else 0
+    return crc32c.crc32c(memory_at(ptr, size)) if size else 0
 
 
 def sampled_crc(data: Any) -> int:
@@ -98,7 +107,7 @@ def pack_for(
     if full or length < 2 * SAMPLE_STRIDE:
         pack_into(buf, offset, tag, write_id, length, payload_crc(ptr, length), FLAG_CRC32C | kind)
     else:
-        pack_into(buf, offset, tag, write_id, length, sampled_crc(_at(ptr, length)), FLAG_SAMPLED_CRC32C | kind)
+        pack_into(buf, offset, tag, write_id, length, sampled_crc(memory_at(ptr, length)), FLAG_SAMPLED_CRC32C | kind)
 
 
 def check(view: memoryview, tag: int, write_id: int | None, frame: bool | None = None) -> int:

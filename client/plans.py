@@ -238,11 +238,6 @@ def allocate(plan: ReadPlan, size: int, memory: memoryview | None = None) -> tup
     return buf.ctypes.data, buf
 
 
-def block_view(holder: Any) -> memoryview:
-    """The bytes of a destination ``allocate`` returned."""
-    return memoryview(holder.numpy() if isinstance(holder, torch.Tensor) else holder)
-
-
 def finish(plan: ReadPlan, holder: Any, payload_size: int, allow_pickle: bool) -> Any:
     """The value in the first ``payload_size`` bytes of ``holder`` (a block from ``allocate`` whose trailer was
     checked). Raises ``codec.CodecError`` when it is not a valid value."""
