@@ -27,7 +27,7 @@ from tq_mooncake.telemetry.conventions import Operation
 
 from . import integrity, plans
 from .attempts import ChunkAborted, ChunkCall, ChunkResult, Retrier
-from .chunks import ClearChunk, GetChunk, PutChunk
+from .chunks import ClearChunk, GetChunk, PutChunk, held_now
 from .codes import ErrorClassifier
 from .config import ClientConfig
 from .errors import ClientClosedError
@@ -192,6 +192,10 @@ class MooncakeBatchClient:
                 item.meta["wid"] = write_id
             checksum, asked = cfg.tensor_checksum, cfg.replica_num
             chunks: dict[int, PutChunk] = {}  # first key's position -> its chunk
+            held: list[Any] = []  # what each key holds now
+
+            def query() -> None:  # one query for every chunk, inside the operation (its time is the call's)
+                held.extend(held_now(self._store, keys, self._written, self._router))
 
             def write(lo: int, hi: int, regs: Registrations) -> PutChunk:
                 chunk = PutChunk(
@@ -206,6 +210,7 @@ class MooncakeBatchClient:
                     self._router,
                     self._written,
                     self._memory,
+                    held[lo:hi],
                 )
                 chunks[lo] = chunk
                 return chunk
@@ -221,7 +226,10 @@ class MooncakeBatchClient:
                     self._warn_under_replicated(short, len(keys), asked)
                 return short
 
-            self._run(Operation.PUT, keys, write, under_replicated, self._writing)
+            # The call's keys are held from the query of what they hold until every chunk has written: another put
+            # of one of them through this client waits (see KeyLocks), so the answer still holds when it is used.
+            with self._writing.holding(keys):
+                self._run(Operation.PUT, keys, write, under_replicated, query)
             return [item.meta for item in items]
 
     def get(
@@ -307,17 +315,19 @@ class MooncakeBatchClient:
         keys: list[str],
         make_chunk: ChunkFactory,
         under_replicated: Callable[[], int] | None = None,
-        one_writer: KeyLocks | None = None,
+        prepare: Callable[[], None] | None = None,
     ) -> None:
         """Run ``operation`` on ``keys`` chunk by chunk (on the thread pool when there are several); report the
         call to the observer and raise one error for every key that failed. ``under_replicated`` (puts) counts
-        the keys written with fewer replicas than asked, once every chunk has ended; ``one_writer`` (puts) holds a
-        chunk's keys while it runs, so that another write of them through this client waits for it."""
+        the keys written with fewer replicas than asked, once every chunk has ended; ``prepare`` runs once the call is
+        observed, before any chunk (a put's query of what its keys hold)."""
         batch = self.config.batch_size
         # A removal moves no data (one metadata RPC): batch_size bounds transfers, not it.
         bounds = chunk_bounds(len(keys), max(batch, CLEAR_BATCH_KEYS) if operation is Operation.CLEAR else batch)
         scope = self._observer.operation(operation, len(keys))
         deadline = self._retrier.policy.deadline(self._clock)
+        if prepare is not None:
+            prepare()
 
         def run_one(index: int) -> ChunkResult | ChunkAborted:
             """How chunk ``index`` ended; an exception it raised is kept (raised by the call once every chunk is
@@ -326,10 +336,9 @@ class MooncakeBatchClient:
             regs = Registrations(self._store, self._register)
             partial: ChunkResult | None = None
             try:
-                with one_writer.holding(keys[lo:hi]) if one_writer is not None else contextlib.nullcontext():
-                    call = make_chunk(lo, hi, regs)
-                    partial = ChunkResult()
-                    return self._retrier.run_chunk(operation, call, hi - lo, index, deadline, scope, partial)
+                call = make_chunk(lo, hi, regs)
+                partial = ChunkResult()
+                return self._retrier.run_chunk(operation, call, hi - lo, index, deadline, scope, partial)
             except BaseException as exc:
                 return ChunkAborted(exc, partial)
             finally:

@@ -28,6 +28,28 @@ with the trailer as a second slice (``batch_put_from_multi_buffers``). Over TCP 
 16 us, about what copying 64 KiB of cold memory costs on a 2-core machine (``bench/bench.py``)."""
 
 
+QUERY_KEYS = 8192
+"""Keys per existence query (``batch_is_exist``, then ``batch_get_replica_desc``): metadata RPCs, no transfer."""
+
+
+def held_now(
+    store: Any, keys: Sequence[str], written: WrittenSizes | None, router: ReplicaRouter | None
+) -> list[replicas.Held | None]:
+    """What each key holds now, for ``PutChunk``'s choice of write path: the size this client last wrote under it
+    (``written``), else the master's answer (None: nothing), asked ``QUERY_KEYS`` keys per RPC. While an endpoint is
+    ejected (``router``), the master is asked about every key, with the endpoints of its replicas."""
+    degraded = router is not None and router.active and router.degraded()
+    known = written.lookup(keys) if written is not None and not degraded else [None] * len(keys)
+    held: list[replicas.Held | None] = [None if size is None else replicas.Held(size, frozenset()) for size in known]
+    ask = [i for i, size in enumerate(known) if size is None]
+    for lo in range(0, len(ask), QUERY_KEYS):
+        part = ask[lo : lo + QUERY_KEYS]
+        answers = replicas.held_objects(store, [keys[i] for i in part], endpoints=degraded)
+        for i, answer in zip(part, answers, strict=True):
+            held[i] = answer
+    return held
+
+
 class PutChunk:
     """Writes (inserts or overwrites) ``items`` under ``keys``, each payload followed by its trailer
     (``integrity.py``) in one object.
@@ -54,7 +76,7 @@ class PutChunk:
     __slots__ = (
         "_store", "_keys", "_items", "_replicate", "_replica_num", "_regs", "_write_id", "_checksum", "_blocks",
         "_arena", "_staged", "_gather", "_routed", "_in_place", "_router", "_steer", "_remove_first", "_written",
-        "_memory", "replicas", "routing",
+        "_memory", "_held", "replicas", "routing",
     )  # fmt: skip
 
     def __init__(
@@ -70,11 +92,13 @@ class PutChunk:
         router: ReplicaRouter | None = None,
         written: WrittenSizes | None = None,
         memory: TransferMemory | None = None,
+        held: Sequence[replicas.Held | None] | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
         self._items = items
         self._written = written
+        self._held = held  # what each key holds now (``held_now``), when the call asked for all its chunks at once
         # With registration and a pool, every payload is staged into one lease: nothing registered per call.
         self._memory = memory if memory is not None and memory.register and memory.available else None
         self._replicate = replicate
@@ -146,14 +170,7 @@ class PutChunk:
         degraded = router is not None and router.degraded()
         ejected = router.health.ejected() if degraded else frozenset()
         sizes = [item.size + T for item in self._items]
-        # What this client wrote last answers for its own overwrites (not while an endpoint is ejected: the
-        # replicas' endpoints are needed then); the master is asked about the other keys.
-        known = self._written.lookup(self._keys) if self._written is not None and not degraded else [None] * n
-        ask = [i for i in range(n) if known[i] is None]
-        answers = replicas.held_objects(self._store, [self._keys[i] for i in ask], endpoints=degraded)
-        held = [None if size is None else replicas.Held(size, frozenset()) for size in known]
-        for i, answer in zip(ask, answers, strict=True):
-            held[i] = answer
+        held = self._held if self._held is not None else held_now(self._store, self._keys, self._written, router)
         # In place only where every replica is on a live endpoint (an in-place upsert writes into the old buffers),
         # and only small payloads: a large one would be copied, while removing and writing it zero-copy costs one
         # RPC and a second transfer slice per key.
