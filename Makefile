@@ -22,10 +22,12 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Benchmarks (not part of the test suite): throughput table, then peak memory of a round trip.
+# Benchmarks (not part of the test suite): throughput table, peak memory of a round trip, then an RL batch through
+# TransferQueue on SimpleStorage, TQ's stock MooncakeStore and ours.
 bench: setup
 	$(PY) bench/bench.py $(BENCH_ARGS)
 	$(PY) bench/bench.py --memory
+	$(PY) bench/tq_batch.py $(TQ_BENCH_ARGS)
 
 # Everything on this machine: master, two storage processes, the faulty workload, the dashboard on
 # http://127.0.0.1:8501; Ctrl-C, SIGTERM or SIGHUP stops it and all it started. Options:
