@@ -40,7 +40,7 @@ from .replica_routing import ReplicaRouter
 from .retry import Clock, Jitter
 from .store import Registrations, connect_store, replicate_config
 from .transfer_memory import TransferMemory
-from .written_sizes import WrittenSizes
+from .written_keys import WrittenKeys
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class MooncakeBatchClient:
         self._state = threading.Condition()
         self._warned_at = -math.inf
         self._writing = KeyLocks()
-        self._written = WrittenSizes()
+        self._written = WrittenKeys()
         self._in_flight = 0
         self._closed = False
 
@@ -228,7 +228,7 @@ class MooncakeBatchClient:
 
             # The call's keys are held from the query of what they hold until every chunk has written: another put
             # of one of them through this client waits (see KeyLocks), so the answer still holds when it is used.
-            with self._writing.holding(keys):
+            with self._writing.holding(keys), _releasing(chunks):
                 self._run(Operation.PUT, keys, write, under_replicated, query)
             return [item.meta for item in items]
 
@@ -279,7 +279,8 @@ class MooncakeBatchClient:
                 chunks[lo] = chunk
                 return chunk
 
-            self._run(Operation.GET, keys, read)
+            with _releasing(chunks):
+                self._run(Operation.GET, keys, read)
             return [value for lo in sorted(chunks) for value in chunks[lo].values]
 
     def clear(self, keys: list[str], custom_backend_meta: list[Any] | None = None) -> None:
@@ -356,6 +357,17 @@ class MooncakeBatchClient:
         scope.end(summary)
         if result.error is not None:
             raise result.error
+
+
+@contextlib.contextmanager
+def _releasing(chunks: Mapping[int, GetChunk | PutChunk]) -> Iterator[None]:
+    """On an exception, release every chunk's memory before it propagates (its traceback holds the chunks)."""
+    try:
+        yield
+    except BaseException:
+        for chunk in chunks.values():
+            chunk.release()
+        raise
 
 
 def _is_mooncake_store(store: Any) -> bool:

@@ -19,7 +19,7 @@ from .replica_routing import LEARN_KEYS, TRANSFER_CODES, ReplicaRouter, RoutingR
 from .replicas import Location
 from .store import Registrations
 from .transfer_memory import TransferMemory
-from .written_sizes import WrittenSizes
+from .written_keys import WrittenKeys
 
 COPY_MAX_BYTES = 64 << 10
 """Payloads of new keys up to this size are copied, with their trailer, into staging memory and written with
@@ -33,20 +33,21 @@ QUERY_KEYS = 8192
 
 
 def held_now(
-    store: Any, keys: Sequence[str], written: WrittenSizes | None, router: ReplicaRouter | None
+    store: Any, keys: Sequence[str], written: WrittenKeys | None, router: ReplicaRouter | None
 ) -> list[replicas.Held | None]:
-    """What each key holds now, for ``PutChunk``'s choice of write path: the size this client last wrote under it
-    (``written``), else the master's answer (None: nothing), asked ``QUERY_KEYS`` keys per RPC. While an endpoint is
-    ejected (``router``), the master is asked about every key, with the endpoints of its replicas."""
+    """What each key holds now (None: nothing), for ``PutChunk``'s choice of write path, always as the master says
+    it: the keys this client wrote last (``written``) with one ``batch_get_replica_desc``, the others with
+    ``batch_is_exist`` first; ``QUERY_KEYS`` keys per RPC. The replicas' endpoints are read while an endpoint is
+    ejected (``router``)."""
     degraded = router is not None and router.active and router.degraded()
-    known = written.lookup(keys) if written is not None and not degraded else [None] * len(keys)
-    held: list[replicas.Held | None] = [None if size is None else replicas.Held(size, frozenset()) for size in known]
-    ask = [i for i, size in enumerate(known) if size is None]
-    for lo in range(0, len(ask), QUERY_KEYS):
-        part = ask[lo : lo + QUERY_KEYS]
-        answers = replicas.held_objects(store, [keys[i] for i in part], endpoints=degraded)
-        for i, answer in zip(part, answers, strict=True):
-            held[i] = answer
+    mine = written.wrote_any(keys) if written is not None else [False] * len(keys)
+    held: list[replicas.Held | None] = [None] * len(keys)
+    for ours, ask in ((True, replicas.described_objects), (False, replicas.held_objects)):
+        positions = [i for i, m in enumerate(mine) if m is ours]
+        for lo in range(0, len(positions), QUERY_KEYS):
+            part = positions[lo : lo + QUERY_KEYS]
+            for i, answer in zip(part, ask(store, [keys[i] for i in part], degraded), strict=True):
+                held[i] = answer
     return held
 
 
@@ -54,19 +55,18 @@ class PutChunk:
     """Writes (inserts or overwrites) ``items`` under ``keys``, each payload followed by its trailer
     (``integrity.py``) in one object.
 
-    Before the first attempt the client learns what each key holds now: from ``written`` (``written_sizes.py``:
-    the size this client last wrote under it) where it knows, else from the master (``batch_is_exist``, then the
-    sizes of the keys that exist with ``batch_get_replica_desc``):
+    Before the first attempt the call asks the master what each key holds now (``held_now``: one query for all
+    its chunks, the keys it wrote last without asking whether they exist first):
 
     * nothing: a small payload (``COPY_MAX_BYTES``) is staged (copied with its trailer into a block,
       checksummed whole) and upserted; a large one is written zero-copy from its own memory with Mooncake's
       multi-buffer put, with a CRC32C of its samples (whole with ``checksum``);
-    * an object of the same size and a small payload: staged and upserted, replaced in place in one step
-      (multi-buffer put would keep the old value and answer 0);
-    * anything else (a large payload, another size, or the master did not say): removed (forced) first, then
-      written as new; a key whose removal fails keeps that code for the attempt and is not written (a write would
-      keep the old value). An upsert that changes a key's size parks the old buffer in the master for 600 s or
-      more (measured: a 64 MB segment full after 85 such overwrites), so it is never used for one.
+    * an object of the same size: staged and upserted, replaced in place in one step (multi-buffer put would
+      keep the old value and answer 0; removing first would leave the key absent to readers in between);
+    * an object of another size, or the master did not say: removed (forced) first, then written as new; a key
+      whose removal fails keeps that code for the attempt and is not written (a write would keep the old value).
+      An upsert that changes a key's size parks the old buffer in the master for 600 s or more (measured: a 64 MB
+      segment full after 85 such overwrites), so it is never used for one.
 
     With a ``router`` (``replica_routing.py``), writes are steered to healthy endpoints while one is ejected or
     after a transfer failure; a key replaced in place whose write failed so is removed and written as new (an
@@ -76,7 +76,7 @@ class PutChunk:
     __slots__ = (
         "_store", "_keys", "_items", "_replicate", "_replica_num", "_regs", "_write_id", "_checksum", "_blocks",
         "_arena", "_staged", "_gather", "_routed", "_in_place", "_router", "_steer", "_remove_first", "_written",
-        "_memory", "_held", "replicas", "routing",
+        "_memory", "_stage_all", "_held", "replicas", "routing",
     )  # fmt: skip
 
     def __init__(
@@ -90,7 +90,7 @@ class PutChunk:
         checksum: bool,
         replica_num: int = 1,
         router: ReplicaRouter | None = None,
-        written: WrittenSizes | None = None,
+        written: WrittenKeys | None = None,
         memory: TransferMemory | None = None,
         held: Sequence[replicas.Held | None] | None = None,
     ) -> None:
@@ -99,8 +99,9 @@ class PutChunk:
         self._items = items
         self._written = written
         self._held = held  # what each key holds now (``held_now``), when the call asked for all its chunks at once
+        self._memory = memory if memory is not None and memory.available else None
         # With registration and a pool, every payload is staged into one lease: nothing registered per call.
-        self._memory = memory if memory is not None and memory.register and memory.available else None
+        self._stage_all = self._memory is not None and self._memory.register
         self._replicate = replicate
         self._replica_num = replica_num
         self._regs = regs
@@ -122,8 +123,18 @@ class PutChunk:
         self.routing: RoutingReport | None = None
         """What routing did in the last attempt (None where it did nothing)."""
 
+    def release(self) -> None:
+        """Drop the staging blocks (a failed call's memory, leases included, is freed now; see ``GetChunk``)."""
+        self._blocks.clear()
+        self._staged.clear()
+        self._gather.clear()
+
     def _block(self, size: int) -> tuple[np.ndarray, int]:
-        leased = self._memory.lease(max(size, 1)) if self._memory is not None else None
+        """A staging block of ``size`` bytes: this thread's arena, or a lease of the local buffer where every block
+        must be registered (``_stage_all``) or it is larger than an arena keeps (fresh memory costs a page fault per
+        4 KiB: staging 100 MiB of overwrites took 71 ms in one-off memory)."""
+        wants_lease = self._memory is not None and (self._stage_all or size > staging.RETAIN_MAX_BYTES)
+        leased = self._memory.lease(max(size, 1)) if wants_lease else None
         if leased is not None:
             block = np.frombuffer(leased[1], dtype=np.uint8)  # holds the lease as long as the chunk holds it
         else:
@@ -171,14 +182,13 @@ class PutChunk:
         ejected = router.health.ejected() if degraded else frozenset()
         sizes = [item.size + T for item in self._items]
         held = self._held if self._held is not None else held_now(self._store, self._keys, self._written, router)
-        # In place only where every replica is on a live endpoint (an in-place upsert writes into the old buffers),
-        # and only small payloads: a large one would be copied, while removing and writing it zero-copy costs one
-        # RPC and a second transfer slice per key.
-        # With a registered pool every payload is staged (copied): a large one too.
-        copy_max = COPY_MAX_BYTES if self._memory is None else self._items_max()
+        # In place only where every replica is on a live endpoint (an in-place upsert writes into the old buffers).
+        # Large payloads too, though they are copied: removing and writing them zero-copy would leave the key absent
+        # in between, and a concurrent reader would get OBJECT_NOT_FOUND for a key that exists before and after.
+        # With a registered pool every payload is staged (copied), a new large one too.
+        copy_max = self._items_max() if self._stage_all else COPY_MAX_BYTES
         in_place = [
             i for i in range(n) if (h := held[i]) is not None and h.size == sizes[i] and not h.endpoints & ejected
-            and self._items[i].size <= copy_max
         ]  # fmt: skip
         self._in_place = set(in_place)
         self._remove_first.update(i for i in range(n) if held[i] is not None and i not in self._in_place)
@@ -251,7 +261,7 @@ class PutChunk:
         if self._replica_num == 1:
             self.replicas.update(dict.fromkeys(written, 1))
         if self._written is not None:
-            self._written.wrote((self._keys[p], self._items[p].size + integrity.TRAILER_SIZE) for p in written)
+            self._written.wrote(self._keys[p] for p in written)
             self._written.forget(self._keys[p] for p, c in zip(pending, result, strict=True) if c != 0)
         if router is not None and failed:
             if self.routing is None:
@@ -331,6 +341,12 @@ class GetChunk:
         for pos, plan in enumerate(read_plans):
             if plan.size is not None:
                 self._allocate(pos, plan.size + integrity.TRAILER_SIZE)
+
+    def release(self) -> None:
+        """Drop the destinations and values (a failed call's memory, leases included, is freed now, not whenever the
+        exception's traceback, which holds this chunk, is collected)."""
+        self._dest.clear()
+        self.values = [None] * len(self._keys)
 
     def _allocate(self, pos: int, size: int) -> None:
         memory = self._memory

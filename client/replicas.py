@@ -103,3 +103,17 @@ def held_objects(store: Any, keys: Sequence[str], endpoints: bool = True) -> lis
     except Exception:  # noqa: BLE001 - a descriptor of an unexpected shape: unknown
         held = dict.fromkeys(present, _UNKNOWN)
     return [None if e == 0 else held[k] for k, e in zip(keys, exists, strict=True)]
+
+
+def described_objects(store: Any, keys: Sequence[str], endpoints: bool = True) -> list[Held | None]:
+    """``held_objects`` for keys that should exist (this client wrote them): one ``batch_get_replica_desc`` RPC, no
+    ``batch_is_exist`` first; a key the master does not know is None (and costs an error line in Mooncake's log)."""
+    if not keys:
+        return []
+    found = _descriptors(store, keys)
+    if found is None:
+        return [_UNKNOWN] * len(keys)
+    try:
+        return [_held(found[k], endpoints) if k in found else None for k in keys]
+    except Exception:  # noqa: BLE001 - a descriptor of an unexpected shape: unknown
+        return [_UNKNOWN] * len(keys)

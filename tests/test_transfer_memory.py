@@ -1,10 +1,11 @@
-"""The put and get data path on a real master: what a put asks the master before writing (``written_sizes``), how
+"""The put and get data path on a real master: what a put asks the master before writing (``written_keys``), how
 it overwrites, and the memory transfers use (``transfer_memory``): reused leases of the local buffer, nothing
 registered per call when registration is on. Store calls are counted through a wrapper around the real store."""
 
 from __future__ import annotations
 
 import gc
+import re
 import threading
 from collections import Counter
 from typing import Any
@@ -12,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from tq_mooncake.client import ErrorCode
+from tq_mooncake.client import BatchOperationError, ErrorCode
 from tq_mooncake.client.chunks import COPY_MAX_BYTES
 from tq_mooncake.client.transfer_memory import POOLED_MIN_BYTES
-from tq_mooncake.client.written_sizes import WrittenSizes
+from tq_mooncake.client.written_keys import WrittenKeys
 
 MiB = 1 << 20
 FAST_RETRY = {"max_attempts": 3, "initial_backoff_s": 0.001}
@@ -67,29 +68,76 @@ def counted_client(make_client: Any, master: Any, **config: Any) -> tuple[Any, C
 
 
 # ------------------------------------------------------------------------------------------------ put
-def test_an_overwrite_by_this_client_asks_the_master_nothing_first(make_client, shared_master, keyspace):
+def test_an_overwrite_by_this_client_asks_only_for_the_sizes(make_client, shared_master, keyspace):
     client, store = counted_client(make_client, shared_master)
     keys = keyspace(3)
     values = [torch.full((16,), float(i)) for i in range(3)]
     metas = client.put(keys, values)
     first = store.take()
-    assert first["batch_is_exist"] == 1  # new keys: asked
+    assert first["batch_is_exist"] == 1 and first["batch_get_replica_desc"] == 0  # new keys: none exists
     metas = client.put(keys, [v + 1 for v in values])
     again = store.take()
-    assert again["batch_is_exist"] == 0 and again["batch_get_replica_desc"] == 0 and again["batch_remove"] == 0
+    assert again["batch_is_exist"] == 0 and again["batch_get_replica_desc"] == 1 and again["batch_remove"] == 0
     assert again["batch_upsert_from"] == 1  # replaced in place
     got = client.get(keys, custom_backend_meta=metas)
     assert all(torch.equal(g, v + 1) for g, v in zip(got, values, strict=True))
-    # Another size: known to exist, so removed first and written as new, still without asking.
+    # Another size: removed first and written as new.
     metas = client.put(keys, [torch.zeros(32) for _ in keys])
     resized = store.take()
-    assert resized["batch_is_exist"] == 0 and resized["batch_remove"] == 1
+    assert resized["batch_is_exist"] == 0 and resized["batch_get_replica_desc"] == 1 and resized["batch_remove"] == 1
     assert all(torch.equal(g, torch.zeros(32)) for g in client.get(keys, custom_backend_meta=metas))
-    # A clear forgets: the next put asks again.
+    # A clear forgets: the next put asks whether they exist again.
     client.clear(keys)
     store.take()
     client.put(keys, values)
     assert store.take()["batch_is_exist"] == 1
+
+
+def test_two_writers_of_one_key_with_different_sizes_park_nothing(start_master, make_client, keyspace):
+    # Each writer last wrote its own size: the size is asked of the master anyway, so every resize removes first.
+    # An in-place upsert over the other's size would park the old buffer each time (a 64 MiB segment was full
+    # after 964 such puts).
+    master = start_master()
+    a = make_client(master, global_segment_size=64 * MiB)
+    b = make_client(master, global_segment_size=0)
+    (key,) = keyspace(1)
+    small, large = torch.zeros(60 << 8, dtype=torch.int32), torch.ones(64 << 8, dtype=torch.int32)
+    for _ in range(100):
+        a.put([key], [small])
+        (meta,) = b.put([key], [large])
+    text = master.metrics_text()
+    allocated = int(float(re.search(r"^master_allocated_bytes\S* (\S+)", text, re.M).group(1)))
+    assert allocated <= 1 * MiB, allocated
+    assert torch.equal(a.get([key], custom_backend_meta=[meta])[0], large)
+
+
+def test_a_reader_never_sees_a_key_missing_while_it_is_overwritten_in_place(make_client, shared_master, keyspace):
+    writer = make_client(shared_master, global_segment_size=64 * MiB)
+    reader = make_client(shared_master, global_segment_size=0, retry=FAST_RETRY)
+    (key,) = keyspace(1)
+    n = MiB // 4
+    writer.put([key], [torch.zeros(n, dtype=torch.int32)])
+    codes: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                (got,) = reader.get([key], shapes=[[n]], dtypes=[torch.int32])
+                codes["ok"] += 1
+                assert bool((got == got[0]).all())  # one write's value, whole
+            except BatchOperationError as exc:
+                codes.update(code.name for code in exc.failed.values())
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    try:
+        for round_ in range(40):
+            writer.put([key], [torch.full((n,), round_, dtype=torch.int32)])
+    finally:
+        stop.set()
+        thread.join(30)
+    assert codes["ok"] > 0 and codes["OBJECT_NOT_FOUND"] == 0, codes
 
 
 def test_an_overwrite_by_another_client_is_still_asked_about(make_client, shared_master, keyspace):
@@ -103,7 +151,7 @@ def test_an_overwrite_by_another_client_is_still_asked_about(make_client, shared
     assert torch.equal(writer.get([key], custom_backend_meta=[meta])[0], torch.arange(100))
 
 
-def test_a_large_overwrite_of_the_same_size_is_written_zero_copy_and_parks_nothing(
+def test_a_large_overwrite_of_the_same_size_is_replaced_in_place_and_parks_nothing(
     make_client, shared_master, keyspace
 ):
     # 80 overwrites of 1 MiB into a 64 MiB segment: an upsert that parked the old buffer would fill it after ~60.
@@ -115,8 +163,8 @@ def test_a_large_overwrite_of_the_same_size_is_written_zero_copy_and_parks_nothi
         if round_ % 20 == 19:
             assert torch.equal(client.get([key], custom_backend_meta=[meta])[0], value)
     calls = store.take()
-    assert calls["batch_put_from_multi_buffers"] == 80 and calls["batch_upsert_from"] == 0
-    assert calls["batch_remove"] == 79 and calls["batch_is_exist"] == 1
+    assert calls["batch_put_from_multi_buffers"] == 1 and calls["batch_upsert_from"] == 79  # new once, then in place
+    assert calls["batch_remove"] == 0 and calls["batch_is_exist"] == 1
 
 
 def test_a_key_whose_removal_fails_is_not_written_until_it_is_removed(make_client, shared_master, keyspace):
@@ -132,18 +180,18 @@ def test_a_key_whose_removal_fails_is_not_written_until_it_is_removed(make_clien
 
 
 @pytest.mark.pure
-def test_written_sizes_remembers_the_newest_keys_and_forgets_on_request():
-    sizes = WrittenSizes(max_keys=3)
-    sizes.wrote([("a", 1), ("b", 2), ("c", 3)])
-    sizes.wrote([("a", 10), ("d", 4)])  # "a" rewritten: the newest; "b" the oldest, forgotten
-    assert sizes.lookup(["a", "b", "c", "d", "e"]) == [10, None, 3, 4, None]
-    sizes.forget(["c", "zz"])
-    assert sizes.lookup(["c"]) == [None] and len(sizes) == 2
-    off = WrittenSizes(max_keys=0)
-    off.wrote([("a", 1)])
-    assert off.lookup(["a"]) == [None]
+def test_written_keys_remembers_the_newest_keys_and_forgets_on_request():
+    written = WrittenKeys(max_keys=3)
+    written.wrote(["a", "b", "c"])
+    written.wrote(["a", "d"])  # "a" rewritten: the newest; "b" the oldest, forgotten
+    assert written.wrote_any(["a", "b", "c", "d", "e"]) == [True, False, True, True, False]
+    written.forget(["c", "zz"])
+    assert written.wrote_any(["c"]) == [False] and len(written) == 2
+    off = WrittenKeys(max_keys=0)
+    off.wrote(["a"])
+    assert off.wrote_any(["a"]) == [False]
     with pytest.raises(ValueError):
-        WrittenSizes(max_keys=-1)
+        WrittenKeys(max_keys=-1)
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -172,6 +220,27 @@ def test_large_reads_reuse_the_local_buffer_and_fall_back_to_fresh_memory_when_i
     refused = memory.fallbacks
     client.get(keys, custom_backend_meta=metas)
     assert memory.fallbacks == refused  # the regions came back when the values were freed
+
+
+def test_a_failed_read_gives_its_leases_back_at_once(make_client, shared_master, keyspace):
+    # The exception is kept (its traceback holds the call's frames) and the cyclic collector is off: the leases of
+    # the keys that were read must come back anyway, before the error reaches the caller.
+    client = make_client(shared_master, local_buffer_size=8 * MiB, retry=FAST_RETRY)
+    *keys, missing = keyspace(5)
+    metas = client.put(keys, big_values(4))
+    kept: list[BaseException] = []
+    gc.disable()
+    try:
+        for _ in range(6):
+            with pytest.raises(BatchOperationError) as info:
+                client.get([*keys, missing], shapes=[[MiB // 4]] * 5, dtypes=[torch.int32] * 5)
+            kept.append(info.value)
+            got = client.get(keys, custom_backend_meta=metas)
+            assert all(torch.equal(g, v) for g, v in zip(got, big_values(4), strict=True))
+            del got
+    finally:
+        gc.enable()
+    assert client._memory.fallbacks == 0
 
 
 def test_small_reads_over_tcp_use_fresh_memory(make_client, shared_master, keyspace):
