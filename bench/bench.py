@@ -55,7 +55,6 @@ from typing import Any
 import torch
 
 from tq_mooncake.client import MooncakeBatchClient, integrity
-from tq_mooncake.client.chunks import COPY_MAX_BYTES
 from tq_mooncake.client.observer import NOOP_OBSERVER
 from tq_mooncake.cluster import LOOPBACK, MasterProcess, StorageNodeProcess
 
@@ -149,35 +148,45 @@ class RawPath(DataPath):
         self.registered.append(ptr)
         return ptr
 
+    slot_extra = 0  # bytes stored after each value (a trailer)
+
     def prepare(self, case: Case, data: Data) -> None:
         self._unregister()
         self.case, self.data = case, data
-        n, size = case.keys, case.value_bytes
+        n, size, slot = case.keys, case.value_bytes, case.value_bytes + self.slot_extra
         if data.block is None:  # bytes: the raw store writes them as they are, from one block
             src = torch.frombuffer(bytearray(b"".join(data.values)), dtype=torch.uint8)
         else:
             src = data.block.view(torch.uint8).reshape(-1)
         self.src = src
-        self.dst = torch.empty_like(src)
-        base_s, base_d = self._register(src), self._register(self.dst)
-        self.keys = [f"raw-{k}" for k in data.keys]
+        self.dst = torch.empty(n * slot, dtype=torch.uint8)
+        # raw-checked copies from src (it writes from its staging block): one registration of it per store.
+        base_s = self._register(src) if not self.slot_extra else src.data_ptr()
+        base_d = self._register(self.dst)
+        self.keys = [f"{self.name}-{k}" for k in data.keys]
         self.src_ptrs = [base_s + i * size for i in range(n)]
-        self.dst_ptrs = [base_d + i * size for i in range(n)]
-        self.sizes = [size] * n
+        self.dst_ptrs = [base_d + i * slot for i in range(n)]
+        self.sizes = [slot] * n
 
-    def put(self) -> None:
+    def _write(self, ptrs: list[int]) -> None:
         for lo in range(0, len(self.keys), RAW_SLICE):
             hi = lo + RAW_SLICE
-            codes = self.store.batch_upsert_from(self.keys[lo:hi], self.src_ptrs[lo:hi], self.sizes[lo:hi], self.rc)
+            codes = self.store.batch_upsert_from(self.keys[lo:hi], ptrs[lo:hi], self.sizes[lo:hi], self.rc)
             if any(c != 0 for c in codes):
-                raise RuntimeError(f"raw put failed: {sorted(set(codes))}")
+                raise RuntimeError(f"{self.name} put failed: {sorted(set(codes))}")
 
-    def get(self) -> list[Any]:
+    def _read(self) -> None:
         for lo in range(0, len(self.keys), RAW_SLICE):
             hi = lo + RAW_SLICE
             got = self.store.batch_get_into(self.keys[lo:hi], self.dst_ptrs[lo:hi], self.sizes[lo:hi])
             if any(n != s for n, s in zip(got, self.sizes[lo:hi], strict=True)):
-                raise RuntimeError(f"raw get failed: {sorted(set(got))}")
+                raise RuntimeError(f"{self.name} get failed: {sorted(set(got))}")
+
+    def put(self) -> None:
+        self._write(self.src_ptrs)
+
+    def get(self) -> list[Any]:
+        self._read()
         rows = self.dst.view(self.case.keys, self.case.value_bytes)
         if self.data.block is None:
             return [bytes(r.numpy()) for r in rows]
@@ -199,52 +208,31 @@ class RawPath(DataPath):
 
 class RawCheckedPath(RawPath):
     """The raw store writing and reading objects as end-to-end checking needs them, with none of the client's
-    per-key Python: each payload followed by a 40-byte trailer holding its CRC32C (copied with it into one warm
-    registered block up to ``COPY_MAX_BYTES``, else the payload zero-copy and the trailer as a second slice, as the
-    client does), read back into one warm block and each payload's CRC32C compared. The floor of the client's
-    integrity contract on this machine."""
+    per-key Python: each payload copied with a 40-byte trailer holding its CRC32C into one warm registered block
+    and upserted (what the client does for an overwrite of the same size, which every timed round here is), read
+    back into one warm block and each value's trailer and CRC32C checked. The floor of the client's integrity
+    contract on this machine."""
 
     name = "raw-checked"
+    slot_extra = integrity.TRAILER_SIZE
 
     def prepare(self, case: Case, data: Data) -> None:
         super().prepare(case, data)
-        n, size, T = case.keys, case.value_bytes, integrity.TRAILER_SIZE
-        self.zero_copy = size > COPY_MAX_BYTES
-        self.staging = torch.empty(n * (T if self.zero_copy else size + T), dtype=torch.uint8)
-        self.dst = torch.empty(n * (size + T), dtype=torch.uint8)
-        base_t, base_d = self._register(self.staging), self._register(self.dst)
-        self.slots = [base_t + i * (T if self.zero_copy else size + T) for i in range(n)]
-        self.dst_ptrs = [base_d + i * (size + T) for i in range(n)]
-        self.sizes = [size + T] * n
+        self.staging = torch.empty_like(self.dst)
+        base_t = self._register(self.staging)
+        self.slots = [base_t + i * self.sizes[0] for i in range(case.keys)]
         self.tags = [integrity.key_tag(k) for k in self.keys]
-        self.put()  # the objects exist before the first timed get
 
     def put(self) -> None:
-        size, T = self.case.value_bytes, integrity.TRAILER_SIZE
+        size = self.case.value_bytes
         staging = self.staging.numpy()
         for i, (src, slot) in enumerate(zip(self.src_ptrs, self.slots, strict=True)):
-            if not self.zero_copy:
-                ctypes.memmove(slot, src, size)
-            offset = slot - self.slots[0] + (0 if self.zero_copy else size)
-            integrity.pack_for(staging, offset, self.tags[i], 1, src, size, True)
-        for lo in range(0, len(self.keys), RAW_SLICE):
-            hi = lo + RAW_SLICE
-            keys = self.keys[lo:hi]
-            if self.zero_copy:  # multi-buffer put keeps an existing value: an overwrite removes it first
-                self.store.batch_remove(keys, True)
-                ptrs = [[s, t] for s, t in zip(self.src_ptrs[lo:hi], self.slots[lo:hi], strict=True)]
-                codes = self.store.batch_put_from_multi_buffers(keys, ptrs, [[size, T]] * len(keys), self.rc)
-            else:
-                codes = self.store.batch_upsert_from(keys, self.slots[lo:hi], self.sizes[lo:hi], self.rc)
-            if any(c != 0 for c in codes):
-                raise RuntimeError(f"raw-checked put failed: {sorted(set(codes))}")
+            ctypes.memmove(slot, src, size)
+            integrity.pack_for(staging, slot - self.slots[0] + size, self.tags[i], 1, src, size, True)
+        self._write(self.slots)
 
     def get(self) -> list[Any]:
-        for lo in range(0, len(self.keys), RAW_SLICE):
-            hi = lo + RAW_SLICE
-            got = self.store.batch_get_into(self.keys[lo:hi], self.dst_ptrs[lo:hi], self.sizes[lo:hi])
-            if any(n != s for n, s in zip(got, self.sizes[lo:hi], strict=True)):
-                raise RuntimeError(f"raw-checked get failed: {sorted(set(got))}")
+        self._read()
         size, T = self.case.value_bytes, integrity.TRAILER_SIZE
         view = memoryview(self.dst.numpy())
         rows = self.dst.view(self.case.keys, size + T)[:, :size]
