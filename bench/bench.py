@@ -202,8 +202,7 @@ class RawPath(DataPath):
         self.registered.clear()
 
     def close(self) -> None:
-        self._unregister()
-        self.store.close()
+        self._unregister()  # the store is shared by the raw paths: run_mode closes it after them
 
 
 class RawCheckedPath(RawPath):
@@ -394,6 +393,7 @@ def run_mode(metadata: str, cases: list[Case], args: argparse.Namespace, tmp: Pa
             finally:
                 for p in paths:
                     p.close()
+                raw_store.close()
                 for shutdown in shutdowns:
                     shutdown()
     return results
