@@ -147,6 +147,7 @@ def plan_get(key: str, shape: Any, dtype: Any, meta: Any, *, max_value_bytes: in
     """The read plan for ``key`` from what the caller passed; ValueError/TypeError naming the key where they
     disagree, or where the value they describe is larger than ``max_value_bytes`` (nothing is allocated).
 
+    Metadata cut to its write id (``write_id_only``) plans like none and keeps the write id check.
     Without a dtype (none asked for, none in the metadata) the key is read as a frame whatever ``shape`` says
     (TQ passes shapes for non-tensor fields too): a value stored as a raw tensor then fails with CORRUPT_VALUE,
     since its bytes carry no header to read it by.
@@ -157,7 +158,7 @@ def plan_get(key: str, shape: Any, dtype: Any, meta: Any, *, max_value_bytes: in
         raise ValueError(f"dtype for key {key!r}: {exc}") from None
     is_tensor = want_dtype is not None or (isinstance(meta, Mapping) and "dtype" in meta)
     want_shape = _shape(key, shape) if shape is not None and is_tensor else None
-    if meta is not None:
+    if meta is not None and not write_id_only(meta):
         return _plan_from_meta(key, meta, want_dtype, want_shape, max_value_bytes)
     if want_dtype is None:
         return ReadPlan(ReadKind.FRAME, None)
@@ -168,6 +169,12 @@ def plan_get(key: str, shape: Any, dtype: Any, meta: Any, *, max_value_bytes: in
     if size == 0:  # zero-byte tensors are stored as frames
         return ReadPlan(ReadKind.FRAME, None, want_dtype, want_shape)
     return ReadPlan(ReadKind.TENSOR, size, want_dtype, want_shape)
+
+
+def write_id_only(meta: Any) -> bool:
+    """Whether ``meta`` is a put's metadata cut to its write id, ``{"wid": ...}``: the read is then planned from the
+    caller's dtype and shape, as without metadata, and the write id is still checked."""
+    return type(meta) is dict and len(meta) == 1 and "wid" in meta
 
 
 @functools.lru_cache(maxsize=4096)

@@ -105,6 +105,39 @@ def test_tq_interface_on_a_real_master_through_the_stock_name_with_replace_stock
     assert client.client.closed
 
 
+def test_tq_keeps_only_a_raw_tensors_write_id_and_a_stale_one_still_fails(shared_master, keyspace):
+    """TQ carries every key's metadata to its controller and back: a raw tensor's is its write id alone (TQ knows
+    the dtype and shape), a frame's all of it; the write id is still checked on get."""
+    client = tqm.ObservedMooncakeClient({**shared_master.client_config(), "telemetry": {"enabled": False}})
+    try:
+        keys = keyspace(2)
+        values = [torch.arange(6, dtype=torch.int64).reshape(2, 3), "text"]
+        first = client.put(keys, values)
+        assert type(first[0]) is int and isinstance(first[1], dict) and first[1]["wid"] == first[0]
+        shapes, dtypes = [[2, 3], None], [torch.int64, None]
+        got = client.get(keys, shapes=shapes, dtypes=dtypes, custom_backend_meta=first)
+        assert torch.equal(got[0], values[0]) and got[1] == "text"
+        client.put(keys[:1], [values[0] + 1])  # a newer write: the first metadata names a replaced value
+        with pytest.raises(NonRetryableError, match="STALE_VALUE"):
+            client.get(keys[:1], shapes=shapes[:1], dtypes=dtypes[:1], custom_backend_meta=first[:1])
+        client.clear(keys)
+    finally:
+        client.close()
+
+
+@pytest.mark.pure
+def test_a_write_id_alone_plans_the_read_from_the_callers_dtype_and_shape():
+    from tq_mooncake.client import plans
+
+    plan = plans.plan_get("k", [2, 3], torch.float32, {"wid": 5}, max_value_bytes=1 << 30)
+    assert (plan.kind, plan.size, plan.shape) == (plans.ReadKind.TENSOR, 24, (2, 3))
+    assert plans.plan_get("k", None, None, {"wid": 5}, max_value_bytes=1 << 30).kind is plans.ReadKind.FRAME
+    with pytest.raises(ValueError, match="has a dtype but no shape"):
+        plans.plan_get("k", None, torch.float32, {"wid": 5}, max_value_bytes=1 << 30)
+    with pytest.raises(ValueError, match="not metadata returned by put"):  # anything else must be put's whole dict
+        plans.plan_get("k", [2, 3], torch.float32, {"wid": 5, "x": 1}, max_value_bytes=1 << 30)
+
+
 def test_the_telemetry_section_is_checked():
     assert telemetry_enabled({}) and not telemetry_enabled({"enabled": False})
     with pytest.raises(ValueError, match=r"unknown keys \['endpoint'\] in the telemetry section"):

@@ -53,6 +53,19 @@ def _wrap_store(spec: Any) -> Any:
     return injecting([FaultRule.from_dict(rule) for rule in spec.get("rules", [])], seed=spec.get("seed"))
 
 
+def compact(meta: dict[str, Any]) -> Any:
+    """What TQ keeps of a key's metadata: for a raw tensor only its write id (an int: TQ knows the dtype and shape
+    and passes them to ``get``; the whole dict, carried to TQ's controller and back for every key, made TQ's put
+    of an RL batch 1.25x and its clear 1.2x slower), for a frame all of it (its size and CRC)."""
+    return meta["wid"] if "dtype" in meta else meta
+
+
+def expand(meta: Any) -> Any:
+    """The client's metadata from what ``compact`` kept: a write id becomes ``{"wid": ...}`` (read with TQ's dtype
+    and shape, the write id checked)."""
+    return {"wid": meta} if type(meta) is int else meta
+
+
 class ObservedMooncakeClient(StorageKVClient):
     """TQ's storage client interface, backed by a ``MooncakeBatchClient`` (retries, telemetry, checks).
 
@@ -94,10 +107,11 @@ class ObservedMooncakeClient(StorageKVClient):
         return functools.partial(contextvars.copy_context().run, self._put)
 
     def _put(self, keys: list[str], values: list[Any]) -> list[Any] | None:
-        return self.client.put(keys, values)
+        return [compact(meta) for meta in self.client.put(keys, values)]
 
     def get(self, keys: list[str], shapes: Any = None, dtypes: Any = None, custom_backend_meta: Any = None) -> list:
-        return self.client.get(keys, shapes=shapes, dtypes=dtypes, custom_backend_meta=custom_backend_meta)
+        metas = [expand(meta) for meta in custom_backend_meta] if custom_backend_meta is not None else None
+        return self.client.get(keys, shapes=shapes, dtypes=dtypes, custom_backend_meta=metas)
 
     def clear(self, keys: list[str], custom_backend_meta: Any = None) -> None:
         self.client.clear(keys)
