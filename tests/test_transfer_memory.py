@@ -8,12 +8,13 @@ import gc
 import re
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
-from tq_mooncake.client import BatchOperationError, ErrorCode
+from tq_mooncake.client import BatchOperationError, ErrorCode, MooncakeBatchClient
 from tq_mooncake.client.chunks import COPY_MAX_BYTES
 from tq_mooncake.client.transfer_memory import POOLED_MIN_BYTES
 from tq_mooncake.client.written_keys import WrittenKeys
@@ -67,9 +68,36 @@ def counted_client(make_client: Any, master: Any, **config: Any) -> tuple[Any, C
     return client, wrappers[0]
 
 
+@pytest.fixture(scope="module")
+def counted(shared_master: Any) -> Iterator[tuple[MooncakeBatchClient, CountingStore]]:
+    """A client (64 MiB segment) whose store calls are counted; shared by this module's tests (a close takes 2 s)."""
+    wrappers: list[CountingStore] = []
+
+    def wrap(store: Any) -> CountingStore:
+        wrappers.append(CountingStore(store))
+        return wrappers[-1]
+
+    client = MooncakeBatchClient(shared_master.client_config(retry=FAST_RETRY), wrap_store=wrap)
+    try:
+        yield client, wrappers[0]
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def pooled(shared_master: Any) -> Iterator[MooncakeBatchClient]:
+    """A client with an 8 MiB local buffer; shared by this module's tests."""
+    client = MooncakeBatchClient(shared_master.client_config(local_buffer_size=8 * MiB, retry=FAST_RETRY))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 # ------------------------------------------------------------------------------------------------ put
-def test_an_overwrite_by_this_client_asks_only_for_the_sizes(make_client, shared_master, keyspace):
-    client, store = counted_client(make_client, shared_master)
+def test_an_overwrite_by_this_client_asks_only_for_the_sizes(counted, keyspace):
+    client, store = counted
+    store.take()
     keys = keyspace(3)
     values = [torch.full((16,), float(i)) for i in range(3)]
     metas = client.put(keys, values)
@@ -111,9 +139,8 @@ def test_two_writers_of_one_key_with_different_sizes_park_nothing(start_master, 
     assert torch.equal(a.get([key], custom_backend_meta=[meta])[0], large)
 
 
-def test_a_reader_never_sees_a_key_missing_while_it_is_overwritten_in_place(make_client, shared_master, keyspace):
-    writer = make_client(shared_master, global_segment_size=64 * MiB)
-    reader = make_client(shared_master, global_segment_size=0, retry=FAST_RETRY)
+def test_a_reader_never_sees_a_key_missing_while_it_is_overwritten_in_place(counted, pooled, keyspace):
+    (writer, _), reader = counted, pooled
     (key,) = keyspace(1)
     n = MiB // 4
     writer.put([key], [torch.zeros(n, dtype=torch.int32)])
@@ -140,22 +167,20 @@ def test_a_reader_never_sees_a_key_missing_while_it_is_overwritten_in_place(make
     assert codes["ok"] > 0 and codes["OBJECT_NOT_FOUND"] == 0, codes
 
 
-def test_an_overwrite_by_another_client_is_still_asked_about(make_client, shared_master, keyspace):
-    writer, _ = counted_client(make_client, shared_master)
-    other, store = counted_client(make_client, shared_master)
+def test_an_overwrite_by_another_client_is_still_asked_about(counted, pooled, keyspace):
+    writer, (other, store) = pooled, counted
     (key,) = keyspace(1)
     writer.put([key], [torch.arange(8)])
+    store.take()
     (meta,) = other.put([key], [torch.arange(100)])  # another size, unknown to `other`: asked, removed, written
     calls = store.take()
     assert calls["batch_is_exist"] == 1 and calls["batch_get_replica_desc"] == 1 and calls["batch_remove"] == 1
     assert torch.equal(writer.get([key], custom_backend_meta=[meta])[0], torch.arange(100))
 
 
-def test_a_large_overwrite_of_the_same_size_is_replaced_in_place_and_parks_nothing(
-    make_client, shared_master, keyspace
-):
-    # 80 overwrites of 1 MiB into a 64 MiB segment: an upsert that parked the old buffer would fill it after ~60.
-    client, store = counted_client(make_client, shared_master, global_segment_size=64 * MiB)
+def test_a_large_overwrite_of_the_same_size_is_replaced_in_place(counted, keyspace):
+    client, store = counted
+    store.take()
     (key,) = keyspace(1)
     for round_ in range(80):
         value = torch.full((MiB // 4,), round_, dtype=torch.int32)
@@ -167,10 +192,11 @@ def test_a_large_overwrite_of_the_same_size_is_replaced_in_place_and_parks_nothi
     assert calls["batch_remove"] == 0 and calls["batch_is_exist"] == 1
 
 
-def test_a_key_whose_removal_fails_is_not_written_until_it_is_removed(make_client, shared_master, keyspace):
-    client, store = counted_client(make_client, shared_master, retry=FAST_RETRY)
+def test_a_key_whose_removal_fails_is_not_written_until_it_is_removed(counted, keyspace):
+    client, store = counted
     (key,) = keyspace(1)
     client.put([key], [torch.arange(4)])
+    store.take()
     store.fail_removes = 1  # the removal before the resized write answers REPLICA_IS_NOT_READY once
     (meta,) = client.put([key], [torch.arange(2 * COPY_MAX_BYTES // 8)])
     calls = store.take()
@@ -199,21 +225,21 @@ def big_values(n: int, size: int = MiB, base: int = 0) -> list[torch.Tensor]:
     return [torch.full((size // 4,), base + i, dtype=torch.int32) for i in range(n)]
 
 
-def test_large_reads_reuse_the_local_buffer_and_fall_back_to_fresh_memory_when_it_is_full(
-    make_client, shared_master, keyspace
-):
-    client = make_client(shared_master, local_buffer_size=8 * MiB)
+def test_large_reads_reuse_the_local_buffer_and_fall_back_to_fresh_memory_when_it_is_full(pooled, keyspace):
+    client = pooled
     memory = client._memory
     assert memory.available
+    gc.collect()  # values of earlier tests freed
+    before = memory.fallbacks
     keys = keyspace(4)
     metas = client.put(keys, big_values(4))
     for _ in range(10):  # each read's values dropped before the next: the same regions serve every read
         got = client.get(keys, custom_backend_meta=metas)
         assert all(torch.equal(g, v) for g, v in zip(got, big_values(4), strict=True))
         del got
-    assert memory.fallbacks == 0
+    assert memory.fallbacks == before
     held = [client.get(keys, custom_backend_meta=metas) for _ in range(3)]  # 12 MiB held: more than the buffer
-    assert memory.fallbacks > 0
+    assert memory.fallbacks > before
     assert all(torch.equal(g, v) for got in held for g, v in zip(got, big_values(4), strict=True))
     del held
     gc.collect()
@@ -222,10 +248,12 @@ def test_large_reads_reuse_the_local_buffer_and_fall_back_to_fresh_memory_when_i
     assert memory.fallbacks == refused  # the regions came back when the values were freed
 
 
-def test_a_failed_read_gives_its_leases_back_at_once(make_client, shared_master, keyspace):
+def test_a_failed_read_gives_its_leases_back_at_once(pooled, keyspace):
     # The exception is kept (its traceback holds the call's frames) and the cyclic collector is off: the leases of
     # the keys that were read must come back anyway, before the error reaches the caller.
-    client = make_client(shared_master, local_buffer_size=8 * MiB, retry=FAST_RETRY)
+    client = pooled
+    gc.collect()
+    before = client._memory.fallbacks
     *keys, missing = keyspace(5)
     metas = client.put(keys, big_values(4))
     kept: list[BaseException] = []
@@ -240,11 +268,11 @@ def test_a_failed_read_gives_its_leases_back_at_once(make_client, shared_master,
             del got
     finally:
         gc.enable()
-    assert client._memory.fallbacks == 0
+    assert client._memory.fallbacks == before
 
 
-def test_small_reads_over_tcp_use_fresh_memory(make_client, shared_master, keyspace):
-    client = make_client(shared_master, local_buffer_size=8 * MiB)
+def test_small_reads_over_tcp_use_fresh_memory(pooled, keyspace):
+    client = pooled
     keys = keyspace(2)
     metas = client.put(keys, [torch.arange(10), torch.zeros(POOLED_MIN_BYTES // 4)])
     small, large = client.get(keys, custom_backend_meta=metas)
