@@ -202,6 +202,7 @@ class MooncakeBatchClient:
                     self._store,
                     keys[lo:hi],
                     items[lo:hi],
+                    held[lo:hi],
                     self._replicate,
                     regs,
                     write_id,
@@ -210,7 +211,6 @@ class MooncakeBatchClient:
                     self._router,
                     self._written,
                     self._memory,
-                    held[lo:hi],
                 )
                 chunks[lo] = chunk
                 return chunk
@@ -292,7 +292,14 @@ class MooncakeBatchClient:
             plans.check_parallel(keys, "custom_backend_meta", custom_backend_meta)
             force = self.config.clear_force
             self._written.forget(keys)
-            self._run(Operation.CLEAR, keys, lambda lo, hi, regs: ClearChunk(self._store, keys[lo:hi], force))
+            # A removal moves no data (one metadata RPC): batch_size bounds transfers, not it.
+            chunk_keys = max(self.config.batch_size, CLEAR_BATCH_KEYS)
+            self._run(
+                Operation.CLEAR,
+                keys,
+                lambda lo, hi, regs: ClearChunk(self._store, keys[lo:hi], force),
+                chunk_keys=chunk_keys,
+            )
 
     # ------------------------------------------------------------------------------------ scheduling
     def _warn_under_replicated(self, short: int, total: int, asked: int) -> None:
@@ -317,14 +324,14 @@ class MooncakeBatchClient:
         make_chunk: ChunkFactory,
         under_replicated: Callable[[], int] | None = None,
         prepare: Callable[[], None] | None = None,
+        chunk_keys: int | None = None,
     ) -> None:
         """Run ``operation`` on ``keys`` chunk by chunk (on the thread pool when there are several); report the
         call to the observer and raise one error for every key that failed. ``under_replicated`` (puts) counts
         the keys written with fewer replicas than asked, once every chunk has ended; ``prepare`` runs once the call is
-        observed, before any chunk (a put's query of what its keys hold)."""
-        batch = self.config.batch_size
-        # A removal moves no data (one metadata RPC): batch_size bounds transfers, not it.
-        bounds = chunk_bounds(len(keys), max(batch, CLEAR_BATCH_KEYS) if operation is Operation.CLEAR else batch)
+        observed, before any chunk (a put's query of what its keys hold); ``chunk_keys`` is the chunk size (default
+        ``batch_size``)."""
+        bounds = chunk_bounds(len(keys), chunk_keys or self.config.batch_size)
         scope = self._observer.operation(operation, len(keys))
         deadline = self._retrier.policy.deadline(self._clock)
         if prepare is not None:

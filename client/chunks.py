@@ -84,6 +84,7 @@ class PutChunk:
         store: Any,
         keys: Sequence[str],
         items: Sequence[plans.PutItem],
+        held: Sequence[replicas.Held | None],
         replicate: Any,
         regs: Registrations,
         write_id: int,
@@ -92,13 +93,12 @@ class PutChunk:
         router: ReplicaRouter | None = None,
         written: WrittenKeys | None = None,
         memory: TransferMemory | None = None,
-        held: Sequence[replicas.Held | None] | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
         self._items = items
         self._written = written
-        self._held = held  # what each key holds now (``held_now``), when the call asked for all its chunks at once
+        self._held = held  # what each key holds now: ``held_now``, asked once for all the chunks of the call
         self._memory = memory if memory is not None and memory.available else None
         # With registration and a pool, every payload is staged into one lease: nothing registered per call.
         self._stage_all = self._memory is not None and self._memory.register
@@ -181,24 +181,20 @@ class PutChunk:
         degraded = router is not None and router.degraded()
         ejected = router.health.ejected() if degraded else frozenset()
         sizes = [item.size + T for item in self._items]
-        held = self._held if self._held is not None else held_now(self._store, self._keys, self._written, router)
+        held = self._held
         # In place only where every replica is on a live endpoint (an in-place upsert writes into the old buffers).
         # Large payloads too, though they are copied: removing and writing them zero-copy would leave the key absent
         # in between, and a concurrent reader would get OBJECT_NOT_FOUND for a key that exists before and after.
         # With a registered pool every payload is staged (copied), a new large one too.
-        copy_max = self._items_max() if self._stage_all else COPY_MAX_BYTES
         in_place = [
             i for i in range(n) if (h := held[i]) is not None and h.size == sizes[i] and not h.endpoints & ejected
         ]  # fmt: skip
         self._in_place = set(in_place)
         self._remove_first.update(i for i in range(n) if held[i] is not None and i not in self._in_place)
         new = set(range(n)) - self._in_place
-        small = {i for i in new if self._items[i].size <= copy_max}
+        small = {i for i in new if self._stage_all or self._items[i].size <= COPY_MAX_BYTES}
         self._stage(sorted(self._in_place | small))
         self._zero_copy(sorted(new - small))
-
-    def _items_max(self) -> int:
-        return max((item.size for item in self._items), default=0)
 
     def _remove(self, positions: list[int], codes: dict[int, int]) -> None:
         """Remove (forced) the keys at ``positions`` before they are written again; a position whose key could not

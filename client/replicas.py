@@ -97,11 +97,8 @@ def held_objects(store: Any, keys: Sequence[str], endpoints: bool = True) -> lis
     if len(exists) != len(keys):
         return [_UNKNOWN] * len(keys)
     present = [k for k, e in zip(keys, exists, strict=True) if e != 0]
-    found = (_descriptors(store, present) if present else None) or {}
-    try:
-        held = {k: _held(found[k], endpoints) if k in found else _UNKNOWN for k in present}
-    except Exception:  # noqa: BLE001 - a descriptor of an unexpected shape: unknown
-        held = dict.fromkeys(present, _UNKNOWN)
+    # A key found by the first query and not by the second: unknown, not absent.
+    held = {k: h or _UNKNOWN for k, h in zip(present, described_objects(store, present, endpoints), strict=True)}
     return [None if e == 0 else held[k] for k, e in zip(keys, exists, strict=True)]
 
 

@@ -61,7 +61,6 @@ class TransferMemory:
         self.register = register
         self._pool: Any = None
         self._lock = threading.Lock()
-        self._closed = False
         self._fallbacks = 0
         if local_buffer_size <= 0 or getattr(store, "_get_pyclient_capsule", None) is None:
             return
@@ -78,7 +77,7 @@ class TransferMemory:
     @property
     def available(self) -> bool:
         """Whether leases can be had at all (a pool over a local buffer)."""
-        return self._pool is not None and not self._closed
+        return self._pool is not None
 
     @property
     def fallbacks(self) -> int:
@@ -93,7 +92,7 @@ class TransferMemory:
         """``size`` bytes of the local buffer, registered: (address, a writable memoryview that holds the lease
         while it, or anything made from it, lives); None when the pool has no room (or there is no pool)."""
         pool = self._pool
-        if pool is None or self._closed:
+        if pool is None:
             return None
         try:
             lease = pool.acquire(size, block=False)
@@ -105,6 +104,4 @@ class TransferMemory:
 
     def close(self) -> None:
         """No more leases; those handed out stay valid until their views are freed."""
-        with self._lock:
-            self._closed = True
-            self._pool = None
+        self._pool = None
