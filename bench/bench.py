@@ -149,6 +149,7 @@ class RawPath(DataPath):
         return ptr
 
     slot_extra = 0  # bytes stored after each value (a trailer)
+    writes_from_src = True  # else from a staging block of its own: src needs no registration
 
     def prepare(self, case: Case, data: Data) -> None:
         self._unregister()
@@ -160,8 +161,7 @@ class RawPath(DataPath):
             src = data.block.view(torch.uint8).reshape(-1)
         self.src = src
         self.dst = torch.empty(n * slot, dtype=torch.uint8)
-        # raw-checked copies from src (it writes from its staging block): one registration of it per store.
-        base_s = self._register(src) if not self.slot_extra else src.data_ptr()
+        base_s = self._register(src) if self.writes_from_src else src.data_ptr()  # one registration per store
         base_d = self._register(self.dst)
         self.keys = [f"{self.name}-{k}" for k in data.keys]
         self.src_ptrs = [base_s + i * size for i in range(n)]
@@ -214,6 +214,7 @@ class RawCheckedPath(RawPath):
 
     name = "raw-checked"
     slot_extra = integrity.TRAILER_SIZE
+    writes_from_src = False
 
     def prepare(self, case: Case, data: Data) -> None:
         super().prepare(case, data)
